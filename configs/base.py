@@ -1,0 +1,92 @@
+"""Shared defaults for every VIPA config (the paper's recipe); dataset configs override parts.
+
+Sections (each owned by one part of the code):
+  model    -> vipa_jax/models/*        data  -> vipa_jax/data/*
+  loss     -> vipa_jax/losses.py       optim -> vipa_jax/train/optim.py
+  train    -> train.py / loop.py       sharding -> vipa_jax/train/sharding.py
+  ckpt     -> checkpointing            eval  -> eval.py / metrics.py
+"""
+
+import ml_collections
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    # --- model (Swin-B w12 + BERT-base, the paper's model) --------------------------------
+    c.model = ml_collections.ConfigDict()
+    c.model.image_size = 480
+    c.model.max_tokens = 21  # including [CLS] and [SEP]
+    c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
+    c.model.remat = False
+    c.model.swin = ml_collections.ConfigDict(
+        dict(
+            embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), window_size=12,
+            mlp_ratio=4.0, drop_path_rate=0.3, patch_size=4,
+        )
+    )
+    c.model.bert = ml_collections.ConfigDict(
+        dict(
+            vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+            intermediate_size=3072, max_position_embeddings=512, type_vocab_size=2,
+            hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, layer_norm_eps=1e-12,
+        )
+    )
+
+    # --- data ------------------------------------------------------------------------------
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "refer"  # refer | referit | tfds | synthetic
+    c.data.root = ""  # refer-layout root (images/, refcoco/, ...)
+    c.data.dataset = "refcoco"
+    c.data.split_by = "unc"
+    c.data.train_split = "train"
+    c.data.eval_splits = ("val",)
+    c.data.vocab = ""  # path to vocab.txt ("" = the BERT init folder's vocab.txt)
+    c.data.num_workers = 0
+    c.data.on_error = "raise"  # raise | skip (skip counts and warns)
+
+    # --- loss ------------------------------------------------------------------------------
+    c.loss = ml_collections.ConfigDict()
+    c.loss.bce_weight = 1.0
+    c.loss.dice_weight = 1.0
+    c.loss.contrastive = True
+    c.loss.contrastive_weight = 1.0
+
+    # --- optimizer (AdamW, poly 0.9 per step, no warmup) -----------------------------------
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 3e-5
+    c.optim.weight_decay = 1e-2
+    c.optim.poly_power = 0.9
+    c.optim.warmup_steps = 0
+    c.optim.clip_grad_norm = 0.0  # 0 = off
+    c.optim.grad_accum_steps = 1
+    c.optim.freeze_bert_embeddings = True
+
+    # --- training loop ---------------------------------------------------------------------
+    c.train = ml_collections.ConfigDict()
+    c.train.batch_size = 16  # global batch
+    c.train.num_epochs = 40
+    c.train.total_steps = 0  # > 0 overrides num_epochs
+    c.train.log_every = 50
+    c.train.eval_every = 0  # steps; 0 = once per epoch
+    c.train.skip_nonfinite = False
+    c.train.init_swin = ""  # official .pth or HF folder/safetensors; "" = random
+    c.train.init_bert = ""  # HF folder (safetensors or flax_model.msgpack); "" = random
+
+    # --- sharding --------------------------------------------------------------------------
+    c.sharding = ml_collections.ConfigDict()
+    c.sharding.mesh_shape = (-1, 1)  # (data, model); -1 = all remaining devices
+    c.sharding.fsdp = False
+
+    # --- checkpoints -----------------------------------------------------------------------
+    c.ckpt = ml_collections.ConfigDict()
+    c.ckpt.every_steps = 1000
+    c.ckpt.keep = 3
+    c.ckpt.keep_best = True  # also keep the best by val mIoU
+
+    # --- evaluation ------------------------------------------------------------------------
+    c.eval = ml_collections.ConfigDict()
+    c.eval.batch_size = 16
+    c.eval.protocol = "lavt"  # lavt | original | both
+    return c
