@@ -190,3 +190,36 @@ class DropPath(nn.Module):
         shape = (x.shape[0],) + (1,) * (x.ndim - 1)
         mask = jax.random.bernoulli(self.make_rng("dropout"), keep, shape)
         return jnp.where(mask, x / keep, 0.0).astype(x.dtype)
+
+
+def _interp_matrix(in_size: int, out_size: int, align_corners: bool) -> Array:
+    """(out_size, in_size) linear-interpolation weights, PyTorch `F.interpolate` semantics."""
+    out_idx = jnp.arange(out_size, dtype=jnp.float32)
+    if align_corners:
+        scale = (in_size - 1) / (out_size - 1) if out_size > 1 else 0.0
+        src = out_idx * scale
+    else:
+        src = jnp.clip((out_idx + 0.5) * (in_size / out_size) - 0.5, 0.0, None)
+    lo = jnp.clip(jnp.floor(src), 0, in_size - 1).astype(jnp.int32)
+    hi = jnp.clip(lo + 1, 0, in_size - 1)
+    frac = src - lo.astype(jnp.float32)
+    eye = jnp.eye(in_size, dtype=jnp.float32)
+    return eye[lo] * (1.0 - frac)[:, None] + eye[hi] * frac[:, None]
+
+
+def resize_bilinear(x: Array, size: tuple[int, int], *, align_corners: bool = True) -> Array:
+    """Bilinear resize of (B, H, W, C) or (B, H, W) maps, as PyTorch's F.interpolate(bilinear).
+
+    LAVT/CrossVLT upsample with align_corners=True everywhere (jax.image.resize is half-pixel,
+    i.e. align_corners=False); written as two small matmuls so it is exact and fast.
+    """
+    squeeze = x.ndim == 3
+    if squeeze:
+        x = x[..., None]
+    h, w = x.shape[1:3]
+    if (h, w) != tuple(size):
+        rows = _interp_matrix(h, size[0], align_corners).astype(x.dtype)  # (H', H)
+        cols = _interp_matrix(w, size[1], align_corners).astype(x.dtype)  # (W', W)
+        x = jnp.einsum("ph,bhwc->bpwc", rows, x)
+        x = jnp.einsum("qw,bpwc->bpqc", cols, x)
+    return x[..., 0] if squeeze else x
