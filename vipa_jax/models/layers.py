@@ -223,3 +223,49 @@ def resize_bilinear(x: Array, size: tuple[int, int], *, align_corners: bool = Tr
         x = jnp.einsum("ph,bhwc->bpwc", rows, x)
         x = jnp.einsum("qw,bpwc->bpqc", cols, x)
     return x[..., 0] if squeeze else x
+
+
+class AttentionBlock(nn.Module):
+    """x ← LayerNorm(x + MHA(x, kv, mask)): the residual MHSA/MHCA unit of the VEG and decoder."""
+
+    num_heads: int
+    qkv_features: int | None = None
+    dropout_rate: float = 0.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self,
+        x: Array,  # (B, Lq, C)
+        kv: Array | None = None,  # (B, Lk, Ck); None = self-attention
+        *,
+        mask: Array | None = None,  # bool, broadcastable to (B, H, Lq, Lk)
+        deterministic: bool = True,
+    ) -> Array:
+        y = MultiHeadAttention(
+            num_heads=self.num_heads,
+            qkv_features=self.qkv_features,
+            dropout_rate=self.dropout_rate,
+            dtype=self.dtype,
+            name="attn",
+        )(x, kv, mask=mask, deterministic=deterministic)
+        y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+        return nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="norm")(x + y)
+
+
+class FeedForwardBlock(nn.Module):
+    """x ← LayerNorm(x + MLP(x)): the residual MLP unit of the VEG and decoder."""
+
+    mlp_ratio: float = 4.0
+    dropout_rate: float = 0.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, *, deterministic: bool = True) -> Array:
+        y = Mlp(
+            hidden_features=int(x.shape[-1] * self.mlp_ratio),
+            dropout_rate=self.dropout_rate,
+            dtype=self.dtype,
+            name="mlp",
+        )(x, deterministic=deterministic)
+        return nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="norm")(x + y)
