@@ -1,0 +1,164 @@
+"""Optimizer labels, frozen/no-decay behaviour, schedule values, param summary."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs.base import get_base_config
+from vipa_jax.train import optim
+
+PARAMS = {
+    "backbone": {
+        "layers_0": {"blocks_0": {"attn": {
+            "relative_position_bias_table": jnp.ones((9, 2)),
+            "qkv": {"kernel": jnp.ones((4, 12)), "bias": jnp.ones((12,))},
+        }, "norm1": {"scale": jnp.ones((4,)), "bias": jnp.ones((4,))}}},
+        "absolute_pos_embed": jnp.ones((1, 4)),
+    },
+    "text_encoder": {
+        "embeddings": {"word_embeddings": {"embedding": jnp.ones((10, 4))},
+                       "LayerNorm": {"scale": jnp.ones((4,)), "bias": jnp.ones((4,))}},
+        "encoder": {"layer": {"0": {"attention": {"output": {
+            "dense": {"kernel": jnp.ones((4, 4))},
+            "LayerNorm": {"scale": jnp.ones((4,))}}}}}},
+    },
+    "decoder": {"BatchNorm_0": {"scale": jnp.ones((4,))},
+                "conv": {"kernel": jnp.ones((3, 3, 4, 1))},
+                "attn_norm": {"scale": jnp.ones((4,))}},
+}
+
+EXPECTED = {
+    "backbone/layers_0/blocks_0/attn/relative_position_bias_table": "no_decay",
+    "backbone/layers_0/blocks_0/attn/qkv/kernel": "decay",
+    "backbone/layers_0/blocks_0/attn/qkv/bias": "no_decay",
+    "backbone/layers_0/blocks_0/norm1/scale": "no_decay",
+    "backbone/layers_0/blocks_0/norm1/bias": "no_decay",
+    "backbone/absolute_pos_embed": "no_decay",
+    "text_encoder/embeddings/word_embeddings/embedding": "frozen",
+    "text_encoder/embeddings/LayerNorm/scale": "frozen",
+    "text_encoder/embeddings/LayerNorm/bias": "frozen",
+    "text_encoder/encoder/layer/0/attention/output/dense/kernel": "decay",
+    "text_encoder/encoder/layer/0/attention/output/LayerNorm/scale": "no_decay",
+    "decoder/BatchNorm_0/scale": "no_decay",
+    "decoder/conv/kernel": "decay",
+    "decoder/attn_norm/scale": "no_decay",
+}
+
+
+def _flat(tree):
+    return {optim.path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def test_labels_match_rules():
+    labels = _flat(optim.param_labels(PARAMS, get_base_config().optim))
+    assert labels == EXPECTED
+
+
+def test_freeze_off_and_custom_regexes():
+    cfg = get_base_config().optim
+    cfg.freeze_bert_embeddings = False
+    cfg.no_decay_regexes = (r"bias$",)
+    cfg.freeze_regexes = (r"^decoder/",)
+    labels = _flat(optim.param_labels(PARAMS, cfg))
+    assert labels["text_encoder/embeddings/word_embeddings/embedding"] == "decay"
+    assert labels["backbone/layers_0/blocks_0/norm1/scale"] == "decay"
+    assert labels["backbone/layers_0/blocks_0/norm1/bias"] == "no_decay"
+    assert labels["decoder/conv/kernel"] == "frozen"
+
+
+def test_zero_grad_update_frozen_and_decay():
+    """Zero gradients: decay leaves move by -lr*wd*w, no-decay and frozen leaves stay put."""
+    cfg = get_base_config().optim
+    cfg.lr, cfg.weight_decay = 0.1, 0.5
+    tx, _ = optim.make_optimizer(cfg, PARAMS, total_steps=100)
+    st = tx.init(PARAMS)
+    upd, _ = tx.update(jax.tree.map(jnp.zeros_like, PARAMS), st, PARAMS)
+    for name, u in _flat(upd).items():
+        want = -0.1 * 0.5 if EXPECTED[name] == "decay" else 0.0
+        np.testing.assert_allclose(np.asarray(u), want, rtol=1e-6, err_msg=name)
+
+
+def test_frozen_exact_zero_with_large_grads_and_clipping():
+    cfg = get_base_config().optim
+    cfg.clip_grad_norm = 1.0
+    tx, _ = optim.make_optimizer(cfg, PARAMS, total_steps=10)
+    st = tx.init(PARAMS)
+    grads = jax.tree.map(lambda p: 1e6 * jnp.ones_like(p), PARAMS)
+    for _ in range(3):
+        upd, st = tx.update(grads, st, PARAMS)
+        emb = _flat(upd)["text_encoder/embeddings/word_embeddings/embedding"]
+        assert np.all(np.asarray(emb) == 0.0)
+        assert np.all(np.asarray(_flat(upd)["decoder/conv/kernel"]) != 0.0)
+    # no Adam moments for frozen leaves: state size = trainable param count (mu + nu)
+    n_state = sum(x.size for x in jax.tree.leaves(st) if x.ndim > 0)
+    n_trainable = sum(v.size for k, v in _flat(PARAMS).items() if EXPECTED[k] != "frozen")
+    assert n_state == 2 * n_trainable
+
+
+def test_clipping_excludes_frozen_grads():
+    """Frozen grads are zeroed before clipping, so they do not shrink the trainable grads."""
+    cfg = get_base_config().optim
+    cfg.clip_grad_norm = 1.0
+    labels = optim.param_labels(PARAMS, cfg)
+    pre = optim.grad_preprocess(cfg, labels)
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 1e3), PARAMS)
+    out, _ = pre.update(grads, pre.init(PARAMS), PARAMS)
+    flat = _flat(out)
+    assert all(np.all(np.asarray(v) == 0) for k, v in flat.items() if EXPECTED[k] == "frozen")
+    np.testing.assert_allclose(float(optim.global_norm(out)), 1.0, rtol=1e-5)
+    # every trainable leaf is scaled by the same factor 1 / ||g_trainable||
+    n_trainable = sum(v.size for k, v in flat.items() if EXPECTED[k] != "frozen")
+    want = 1.0 / np.sqrt(n_trainable)
+    np.testing.assert_allclose(np.asarray(flat["decoder/conv/kernel"]), want, rtol=1e-5)
+    cfg.clip_grad_norm = 0.0
+    pre = optim.grad_preprocess(cfg, labels)
+    out, _ = pre.update(grads, pre.init(PARAMS), PARAMS)
+    np.testing.assert_allclose(np.asarray(_flat(out)["decoder/conv/kernel"]), 1e3)
+
+
+@pytest.mark.parametrize("step", [0, 1, 37, 99, 100, 150])
+def test_poly_schedule_values(step):
+    cfg = get_base_config().optim
+    sched = optim.lr_schedule(cfg, total_steps=100)
+    want = 3e-5 * (1 - min(step, 100) / 100) ** 0.9
+    np.testing.assert_allclose(float(sched(step)), want, rtol=1e-6, atol=1e-12)
+
+
+def test_warmup_schedule_values():
+    cfg = get_base_config().optim
+    cfg.warmup_steps = 10
+    sched = optim.lr_schedule(cfg, total_steps=110)
+    np.testing.assert_allclose(float(sched(5)), 3e-5 * 0.5, rtol=1e-6)
+    np.testing.assert_allclose(float(sched(10)), 3e-5, rtol=1e-6)
+    np.testing.assert_allclose(float(sched(60)), 3e-5 * 0.5**0.9, rtol=1e-6)
+    assert float(sched(110)) == 0.0
+    with pytest.raises(ValueError, match="warmup_steps"):
+        optim.lr_schedule(cfg, total_steps=10)
+
+
+def test_adam_uses_schedule_per_update():
+    """First update of a decay-free leaf with grad g is -lr0*sign(g) (Adam), second uses lr(1)."""
+    cfg = get_base_config().optim
+    cfg.lr, cfg.weight_decay = 1.0, 0.0
+    p = {"w": jnp.zeros((3,))}
+    tx, sched = optim.make_optimizer(cfg, p, total_steps=4)
+    st = tx.init(p)
+    g = {"w": jnp.array([1.0, -2.0, 3.0])}
+    u1, st = tx.update(g, st, p)
+    np.testing.assert_allclose(np.asarray(u1["w"]), -np.sign(g["w"]), rtol=1e-5)
+    u2, _ = tx.update(g, st, p)
+    np.testing.assert_allclose(np.asarray(u2["w"]), -(0.75**0.9) * np.sign(g["w"]), rtol=1e-4)
+    np.testing.assert_allclose(float(sched(1)), 0.75**0.9, rtol=1e-6)
+
+
+def test_param_summary_counts():
+    counts, rows = optim.param_summary(PARAMS, get_base_config().optim)
+    assert counts["text_encoder"] == {"total": 40 + 4 + 4 + 16 + 4, "decay": 16,
+                                      "no_decay": 4, "frozen": 48}
+    assert counts["backbone"]["total"] == 18 + 48 + 12 + 8 + 4
+    assert counts["backbone"]["decay"] == 48
+    assert len(rows) == len(EXPECTED)
+    assert ("decoder/conv/kernel", (3, 3, 4, 1), "decay") in rows
+    table = optim.format_param_summary(counts)
+    assert "TOTAL" in table and "text_encoder" in table

@@ -1,0 +1,196 @@
+"""Pure train/eval steps: ``train_step(state, batch, rng) -> (state, metrics)``.
+
+The model is any Flax linen module with VIPA's call signature
+``model.apply(variables, image, input_ids, attention_mask, train=..., rngs={'gumbel','dropout'})``
+returning a dict with ``logits``, ``cls_relevance`` and ``tau``. An optional ``batch_stats``
+collection (BatchNorm) is mutable in training and read-only in evaluation.
+
+RNG: ``rng`` is the run's base key; the step uses ``fold_in(rng, state.step)`` (and
+``fold_in(., i)`` for micro-batch ``i``), so a resumed run sees exactly the same randomness.
+
+Gradient accumulation (``grad_accum_steps = k``): the global batch is split into k micro-batches
+(micro-batch ``i`` = rows ``i, i+k, i+2k, ...``, which keeps every micro-batch evenly sharded over
+'data'), gradients are accumulated in float32 inside one ``lax.scan`` and one optimizer update is
+applied. Each micro-batch is weighted by its share of valid examples (``batch['valid']``), which
+is exact when the loss is a mean over valid examples. BatchNorm statistics are updated
+sequentially per micro-batch (so BN models are not bit-identical to one big batch).
+
+Non-finite loss or gradient norm: params, batch_stats and optimizer state are kept unchanged
+(the step counter still advances) and ``metrics['finite']`` is 0; the loop then stops or skips.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from vipa_jax.train.optim import global_norm
+
+Batch = dict[str, jax.Array]
+LossFn = Callable[[dict[str, jax.Array], Batch], tuple[jax.Array, dict[str, jax.Array]]]
+MODEL_INPUTS = ("image", "input_ids", "attention_mask")
+
+
+class TrainState(flax.struct.PyTreeNode):
+    """Everything that changes during training (a pure pytree: checkpointable as is)."""
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+
+
+def init_variables(model: Any, rng: jax.Array, batch: Batch) -> dict[str, Any]:
+    """``model.init`` on a sample batch (train=False)."""
+    k1, k2, k3 = jax.random.split(rng, 3)
+    return model.init({"params": k1, "gumbel": k2, "dropout": k3},
+                      *(batch[k] for k in MODEL_INPUTS), train=False)
+
+
+def create_train_state(model: Any, tx: optax.GradientTransformation, rng: jax.Array,
+                       batch: Batch) -> TrainState:
+    """Fresh state (jit it with ``out_shardings`` to create it sharded)."""
+    variables = flax.core.unfreeze(init_variables(model, rng, batch))
+    params = variables["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params))
+
+
+def _variables(params: Any, batch_stats: Any) -> dict[str, Any]:
+    v = {"params": params}
+    if jax.tree.leaves(batch_stats):
+        v["batch_stats"] = batch_stats
+    return v
+
+
+def _to_f32(tree: Any) -> Any:
+    return jax.tree.map(
+        lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def forward(model: Any, params: Any, batch_stats: Any, batch: Batch, rng: jax.Array | None,
+            train: bool) -> tuple[dict[str, jax.Array], Any]:
+    """Model outputs (floats cast to f32) and the (possibly updated) batch_stats."""
+    inputs = [batch[k] for k in MODEL_INPUTS]
+    variables = _variables(params, batch_stats)
+    if not train:
+        return _to_f32(model.apply(variables, *inputs, train=False)), batch_stats
+    g, d = jax.random.split(rng)
+    has_bs = "batch_stats" in variables
+    out = model.apply(variables, *inputs, train=True, rngs={"gumbel": g, "dropout": d},
+                      mutable=["batch_stats"] if has_bs else False)
+    if has_bs:
+        out, updates = out
+        batch_stats = updates["batch_stats"]
+    return _to_f32(out), batch_stats
+
+
+def _split_micro(batch: Batch, k: int) -> Batch:
+    """(B, ...) -> (k, B/k, ...) with micro-batch i = rows i, i+k, ... (keeps 'data' sharding)."""
+    def one(x: jax.Array) -> jax.Array:
+        if x.shape[0] % k:
+            raise ValueError(f"batch size {x.shape[0]} not divisible by grad_accum_steps={k}")
+        return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+    return jax.tree.map(one, batch)
+
+
+def make_train_step(
+    model: Any,
+    loss_fn: LossFn,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    trainable: Any,
+    grad_accum_steps: int = 1,
+    micro_batch_sharding: Any = None,
+) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
+    """Build the pure step. ``trainable``: pytree of python bools (False = frozen, grads zeroed).
+
+    ``micro_batch_sharding`` (e.g. the batch NamedSharding) constrains each micro-batch.
+    """
+    k = int(grad_accum_steps)
+    if k < 1:
+        raise ValueError(f"grad_accum_steps must be >= 1, got {k}")
+
+    def micro_grads(params: Any, batch_stats: Any, mb: Batch, rng: jax.Array):
+        def lf(p):
+            out, new_bs = forward(model, p, batch_stats, mb, rng, train=True)
+            loss, parts = loss_fn(out, mb)
+            aux = {**{f"loss/{n}": v for n, v in parts.items()},
+                   "tau": jnp.asarray(out.get("tau", jnp.nan), jnp.float32).mean()}
+            return loss.astype(jnp.float32), (aux, new_bs)
+
+        (loss, (aux, new_bs)), grads = jax.value_and_grad(lf, has_aux=True)(params)
+        grads = jax.tree.map(lambda g, t: g if t else jnp.zeros_like(g), grads, trainable)
+        return loss, aux, grads, new_bs
+
+    def train_step(state: TrainState, batch: Batch, rng: jax.Array):
+        step_rng = jax.random.fold_in(rng, state.step)
+        if k == 1:
+            loss, aux, grads, new_bs = micro_grads(state.params, state.batch_stats, batch, step_rng)
+        else:
+            micro = _split_micro(batch, k)
+            if "valid" in batch:
+                v = micro["valid"].astype(jnp.float32).sum(axis=1)
+                weights = v / jnp.maximum(v.sum(), 1.0)
+            else:
+                weights = jnp.full((k,), 1.0 / k, jnp.float32)
+
+            def body(carry, xs):
+                g_acc, bs, loss_acc, aux_acc = carry
+                mb, w, i = xs
+                if micro_batch_sharding is not None:
+                    mb = jax.lax.with_sharding_constraint(mb, micro_batch_sharding)
+                loss, aux, g, bs = micro_grads(state.params, bs, mb,
+                                               jax.random.fold_in(step_rng, i))
+                g_acc = jax.tree.map(lambda a, b: a + w * b.astype(jnp.float32), g_acc, g)
+                aux_acc = jax.tree.map(lambda a, b: a + w * b, aux_acc, aux)
+                return (g_acc, bs, loss_acc + w * loss, aux_acc), None
+
+            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+            mb0 = jax.tree.map(lambda x: x[0], micro)
+            aux_shape = jax.eval_shape(
+                lambda: micro_grads(state.params, state.batch_stats, mb0, step_rng)[1])
+            aux0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shape)
+            init = (zeros, state.batch_stats, jnp.zeros((), jnp.float32), aux0)
+            (grads, new_bs, loss, aux), _ = jax.lax.scan(
+                body, init, (micro, weights, jnp.arange(k)))
+            grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
+
+        grad_norm = global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, new_opt = tx.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+
+        def keep(new: Any, old: Any) -> Any:
+            return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+        new_state = state.replace(
+            step=state.step + 1,
+            params=keep(new_params, state.params),
+            batch_stats=keep(new_bs, state.batch_stats),
+            opt_state=keep(new_opt, state.opt_state),
+        )
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step),
+                   "finite": finite.astype(jnp.float32), **aux}
+        return new_state, metrics
+
+    return train_step
+
+
+def jit_train_step(step_fn: Callable, state_sharding: Any, batch_sharding: Any,
+                   rng_sharding: Any) -> Callable:
+    """``jax.jit`` with explicit in/out shardings and the state donated."""
+    return jax.jit(step_fn, in_shardings=(state_sharding, batch_sharding, rng_sharding),
+                   out_shardings=(state_sharding, rng_sharding), donate_argnums=(0,))
+
+
+def make_predict_fn(model: Any) -> Callable[[TrainState, Batch], dict[str, jax.Array]]:
+    """Pure eval forward ``(state, batch) -> outputs`` (train=False, batch_stats read-only)."""
+    def predict(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
+        return forward(model, state.params, state.batch_stats, batch, None, train=False)[0]
+    return predict
