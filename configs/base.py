@@ -34,6 +34,31 @@ def get_base_config() -> ml_collections.ConfigDict:
         )
     )
 
+    # Encoder: fusion = early (CrossVLT) | late (LAVT) | none. Language stage 1 = BERT embeddings +
+    # the first lang_stage_layers[0] layers (pretrained); stages 2-4 = one cross-attention block
+    # (early only) + lang_stage_layers[i] new BERT layers, optionally initialized from pretrained
+    # layers 6.. (lang_later_from_pretrained).
+    c.model.fusion = "early"
+    c.model.lang_stage_layers = (6, 1, 1, 1)
+    c.model.lang_later_from_pretrained = False
+    c.model.fusion_head_dim = 64
+    c.model.fusion_min_dim = 256
+    # Visual Expressive Generator (paper Tables V-VIII, Fig. 4).
+    c.model.veg = ml_collections.ConfigDict(
+        dict(
+            dim=512, num_heads=8, mlp_ratio=4.0, dropout=0.0,
+            kv="vision",  # decoder K/V: vision (Ê_V) | vanilla_lang (E_L) | advanced_lang (Ê_L)
+            step1=True, step2=True,
+            cues="both",  # global ([CLS]) | local (words) | both
+            topk_ratio=0.3,
+            selection="gumbel_topk",  # gumbel_topk | threshold | none
+            threshold=0.0, tau_init=1.0, noise_scale=1.0,
+        )
+    )
+    c.model.decoder = ml_collections.ConfigDict(
+        dict(hidden_dim=512, head_dim=64, mlp_ratio=4.0, norm="batch", dropout=0.0)
+    )
+
     # --- data ------------------------------------------------------------------------------
     c.data = ml_collections.ConfigDict()
     c.data.source = "refer"  # refer | referit | tfds | synthetic

@@ -1,0 +1,173 @@
+"""Early-fusion vision–language encoder (CrossVLT-style), with late / no fusion as ablations.
+
+Vision stage i (Swin-B: C_i = 128, 256, 512, 1024):
+    x = SwinStage_i(x)
+    x_res = Fuse(x, L_i);  x = x + G(x_res) · x_res           # vision queries, language K/V
+    F_v^i = LayerNorm_i(x_res)                                  # to the decoder (CrossVLT/LAVT)
+    x = PatchMerging_i(x);  x = x + G'(Fuse'(x, L_i)) · (...)   # stages 1–3 only
+Language (fusion='early'): L_1 = BERT embeddings + layers 0..5; for i = 2..4
+    L_i = BertLayer^n(CrossAttention(L_{i-1}, K/V = x↓_{i-1}))  # x↓ = fused downsampled tokens
+fusion='late' (LAVT): the whole language stack runs first and every vision stage fuses with the
+final E_L; fusion='none': no cross-modal exchange (plain Swin, F_v^i = LayerNorm_i(x)).
+
+Gates G = tanh(W₂ ReLU(W₁ x)) with W₂ zero-initialized, so fusion starts as the identity over
+the pretrained Swin. (LAVT/CrossVLT zero-initialize *both* W₁ and W₂, which leaves both with zero
+gradient forever — the gated path never opens there; we zero only W₂ so the gate can learn.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vipa_jax.models.bert import (
+    BertAttention,
+    BertConfig,
+    BertIntermediate,
+    BertLayer,
+    BertModel,
+    BertOutput,
+)
+from vipa_jax.models.layers import MultiHeadAttention, exact_gelu
+from vipa_jax.models.swin import SwinTransformer
+
+Array = jax.Array
+FUSIONS = ("early", "late", "none")
+
+
+class EncoderOutput(NamedTuple):
+    features: list[Array]  # 4 × (B, H_i, W_i, C_i): F_v^1..F_v^4
+    lang: Array  # (B, L, C_l): final language tokens E_L
+
+
+class GatedFusion(nn.Module):
+    """x_res = GELU(W(LN(MHCA(x, lang)) + x)); returns (x + tanh-gate(x_res)·x_res, x_res)."""
+
+    dim: int  # attention inner width
+    num_heads: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self,
+        x: Array,  # (B, H, W, C)
+        lang: Array,  # (B, L, C_l)
+        lang_mask: Array,  # (B, L) {0,1}
+    ) -> tuple[Array, Array]:
+        b, h, w, c = x.shape
+        t = x.reshape(b, h * w, c)
+        attn = MultiHeadAttention(
+            num_heads=self.num_heads, qkv_features=self.dim, out_features=c, dtype=self.dtype,
+            name="attn",
+        )(t, lang, mask=lang_mask.astype(bool)[:, None, None, :])  # (B, HW, C)
+        attn = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="attn_norm")(attn)
+        res = exact_gelu(nn.Dense(c, dtype=self.dtype, name="mm_proj")(attn + t))  # x_res
+        gate = nn.relu(nn.Dense(c, use_bias=False, dtype=self.dtype, name="gate_0")(res))
+        gate = jnp.tanh(
+            nn.Dense(c, use_bias=False, kernel_init=nn.initializers.zeros, dtype=self.dtype,
+                     name="gate_1")(gate)
+        )
+        out = t + gate * res
+        return out.reshape(b, h, w, c), res.reshape(b, h, w, c)
+
+
+class LanguageCrossLayer(nn.Module):
+    """CrossVLT BertStage head: language queries over vision tokens + BERT FFN (post-LN)."""
+
+    config: BertConfig
+    kv_dim: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, lang: Array, vis: Array, *, deterministic: bool) -> Array:
+        # lang (B, L, C_l); vis (B, N, kv_dim); every vision token is a valid key.
+        attn = BertAttention(self.config, kv_dim=self.kv_dim, dtype=self.dtype, name="attention")(
+            lang, None, vis, deterministic=deterministic
+        )
+        inter = BertIntermediate(self.config, dtype=self.dtype, name="intermediate")(attn)
+        return BertOutput(self.config, dtype=self.dtype, name="output")(
+            inter, attn, deterministic=deterministic
+        )
+
+
+class FusionEncoder(nn.Module):
+    """Swin stages interleaved with BERT stages and gated cross-modal fusion (DESIGN §encoder)."""
+
+    swin: Any  # dict / ConfigDict for SwinTransformer.from_config
+    bert: BertConfig
+    fusion: str = "early"
+    stage_layers: Sequence[int] = (6, 1, 1, 1)
+    fusion_head_dim: int = 64
+    fusion_min_dim: int = 256
+    remat: bool = False
+    dtype: Any = jnp.float32
+
+    def setup(self) -> None:
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"model.fusion must be one of {FUSIONS}, got {self.fusion!r}")
+        if len(self.stage_layers) != 4 or self.stage_layers[0] < 1:
+            raise ValueError(f"model.lang_stage_layers must be 4 ints, first ≥ 1: {self.stage_layers}")
+        self.backbone = SwinTransformer.from_config(self.swin, remat=self.remat, dtype=self.dtype)
+        first = BertConfig.from_dict({**self.bert.to_dict(), "num_hidden_layers": self.stage_layers[0]})
+        self.text_encoder = BertModel(first, dtype=self.dtype, add_pooling_layer=False,
+                                      remat=self.remat)
+        dims = self.backbone.num_features  # (C, 2C, 4C, 8C)
+        if self.fusion != "none":
+            self.fuse = [self._fusion(c) for c in dims]
+            self.fuse_down = [self._fusion(c) for c in dims[1:]]
+        if self.fusion == "early":
+            self.lang_cross = [
+                LanguageCrossLayer(self.bert, kv_dim=c, dtype=self.dtype) for c in dims[1:]
+            ]
+        self.lang_layers = [
+            [BertLayer(self.bert, dtype=self.dtype) for _ in range(n)] for n in self.stage_layers[1:]
+        ]
+
+    def _fusion(self, c: int) -> GatedFusion:
+        dim = max(c, self.fusion_min_dim)
+        return GatedFusion(dim, max(1, dim // self.fusion_head_dim), dtype=self.dtype)
+
+    def _lang_stage(self, i: int, lang: Array, mask: Array, vis: Array | None, det: bool) -> Array:
+        """Language stage i+2 (i = 0..2): optional cross-attention over vis, then BERT layers."""
+        if vis is not None:
+            b, h, w, c = vis.shape
+            lang = self.lang_cross[i](lang, vis.reshape(b, h * w, c), deterministic=det)
+        for layer in self.lang_layers[i]:
+            lang = layer(lang, mask, det)
+        return lang
+
+    def __call__(
+        self,
+        images: Array,  # (B, H, W, 3)
+        input_ids: Array,  # (B, L)
+        token_mask: Array,  # (B, L) {0,1}
+        *,
+        train: bool,
+    ) -> EncoderOutput:
+        det = not train
+        lang = self.text_encoder.embed(input_ids, deterministic=det)
+        lang = self.text_encoder.run_layers(lang, token_mask, 0, self.stage_layers[0],
+                                            deterministic=det)  # L_1
+        if self.fusion != "early":  # language never looks at vision: run the whole stack first
+            for i in range(3):
+                lang = self._lang_stage(i, lang, token_mask, None, det)
+        x = self.backbone.embed(images)
+        feats = []
+        for i in range(4):
+            x = self.backbone.run_stage(i, x, det)
+            if self.fusion == "none":
+                feats.append(self.backbone.stage_norm(i, x))
+            else:
+                x, res = self.fuse[i](x, lang, token_mask)
+                feats.append(self.backbone.stage_norm(i, res))
+            if i < 3:
+                x = self.backbone.merge(i, x)
+                if self.fusion != "none":
+                    x, _ = self.fuse_down[i](x, lang, token_mask)
+                if self.fusion == "early":
+                    lang = self._lang_stage(i, lang, token_mask, x, det)  # L_{i+2}
+        return EncoderOutput(features=feats, lang=lang)

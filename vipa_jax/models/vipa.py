@@ -1,0 +1,117 @@
+"""VIPA: early-fusion encoder → advanced language tokens → VEG → decoder (DESIGN §model).
+
+    F_v^{1..4}, E_L = FusionEncoder(image, sentence)
+    Ê_L = MLP(MHCA(E_L, F_v^4) + E_L)            # advanced language tokens
+    Ê_V = VEG(F_v^4, Ê_L)                         # visual expressive tokens (B, L, D)
+    logits = Decoder(F_v^{1..4}, K/V = Ê_V)       # (B, H/4, W/4) → bilinear to (B, H, W)
+
+`model.veg.kv` picks the decoder's keys/values: 'vision' (Ê_V), 'vanilla_lang' (E_L) or
+'advanced_lang' (Ê_L) — the paper's Table V.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from vipa_jax.models.bert import BertConfig
+from vipa_jax.models.decoder import Decoder
+from vipa_jax.models.fusion import FusionEncoder
+from vipa_jax.models.layers import AttentionBlock, FeedForwardBlock, resize_bilinear
+from vipa_jax.models.veg import build_veg
+
+Array = jax.Array
+KV_SOURCES = ("vision", "vanilla_lang", "advanced_lang")
+
+
+class AdvancedLanguageTokens(nn.Module):
+    """Ê_L = FFN(MHCA(E_L, F_v) + E_L): language queries over the final vision tokens."""
+
+    num_heads: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, lang: Array, vis: Array, *, train: bool) -> Array:
+        # lang (B, L, C_l), vis (B, N, C_v) -> (B, L, C_l)
+        x = AttentionBlock(self.num_heads, dtype=self.dtype, name="cross_attn")(
+            lang, vis, deterministic=not train
+        )
+        return FeedForwardBlock(dtype=self.dtype, name="ffn")(x, deterministic=not train)
+
+
+class VIPA(nn.Module):
+    """The full model; `config` is the `model` section of a VIPA config (frozen)."""
+
+    config: ml_collections.FrozenConfigDict
+
+    def setup(self) -> None:
+        cfg = self.config
+        if cfg.veg.kv not in KV_SOURCES:
+            raise ValueError(f"model.veg.kv must be one of {KV_SOURCES}, got {cfg.veg.kv!r}")
+        dtype = jnp.dtype(cfg.dtype)
+        bert = BertConfig.from_dict(cfg.bert)
+        self.encoder = FusionEncoder(
+            swin=dict(cfg.swin),
+            bert=bert,
+            fusion=cfg.fusion,
+            stage_layers=tuple(cfg.lang_stage_layers),
+            fusion_head_dim=cfg.fusion_head_dim,
+            fusion_min_dim=cfg.fusion_min_dim,
+            remat=cfg.remat,
+            dtype=dtype,
+        )
+        self.advanced_lang = AdvancedLanguageTokens(bert.num_attention_heads, dtype=dtype)
+        self.veg = build_veg(cfg.veg, dtype=dtype)
+        d = cfg.decoder
+        self.decoder = Decoder(
+            hidden_dim=d.hidden_dim, head_dim=d.head_dim, mlp_ratio=d.mlp_ratio, norm=d.norm,
+            dropout_rate=d.dropout, dtype=dtype,
+        )
+
+    def __call__(
+        self,
+        images: Array,  # (B, H, W, 3) ImageNet-normalized
+        input_ids: Array,  # (B, L) int32
+        token_mask: Array,  # (B, L) {0,1}
+        *,
+        train: bool = False,
+    ) -> dict[str, Array]:
+        enc = self.encoder(images, input_ids, token_mask, train=train)
+        f4 = enc.features[-1]
+        b, h4, w4, c4 = f4.shape
+        vis = f4.reshape(b, h4 * w4, c4)  # (B, N, C_4)
+        lang_adv = self.advanced_lang(enc.lang, vis, train=train)  # Ê_L (B, L, C_l)
+        veg = self.veg(vis, lang_adv, token_mask, train=train)
+        kv_source = self.config.veg.kv
+        if kv_source == "vision":
+            kv, kv_mask = veg["tokens"], veg["token_mask"]
+        else:
+            kv = enc.lang if kv_source == "vanilla_lang" else lang_adv
+            kv_mask = token_mask.astype(bool)
+        low = self.decoder(enc.features, kv, kv_mask, train=train)  # (B, H/4, W/4)
+        logits = resize_bilinear(low, images.shape[1:3], align_corners=True)
+        return {
+            "logits": logits,  # (B, H, W) mask logits
+            "cls_relevance": veg["cls_relevance"].reshape(b, h4, w4),  # contrastive-loss logits
+            "tau": veg["tau"],
+            "relevance": veg["similarity"].reshape(b, -1, h4, w4),  # S_c per token (heatmaps)
+            "selection": veg["mask"].reshape(b, -1, h4, w4),  # M per token
+        }
+
+
+def build_model(model_config: ml_collections.ConfigDict | ml_collections.FrozenConfigDict) -> VIPA:
+    """VIPA from the `model` config section."""
+    return VIPA(ml_collections.FrozenConfigDict(model_config))
+
+
+def init_variables(model: VIPA, rng: Array, image_size: int, max_tokens: int) -> Any:
+    """Random variables (params, batch_stats) for a model at the given input size."""
+    k1, k2, k3 = jax.random.split(rng, 3)
+    images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+    ids = jnp.zeros((1, max_tokens), jnp.int32)
+    mask = jnp.ones((1, max_tokens), jnp.int32)
+    return model.init({"params": k1, "gumbel": k2, "dropout": k3}, images, ids, mask, train=False)
