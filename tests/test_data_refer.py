@@ -8,7 +8,8 @@ import shutil
 import numpy as np
 import PIL.Image
 import pytest
-from conftest import (
+
+from tests.conftest import (
     REFER_H,
     REFER_W,
     SPLIT_COUNTS,
@@ -16,7 +17,6 @@ from conftest import (
     build_refer_fixture,
     expected_mask,
 )
-
 from vipa_jax.data.refer import DataError, ReferDataset
 from vipa_jax.data.referit import ReferItDataset
 
