@@ -1,0 +1,397 @@
+"""Swin backbone: PyTorch (HF transformers) parity, checkpoint loaders, shapes, drop-path, remat."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from vipa_jax.models.swin import (
+    SWIN_CONFIGS,
+    SwinTransformer,
+    relative_position_index,
+    shift_attention_mask,
+)
+from vipa_jax.weights.swin import init_params, load_swin_params
+
+TOL = 1e-4
+STAGE_NORMS = [f"norm_{i}/{p}" for i in range(4) for p in ("bias", "scale")]
+
+SMALL = dict(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8))
+SWIN_B_SHAPED = dict(embed_dim=128, depths=(2, 2, 2, 2), num_heads=(4, 8, 16, 32), window_size=12)
+
+
+# ------------------------------------------------------------------------------------------
+# helpers
+# ------------------------------------------------------------------------------------------
+
+
+def _hf_backbone(cfg: dict[str, Any], seed: int = 0) -> Any:
+    """Random-weight HF SwinBackbone (eval mode) with every parameter re-drawn non-trivially."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    config = transformers.SwinConfig(
+        embed_dim=cfg["embed_dim"], depths=list(cfg["depths"]), num_heads=list(cfg["num_heads"]),
+        window_size=cfg["window_size"], image_size=224,
+        out_features=["stage1", "stage2", "stage3", "stage4"],
+    )
+    assert config.layer_norm_eps == 1e-5, config.layer_norm_eps
+    torch.manual_seed(seed)
+    model = transformers.SwinBackbone(config).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            if name.endswith("relative_position_bias_table"):
+                p.copy_(noise)  # O(1) biases so the table and its indexing matter
+            elif p.ndim == 1 and "norm" in name and name.endswith("weight"):
+                p.copy_(1.0 + 0.2 * noise)
+            elif p.ndim == 1:
+                p.copy_(0.1 * noise)
+            else:
+                fan_in = int(np.prod(p.shape[1:]))
+                p.copy_(noise / np.sqrt(fan_in))
+    return model
+
+
+def _images(batch: int, height: int, width: int, seed: int = 0) -> np.ndarray:
+    """(B, H, W, 3) float32 normal noise."""
+    return np.random.default_rng(seed).standard_normal((batch, height, width, 3), np.float32)
+
+
+def _nchw(x: np.ndarray) -> Any:
+    """(B, H, W, C) numpy -> torch (B, C, H, W)."""
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+
+
+def _raw_stages(module: SwinTransformer, images: jax.Array) -> list[jax.Array]:
+    """Stage outputs before the per-stage norms, via the decomposed API."""
+    x = module.embed(images)
+    outs = []
+    for i in range(module.num_stages):
+        x = module.run_stage(i, x)
+        outs.append(x)
+        if i < module.num_stages - 1:
+            x = module.merge(i, x)
+    return outs
+
+
+def _max_diffs(ours: list[jax.Array], ref: list[Any]) -> list[float]:
+    """Per-stage max |ours - ref|; ref is torch (B, C, H, W)."""
+    diffs = []
+    for i, (a, b) in enumerate(zip(ours, ref, strict=True)):
+        b = b.detach().numpy().transpose(0, 2, 3, 1)
+        assert a.shape == b.shape, f"stage {i}: ours {a.shape} vs torch {b.shape}"
+        diffs.append(float(np.max(np.abs(np.asarray(a) - b))))
+    return diffs
+
+
+def _assert_tree_equal(a: Any, b: Any, skip: tuple[str, ...] = ()) -> None:
+    """Exact equality of two params trees (paths in `skip` ignored)."""
+    fa = {"/".join(k): v for k, v in _flat(a).items()}
+    fb = {"/".join(k): v for k, v in _flat(b).items()}
+    assert sorted(fa) == sorted(fb)
+    for k in fa:
+        if k.startswith(skip):
+            continue
+        np.testing.assert_array_equal(np.asarray(fa[k]), np.asarray(fb[k]), err_msg=k)
+
+
+def _flat(tree: Any) -> dict[tuple[str, ...], Any]:
+    from flax.traverse_util import flatten_dict
+
+    return flatten_dict(dict(tree))
+
+
+def _parity_backbone(cfg: dict[str, Any], hw: tuple[int, int], batch: int) -> list[float]:
+    """Max diff per stage between our SwinTransformer and HF SwinBackbone feature maps."""
+    import torch
+
+    hf = _hf_backbone(cfg)
+    model = SwinTransformer(**cfg)
+    params, report = load_swin_params(hf.state_dict(), model)
+    assert report.source_format == "hf" and report.missing == [], report.missing
+    images = _images(batch, *hw)
+    with torch.no_grad():
+        ref = hf(_nchw(images)).feature_maps
+    with jax.default_matmul_precision("float32"):
+        ours = jax.jit(model.apply)({"params": params}, images)
+    return _max_diffs(ours, ref)
+
+
+# ------------------------------------------------------------------------------------------
+# PyTorch parity
+# ------------------------------------------------------------------------------------------
+
+
+def test_parity_small_vs_hf_backbone() -> None:
+    """Window 7 at 70x94: stages 18x24, 9x12, 5x6, 3x3 (the last two padded to 7x7 and shifted)."""
+    diffs = _parity_backbone(dict(SMALL, window_size=7), (70, 94), batch=2)
+    print("small w7 70x94 vs HF SwinBackbone, max |diff| per stage:", diffs)
+    assert max(diffs) <= TOL, f"max abs diff per stage {diffs} > {TOL}"
+
+
+def test_parity_small_vs_hf_swinmodel_clamped_window() -> None:
+    """always_partition=False = HF SwinModel: stage 4 is 4x5 with window 4 -> no shift."""
+    import torch
+
+    cfg = dict(SMALL, window_size=4)
+    hf = _hf_backbone(cfg, seed=1)
+    sd = {k.removeprefix("swin."): v for k, v in hf.state_dict().items()
+          if not k.startswith("hidden_states_norms")}  # a plain SwinModel state dict
+    model = SwinTransformer(**cfg, always_partition=False)
+    params, report = load_swin_params(sd, model)
+    assert report.missing == STAGE_NORMS, report.missing
+    assert "layernorm.weight" in report.skipped, report.skipped
+    images = _images(1, 100, 132, seed=1)
+    with torch.no_grad():
+        out = hf.swin(_nchw(images), output_hidden_states=True,
+                      output_hidden_states_before_downsampling=True)
+    with jax.default_matmul_precision("float32"):
+        ours = model.apply({"params": params}, jnp.asarray(images), method=_raw_stages)
+    diffs = _max_diffs(ours, out.reshaped_hidden_states[1:])
+    print("small w4 100x132 vs HF SwinModel (pre-downsampling states), max |diff|:", diffs)
+    assert [o.shape[1:3] for o in ours] == [(25, 33), (13, 17), (7, 9), (4, 5)]
+    assert max(diffs) <= TOL, f"max abs diff per stage {diffs} > {TOL}"
+    # The segmentation behaviour differs exactly where the window is clamped (stage 4 only).
+    seg = SwinTransformer(**cfg, always_partition=True)
+    seg_out = seg.apply({"params": params}, jnp.asarray(images), method=_raw_stages)
+    seg_diffs = [float(jnp.max(jnp.abs(a - b))) for a, b in zip(seg_out, ours, strict=True)]
+    assert max(seg_diffs[:3]) == 0.0 and seg_diffs[3] > 1e-2, seg_diffs
+
+
+@pytest.mark.slow
+def test_parity_swin_b_shaped_vs_hf_backbone() -> None:
+    """Swin-B widths/heads, window 12, depths (2,2,2,2), at 100x132 (pads 25->36, 13->24, ...)."""
+    diffs = _parity_backbone(SWIN_B_SHAPED, (100, 132), batch=1)
+    print("Swin-B-shaped w12 100x132 vs HF SwinBackbone, max |diff| per stage:", diffs)
+    assert max(diffs) <= TOL, f"max abs diff per stage {diffs} > {TOL}"
+
+
+# ------------------------------------------------------------------------------------------
+# loaders
+# ------------------------------------------------------------------------------------------
+
+
+def _official_state_dict(hf: Any) -> dict[str, Any]:
+    """Rename an HF SwinBackbone state dict to Microsoft's classification-checkpoint naming."""
+    import torch
+
+    sd = {k.removeprefix("swin."): v for k, v in hf.state_dict().items()}
+    out: dict[str, Any] = {
+        "patch_embed.proj.weight": sd["embeddings.patch_embeddings.projection.weight"],
+        "patch_embed.proj.bias": sd["embeddings.patch_embeddings.projection.bias"],
+        "patch_embed.norm.weight": sd["embeddings.norm.weight"],
+        "patch_embed.norm.bias": sd["embeddings.norm.bias"],
+        "norm.weight": sd["layernorm.weight"],  # classifier norm: must be skipped
+        "norm.bias": sd["layernorm.bias"],
+        "head.weight": torch.zeros(10, sd["layernorm.weight"].shape[0]),
+        "head.bias": torch.zeros(10),
+    }
+    renames = {
+        "layernorm_before": "norm1", "layernorm_after": "norm2", "attention.o_proj": "attn.proj",
+        "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2",
+        "attention.relative_position_bias": "attn",  # .relative_position_bias_table
+    }
+    for key, value in sd.items():
+        if not key.startswith("encoder.layers."):
+            continue
+        key = key.removeprefix("encoder.")
+        if ".downsample." in key:
+            out[key] = value
+            continue
+        prefix, _, rest = key.partition(".blocks.")
+        j, _, name = rest.partition(".")
+        base = f"{prefix}.blocks.{j}."
+        for src, dst in renames.items():
+            if name.startswith(src + "."):
+                out[base + dst + name[len(src):]] = value
+        if name.startswith("attention.q_proj."):
+            suffix = name.rsplit(".", 1)[1]
+            parts = [sd[f"encoder.{base}attention.{p}_proj.{suffix}"] for p in "qkv"]
+            out[base + "attn.qkv." + suffix] = torch.cat(parts, dim=0)
+            w = hf.config.window_size
+            out[base + "attn.relative_position_index"] = torch.zeros(w * w, w * w)
+            out[base + "attn_mask"] = torch.zeros(1)
+    return out
+
+
+def test_official_loader_matches_hf_loader(tmp_path: Any) -> None:
+    """Official naming (fused qkv, .pth wrapped in {'model': sd}) loads the same params."""
+    import torch
+
+    cfg = dict(SMALL, window_size=7)
+    hf = _hf_backbone(cfg, seed=2)
+    model = SwinTransformer(**cfg)
+    hf_params, _ = load_swin_params(hf.state_dict(), model)
+    init = init_params(model, rng=3)
+    path = tmp_path / "swin_official.pth"
+    torch.save({"model": _official_state_dict(hf)}, path)
+    params, report = load_swin_params(path, model, init)
+    assert report.source_format == "official"
+    assert report.missing == STAGE_NORMS, report.missing
+    assert {"norm.weight", "head.weight"} <= set(report.skipped), report.skipped
+    assert any(k.endswith("relative_position_index") for k in report.skipped)
+    _assert_tree_equal(params, hf_params, skip=("norm_",))
+    for i in range(4):  # stage norms keep the init they were given
+        np.testing.assert_array_equal(params[f"norm_{i}"]["scale"], init[f"norm_{i}"]["scale"])
+    with pytest.raises(ValueError, match="missing from the checkpoint"):
+        load_swin_params({k: v for k, v in _official_state_dict(hf).items()
+                          if not k.startswith("layers.3.")}, model)
+
+
+def test_loader_rejects_wrong_window() -> None:
+    """A window-7 table (169 rows) into a window-4 model (49 rows) names key, shapes, windows."""
+    hf = _hf_backbone(dict(SMALL, window_size=7), seed=4)
+    model = SwinTransformer(**SMALL, window_size=4)
+    with pytest.raises(ValueError) as err:
+        load_swin_params(_official_state_dict(hf), model)
+    msg = str(err.value)
+    assert "layers_0/blocks_0/relative_position_bias_table: expected shape (49, 1), " \
+           "checkpoint has (169, 1)" in msg, msg
+    assert "checkpoint window 7, model window 4" in msg, msg
+
+
+def test_hf_safetensors_folder_loads_same_params(tmp_path: Any) -> None:
+    """save_pretrained writes on-disk names (attention.self.query...); loading the folder agrees."""
+    cfg = dict(SMALL, window_size=7)
+    hf = _hf_backbone(cfg, seed=5)
+    hf.save_pretrained(tmp_path)
+    model = SwinTransformer(**cfg)
+    from_folder, report = load_swin_params(tmp_path, model)
+    from_memory, _ = load_swin_params(hf.state_dict(), model)
+    assert report.missing == [] and report.source_format == "hf"
+    assert any("attention.self.query" in k for k in _safetensor_keys(tmp_path))
+    _assert_tree_equal(from_folder, from_memory)
+
+
+def _safetensor_keys(folder: Any) -> list[str]:
+    from safetensors.numpy import load_file
+
+    return list(load_file(str(folder / "model.safetensors")))
+
+
+# ------------------------------------------------------------------------------------------
+# shapes, config, window helpers
+# ------------------------------------------------------------------------------------------
+
+
+def test_paper_config_shapes_at_480() -> None:
+    """Swin-B w12 at 480x480 (eval_shape only): 120²x128, 60²x256, 30²x512, 15²x1024."""
+    model = SwinTransformer.from_config("base")
+    images = jax.ShapeDtypeStruct((2, 480, 480, 3), jnp.float32)
+    variables = jax.eval_shape(model.init, jax.random.key(0), images)
+    outs = jax.eval_shape(model.apply, variables, images)
+    assert [o.shape for o in outs] == [
+        (2, 120, 120, 128), (2, 60, 60, 256), (2, 30, 30, 512), (2, 15, 15, 1024)
+    ]
+    p = variables["params"]
+    assert len(p["layers_2"]) == 18
+    assert p["layers_0"]["blocks_0"]["relative_position_bias_table"].shape == (529, 4)
+    assert p["layers_3"]["blocks_1"]["relative_position_bias_table"].shape == (529, 32)
+    assert p["downsample_2"]["reduction"]["kernel"].shape == (2048, 1024)
+    n_params = sum(x.size for x in jax.tree.leaves(p))
+    # HF SwinModel(Swin-B) has 86,878,584 params incl. its 2,048-param final layernorm; we
+    # replace that with the 4 stage norms (2 * (128 + 256 + 512 + 1024) = 3,840).
+    assert n_params == 86_878_584 - 2_048 + 3_840, n_params
+    assert "downsample_3" not in p
+
+
+def test_from_config_accepts_presets_dicts_and_configdicts() -> None:
+    """Preset names, plain dicts and ml_collections configs build the same module."""
+    cd = ml_collections.ConfigDict(dict(
+        embed_dim=128, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32], window_size=12,
+        mlp_ratio=4.0, drop_path_rate=0.3, patch_size=4))
+    from_cd = SwinTransformer.from_config(cd, dtype="bfloat16")
+    assert from_cd == SwinTransformer.from_config("base", drop_path_rate=0.3, dtype=jnp.bfloat16)
+    assert from_cd.depths == (2, 2, 18, 2) and from_cd.dtype == jnp.bfloat16
+    assert SwinTransformer.from_config("tiny").num_features == (96, 192, 384, 768)
+    assert set(SWIN_CONFIGS) == {"tiny", "small", "base", "large"}
+    with pytest.raises(ValueError, match="unknown Swin config keys.*'windw_size'"):
+        SwinTransformer.from_config({"windw_size": 7})
+
+
+def test_relative_position_index_sub_window_uses_same_offsets() -> None:
+    """A 3x3 window read from a 7x7 table picks the entries the 7x7 window uses for those pairs."""
+    full = relative_position_index(7)  # (49, 49)
+    assert full.max() == 13 * 13 - 1 and full[0, 0] == 6 * 13 + 6
+    sub = relative_position_index(3, table_window=7)  # (9, 9)
+    tokens = [r * 7 + c for r in range(3) for c in range(3)]  # top-left 3x3 of the 7x7 window
+    np.testing.assert_array_equal(sub, full[np.ix_(tokens, tokens)])
+
+
+def test_shift_mask_regions() -> None:
+    """On an 8x8 map with window 4, shift 2: window 0 unmasked, the last window has 4 regions."""
+    mask = shift_attention_mask(8, 8, 4, 2)  # (4, 16, 16)
+    assert mask.shape == (4, 16, 16)
+    assert (mask[0] == 0).all()
+    # last window: 4 regions of 4 tokens -> each token attends 4 of 16 keys
+    assert ((mask[3] == 0).sum(-1) == 4).all()
+    assert set(np.unique(mask)) == {0.0, -100.0}
+
+
+# ------------------------------------------------------------------------------------------
+# drop-path, remat, dtype
+# ------------------------------------------------------------------------------------------
+
+TINY = dict(embed_dim=8, depths=(2, 2), num_heads=(1, 2), window_size=4)
+
+
+def test_drop_path_deterministic_and_train_mode() -> None:
+    """deterministic=True ignores rngs; train mode with rate>0 is random per 'dropout' rng."""
+    model = SwinTransformer(**TINY, drop_path_rate=0.5)
+    images = jnp.asarray(_images(4, 30, 26))
+    variables = model.init(jax.random.key(0), images)
+
+    def run(deterministic: bool, seed: int) -> list[jax.Array]:
+        return model.apply(variables, images, deterministic=deterministic,
+                           rngs={"dropout": jax.random.key(seed)})
+
+    eval_a, eval_b = run(True, 1), run(True, 2)
+    train_a, train_a2, train_b = run(False, 1), run(False, 1), run(False, 2)
+    for i in range(2):
+        np.testing.assert_array_equal(eval_a[i], eval_b[i])
+        np.testing.assert_array_equal(train_a[i], train_a2[i])
+        assert float(jnp.max(jnp.abs(train_a[i] - eval_a[i]))) > 1e-3
+        assert float(jnp.max(jnp.abs(train_a[i] - train_b[i]))) > 1e-3
+    no_drop = SwinTransformer(**TINY, drop_path_rate=0.0)
+    np.testing.assert_array_equal(
+        no_drop.apply(variables, images, deterministic=False)[1], eval_a[1])
+
+
+def test_remat_same_params_outputs_and_grads() -> None:
+    """remat=True keeps the param tree and gives the same outputs and gradients."""
+    images = jnp.asarray(_images(2, 30, 26))
+    plain, remat = SwinTransformer(**TINY), SwinTransformer(**TINY, remat=True)
+    params = plain.init(jax.random.key(0), images)["params"]
+    remat_shapes = jax.eval_shape(remat.init, jax.random.key(0), images)["params"]
+    assert jax.tree.structure(params) == jax.tree.structure(remat_shapes)
+
+    def loss(p: Any, m: SwinTransformer) -> jax.Array:
+        return sum(jnp.sum(o**2) for o in m.apply({"params": p}, images))
+
+    l1, g1 = jax.value_and_grad(loss)(params, plain)
+    l2, g2 = jax.value_and_grad(loss)(params, remat)
+    np.testing.assert_allclose(l1, l2, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_bfloat16_compute_keeps_float32_params() -> None:
+    """dtype=bfloat16: params float32, outputs bfloat16 and close to the float32 model."""
+    images = jnp.asarray(_images(1, 30, 26))
+    m32, m16 = SwinTransformer(**TINY), SwinTransformer(**TINY, dtype=jnp.bfloat16)
+    params = m16.init(jax.random.key(0), images)["params"]
+    assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
+    o16 = m16.apply({"params": params}, images)
+    o32 = m32.apply({"params": params}, images)
+    assert all(o.dtype == jnp.bfloat16 for o in o16)
+    for a, b in zip(o16, o32, strict=True):
+        err = float(jnp.max(jnp.abs(a.astype(jnp.float32) - b)))
+        assert err < 0.1, err  # normed outputs are O(1); bf16 has ~3 significant digits

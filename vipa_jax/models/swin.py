@@ -1,0 +1,347 @@
+"""Swin Transformer (v1) backbone in Flax linen, numerically matching PyTorch Swin.
+
+Behaviour follows the official segmentation backbone (Swin-Transformer-Semantic-Segmentation,
+used by LAVT/CrossVLT) which equals HF `SwinBackbone` (`always_partition=True`): every block
+pads its (H, W) map to a multiple of the window (480² input, window 12: stage 3 30→36,
+stage 4 15→24), odd blocks shift by window // 2 with the −100 shift mask, and padding is
+cropped afterwards. With `always_partition=False` a block whose map has min(H, W) <= window
+uses window = min(H, W) and no shift, as HF `SwinModel` and the official classification
+code do; if that window is smaller than the trained one, the bias is read from the trained
+table at the same relative offsets.
+
+The model is decomposable so the VIPA fusion encoder can interleave fusion between stages:
+
+    x = model.embed(images)                    # (B, H/4, W/4, C)
+    for i in range(model.num_stages):
+        x = model.run_stage(i, x, deterministic=...)   # blocks of stage i, no downsample
+        feat_i = model.stage_norm(i, x)        # per-stage output LayerNorm
+        if i < model.num_stages - 1:
+            x = model.merge(i, x)              # (B, ceil(H/2), ceil(W/2), 2C)
+
+(call these from inside a parent module's method, or via `model.apply(..., method=...)`).
+
+Parameter tree (`params` collection; i = stage, j = block):
+    patch_embed/proj/{kernel (p, p, 3, C), bias}        Conv p×p stride p
+    patch_embed/norm/{scale, bias}
+    layers_{i}/blocks_{j}/norm1/{scale, bias}
+    layers_{i}/blocks_{j}/relative_position_bias_table  ((2w-1)², heads)
+    layers_{i}/blocks_{j}/attn/{query, key, value, out}/{kernel (C, C), bias}
+    layers_{i}/blocks_{j}/norm2/{scale, bias}
+    layers_{i}/blocks_{j}/mlp/{fc1 (C, rC), fc2 (rC, C)}/{kernel, bias}
+    downsample_{i}/norm/{scale, bias}                   LayerNorm(4C), i < num_stages - 1
+    downsample_{i}/reduction/kernel (4C, 2C)            no bias
+    norm_{i}/{scale, bias}                              per-stage output norms
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vipa_jax.models.layers import DropPath, Mlp, MultiHeadAttention
+
+Array = jax.Array
+Dtype = Any
+
+# (embed_dim, depths, num_heads, window_size) of the released Swin v1 models.
+SWIN_CONFIGS: dict[str, dict[str, Any]] = {
+    "tiny": dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=7),
+    "small": dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), window_size=7),
+    "base": dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), window_size=12),
+    "large": dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48), window_size=12),
+}
+_CONFIG_KEYS = frozenset(
+    {"embed_dim", "depths", "num_heads", "window_size", "mlp_ratio", "drop_path_rate",
+     "patch_size", "always_partition", "layer_norm_eps", "remat", "dtype"}
+)
+
+_SHIFT_MASK_VALUE = -100.0  # the official / HF additive value for cross-region pairs
+_dense_init = nn.initializers.truncated_normal(0.02)
+
+
+def relative_position_index(window: int, table_window: int | None = None) -> np.ndarray:
+    """(T, T) index into a ((2·tw−1)², heads) table for a window×window window, T = window²."""
+    tw = window if table_window is None else table_window
+    if window > tw:
+        raise ValueError(f"window {window} larger than the bias table's window {tw}")
+    coords = np.stack(np.meshgrid(np.arange(window), np.arange(window), indexing="ij"))
+    coords = coords.reshape(2, -1)  # (2, T)
+    rel = (coords[:, :, None] - coords[:, None, :]).transpose(1, 2, 0) + (tw - 1)  # (T, T, 2)
+    return rel[..., 0] * (2 * tw - 1) + rel[..., 1]
+
+
+def shift_attention_mask(height: int, width: int, window: int, shift: int) -> np.ndarray:
+    """(nW, T, T) additive mask (0 / −100) for shifted windows on a padded (height, width) map."""
+    def regions(n: int) -> np.ndarray:
+        idx = np.arange(n)
+        return (idx >= n - window).astype(np.int64) + (idx >= n - shift).astype(np.int64)
+
+    img = regions(height)[:, None] * 3 + regions(width)[None, :]  # (Hp, Wp)
+    win = img.reshape(height // window, window, width // window, window)
+    win = win.transpose(0, 2, 1, 3).reshape(-1, window * window)  # (nW, T)
+    diff = win[:, None, :] - win[:, :, None]  # (nW, T, T)
+    return np.where(diff != 0, _SHIFT_MASK_VALUE, 0.0).astype(np.float32)
+
+
+def window_partition(x: Array, window: int) -> Array:
+    """(B, H, W, C) with H, W multiples of window -> (B, nW, window², C)."""
+    b, h, w, c = x.shape
+    x = x.reshape(b, h // window, window, w // window, window, c)
+    return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, -1, window * window, c)
+
+
+def window_reverse(windows: Array, window: int, height: int, width: int) -> Array:
+    """(B, nW, window², C) -> (B, height, width, C); inverse of `window_partition`."""
+    b, _, _, c = windows.shape
+    x = windows.reshape(b, height // window, width // window, window, window, c)
+    return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, height, width, c)
+
+
+def _pad_hw(x: Array, multiple_h: int, multiple_w: int) -> Array:
+    """Zero-pad (B, H, W, C) at the bottom/right to multiples of (multiple_h, multiple_w)."""
+    _, h, w, _ = x.shape
+    ph, pw = (-h) % multiple_h, (-w) % multiple_w
+    if ph or pw:
+        x = jnp.pad(x, ((0, 0), (0, ph), (0, pw), (0, 0)))
+    return x
+
+
+class PatchEmbed(nn.Module):
+    """Pad to a multiple of the patch size, p×p stride-p conv, LayerNorm: (B,H,W,3)->(B,h,w,C)."""
+
+    embed_dim: int
+    patch_size: int = 4
+    layer_norm_eps: float = 1e-5
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, images: Array) -> Array:
+        p = self.patch_size
+        x = _pad_hw(images, p, p)  # (B, Hp, Wp, 3)
+        x = nn.Conv(self.embed_dim, (p, p), strides=(p, p), padding="VALID",
+                    dtype=self.dtype, name="proj")(x)  # (B, Hp/p, Wp/p, C)
+        return nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype, name="norm")(x)
+
+
+class SwinBlock(nn.Module):
+    """One Swin block: x + DropPath(W-MSA/SW-MSA(LN(x))), then x + DropPath(MLP(LN(x)))."""
+
+    num_heads: int
+    window_size: int
+    shift_size: int = 0
+    mlp_ratio: float = 4.0
+    drop_path: float = 0.0
+    always_partition: bool = True
+    layer_norm_eps: float = 1e-5
+    dtype: Dtype = jnp.float32
+
+    def effective_window(self, height: int, width: int) -> tuple[int, int]:
+        """(window, shift) actually used on a (height, width) map."""
+        if not self.always_partition and min(height, width) <= self.window_size:
+            return min(height, width), 0
+        return self.window_size, self.shift_size
+
+    @nn.compact
+    def __call__(self, x: Array, deterministic: bool = True) -> Array:
+        """(B, H, W, C) -> (B, H, W, C)."""
+        _, h, w, c = x.shape
+        window, shift = self.effective_window(h, w)
+        ln = functools.partial(nn.LayerNorm, self.layer_norm_eps, dtype=self.dtype)
+        table = self.param(
+            "relative_position_bias_table",
+            nn.initializers.truncated_normal(0.02),
+            ((2 * self.window_size - 1) ** 2, self.num_heads),
+        )  # ((2w-1)², heads), float32
+
+        shortcut = x
+        x = _pad_hw(ln(name="norm1")(x), window, window)  # (B, Hp, Wp, C)
+        hp, wp = x.shape[1], x.shape[2]
+        if shift:
+            x = jnp.roll(x, (-shift, -shift), axis=(1, 2))
+        windows = window_partition(x, window)  # (B, nW, T, C)
+
+        index = relative_position_index(window, self.window_size)  # (T, T)
+        bias = jnp.transpose(table[index], (2, 0, 1))  # (heads, T, T)
+        if shift:
+            mask = shift_attention_mask(hp, wp, window, shift)  # (nW, T, T)
+            bias = bias[None] + jnp.asarray(mask)[:, None]  # (nW, heads, T, T)
+        attn = MultiHeadAttention(
+            self.num_heads, use_output_proj=True, dtype=self.dtype,
+            kernel_init=_dense_init, name="attn",
+        )(windows, bias=bias, deterministic=deterministic)  # (B, nW, T, C)
+
+        x = window_reverse(attn, window, hp, wp)  # (B, Hp, Wp, C)
+        if shift:
+            x = jnp.roll(x, (shift, shift), axis=(1, 2))
+        x = x[:, :h, :w, :]  # (B, H, W, C)
+        x = shortcut + DropPath(self.drop_path)(x, deterministic=deterministic)
+
+        y = Mlp(int(c * self.mlp_ratio), dtype=self.dtype, kernel_init=_dense_init,
+                name="mlp")(ln(name="norm2")(x), deterministic=deterministic)
+        return x + DropPath(self.drop_path)(y, deterministic=deterministic)
+
+
+class SwinStage(nn.Module):
+    """The blocks of one Swin stage (no downsampling): (B, H, W, C) -> (B, H, W, C)."""
+
+    depth: int
+    num_heads: int
+    window_size: int
+    mlp_ratio: float = 4.0
+    drop_path_rates: Sequence[float] = ()
+    always_partition: bool = True
+    layer_norm_eps: float = 1e-5
+    remat: bool = False
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, deterministic: bool = True) -> Array:
+        rates = tuple(self.drop_path_rates) or (0.0,) * self.depth
+        if len(rates) != self.depth:
+            raise ValueError(f"{len(rates)} drop_path_rates for a stage of depth {self.depth}")
+        # static_argnums counts `self` as 0, so 2 is `deterministic`.
+        block_cls = nn.remat(SwinBlock, static_argnums=(2,)) if self.remat else SwinBlock
+        for j in range(self.depth):
+            x = block_cls(
+                num_heads=self.num_heads,
+                window_size=self.window_size,
+                shift_size=0 if j % 2 == 0 else self.window_size // 2,
+                mlp_ratio=self.mlp_ratio,
+                drop_path=rates[j],
+                always_partition=self.always_partition,
+                layer_norm_eps=self.layer_norm_eps,
+                dtype=self.dtype,
+                name=f"blocks_{j}",
+            )(x, deterministic)
+        return x
+
+
+class PatchMerging(nn.Module):
+    """Pad odd H/W, gather 2×2 neighbours, LayerNorm(4C), Linear 4C→2C (no bias)."""
+
+    layer_norm_eps: float = 1e-5
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        """(B, H, W, C) -> (B, ceil(H/2), ceil(W/2), 2C)."""
+        c = x.shape[-1]
+        x = _pad_hw(x, 2, 2)
+        # Official order x0..x3 = (0,0), (1,0), (0,1), (1,1) as (row, col) offsets.
+        x = jnp.concatenate(
+            [x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], axis=-1
+        )  # (B, H/2, W/2, 4C)
+        x = nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype, name="norm")(x)
+        return nn.Dense(2 * c, use_bias=False, dtype=self.dtype, kernel_init=_dense_init,
+                        name="reduction")(x)
+
+
+class SwinTransformer(nn.Module):
+    """Swin v1 backbone returning the 4 normed stage outputs [(B, H_i, W_i, C_i)]."""
+
+    embed_dim: int = 128
+    depths: Sequence[int] = (2, 2, 18, 2)
+    num_heads: Sequence[int] = (4, 8, 16, 32)
+    window_size: int = 12
+    mlp_ratio: float = 4.0
+    drop_path_rate: float = 0.0
+    patch_size: int = 4
+    always_partition: bool = True  # segmentation / SwinBackbone behaviour; False = SwinModel
+    layer_norm_eps: float = 1e-5
+    remat: bool = False
+    dtype: Dtype = jnp.float32  # compute dtype; params are float32
+
+    @classmethod
+    def from_config(cls, config: str | Mapping[str, Any] | Any, **overrides: Any) -> SwinTransformer:
+        """Build from a preset name in SWIN_CONFIGS or a dict / ml_collections.ConfigDict."""
+        if isinstance(config, str):
+            if config not in SWIN_CONFIGS:
+                raise ValueError(f"unknown Swin preset {config!r}; choose from {list(SWIN_CONFIGS)}")
+            kwargs = dict(SWIN_CONFIGS[config])
+        else:
+            kwargs = dict(config.to_dict() if hasattr(config, "to_dict") else config)
+        kwargs.update(overrides)
+        unknown = set(kwargs) - _CONFIG_KEYS
+        if unknown:
+            raise ValueError(f"unknown Swin config keys {sorted(unknown)}; "
+                             f"allowed: {sorted(_CONFIG_KEYS)}")
+        for key in ("depths", "num_heads"):
+            if key in kwargs:
+                kwargs[key] = tuple(int(v) for v in kwargs[key])
+        if isinstance(kwargs.get("dtype"), str):
+            kwargs["dtype"] = jnp.dtype(kwargs["dtype"])
+        return cls(**kwargs)
+
+    @property
+    def num_stages(self) -> int:
+        """Number of stages (4 for every released Swin)."""
+        return len(self.depths)
+
+    @property
+    def num_features(self) -> tuple[int, ...]:
+        """Channels of each stage output: (C, 2C, 4C, 8C)."""
+        return tuple(self.embed_dim * 2**i for i in range(self.num_stages))
+
+    def setup(self) -> None:
+        if len(self.depths) != len(self.num_heads):
+            raise ValueError(f"depths {self.depths} and num_heads {self.num_heads} differ in length")
+        rates = np.linspace(0.0, self.drop_path_rate, sum(self.depths)).tolist()
+        starts = np.cumsum((0, *self.depths)).tolist()
+        self.patch_embed = PatchEmbed(self.embed_dim, self.patch_size, self.layer_norm_eps,
+                                      dtype=self.dtype)
+        self.layers = [
+            SwinStage(
+                depth=self.depths[i],
+                num_heads=self.num_heads[i],
+                window_size=self.window_size,
+                mlp_ratio=self.mlp_ratio,
+                drop_path_rates=tuple(rates[starts[i]:starts[i + 1]]),
+                always_partition=self.always_partition,
+                layer_norm_eps=self.layer_norm_eps,
+                remat=self.remat,
+                dtype=self.dtype,
+            )
+            for i in range(self.num_stages)
+        ]
+        self.downsample = [
+            PatchMerging(self.layer_norm_eps, dtype=self.dtype)
+            for _ in range(self.num_stages - 1)
+        ]
+        self.norm = [
+            nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype) for _ in range(self.num_stages)
+        ]
+
+    def embed(self, images: Array) -> Array:
+        """(B, H, W, 3) -> (B, ceil(H/p), ceil(W/p), C) patch tokens."""
+        return self.patch_embed(images.astype(self.dtype))
+
+    def run_stage(self, i: int, x: Array, deterministic: bool = True) -> Array:
+        """Blocks of stage i (no downsampling): (B, H, W, C_i) -> (B, H, W, C_i)."""
+        return self.layers[i](x, deterministic)
+
+    def stage_norm(self, i: int, x: Array) -> Array:
+        """Per-stage output LayerNorm `norm_{i}`."""
+        return self.norm[i](x)
+
+    def merge(self, i: int, x: Array) -> Array:
+        """Patch merging after stage i (i < num_stages-1): (B,H,W,C)->(B,ceil(H/2),ceil(W/2),2C)."""
+        if not 0 <= i < self.num_stages - 1:
+            raise ValueError(f"no patch merging after stage {i} (last stage is {self.num_stages - 1})")
+        return self.downsample[i](x)
+
+    def __call__(self, images: Array, *, deterministic: bool = True) -> list[Array]:
+        """(B, H, W, 3) -> [(B, H/4, W/4, C), (B, H/8, W/8, 2C), ..., (B, H/32, W/32, 8C)]."""
+        x = self.embed(images)
+        feats = []
+        for i in range(self.num_stages):
+            x = self.run_stage(i, x, deterministic)
+            feats.append(self.stage_norm(i, x))
+            if i < self.num_stages - 1:
+                x = self.merge(i, x)
+        return feats
