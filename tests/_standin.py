@@ -6,6 +6,7 @@ Also a config file: ``python train.py --config tests/_standin.py --workdir DIR``
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import flax.linen as nn
@@ -99,7 +100,7 @@ def loss_fn(outputs: dict[str, jax.Array], batch: dict[str, jax.Array],
     bce = jnp.mean(jnp.maximum(outputs["logits"], 0) - outputs["logits"] * mask
                    + jnp.log1p(jnp.exp(-jnp.abs(outputs["logits"]))), axis=(1, 2))
     rel = outputs["cls_relevance"]
-    small = jax.image.resize(mask, rel.shape, "linear")
+    small = jax.image.resize(mask, rel.shape, "nearest")
     con = jnp.mean(jnp.maximum(rel, 0) - rel * small + jnp.log1p(jnp.exp(-jnp.abs(rel))),
                    axis=(1, 2))
     valid = batch.get("valid", jnp.ones(mask.shape[:1], bool)).astype(jnp.float32)
@@ -129,12 +130,33 @@ def make_batch(n: int, size: int = 16, length: int = 6, vocab: int = 50, seed: i
 
 
 class _Example(grain.transforms.Map):
-    def __init__(self, size: int, length: int, vocab: int, seed: int):
+    def __init__(self, size: int, length: int, vocab: int, seed: int, delay_s: float = 0.0):
         self.size, self.length, self.vocab, self.seed = size, length, vocab, seed
+        self.delay_s = delay_s
 
     def map(self, i: int) -> dict[str, np.ndarray]:
+        if self.delay_s:
+            time.sleep(self.delay_s)
         b = make_batch(1, self.size, self.length, self.vocab, self.seed, offset=int(i))
         return {k: v[0] for k, v in b.items()}
+
+
+class _Faults:
+    """Batch ``nan_at`` gets a NaN image; reading batch ``crash_at`` raises (simulated crash)."""
+
+    def __init__(self, nan_at: int, crash_at: int):
+        self.nan_at, self.crash_at = nan_at, crash_at
+
+    def __call__(self, index: int, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if index == self.crash_at:
+            raise SimulatedCrash(f"simulated crash reading batch {index}")
+        if index == self.nan_at:
+            batch = dict(batch, image=np.full_like(batch["image"], np.nan))
+        return batch
+
+
+class SimulatedCrash(RuntimeError):
+    """Raised by the stand-in data when ``config.data.crash_at`` is reached."""
 
 
 def make_train_data(config: Any, process_index: int, process_count: int, per_host_batch: int):
@@ -143,8 +165,12 @@ def make_train_data(config: Any, process_index: int, process_count: int, per_hos
     size, length = config.model.image_size, config.model.max_tokens
     ds = grain.MapDataset.range(n)[process_index::process_count]
     ds = ds.shuffle(seed=config.seed).repeat(None)
-    ds = ds.map(_Example(size, length, config.model.get("vocab", 50), config.seed))
+    ds = ds.map(_Example(size, length, config.model.get("vocab", 50), config.seed,
+                         config.data.get("delay_s", 0.0)))
     ds = ds.batch(per_host_batch, drop_remainder=True)
+    nan_at, crash_at = config.data.get("nan_at", -1), config.data.get("crash_at", -1)
+    if nan_at >= 0 or crash_at >= 0:
+        ds = ds.map_with_index(_Faults(nan_at, crash_at))
     it = iter(ds.to_iter_dataset())
     steps_per_epoch = n // (per_host_batch * process_count)
     return it, steps_per_epoch
@@ -162,6 +188,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.noise = True
     c.data.factory = "_standin:make_train_data"
     c.data.num_examples = 64
+    c.data.delay_s = 0.0  # per example (slows training down for kill tests)
+    c.data.nan_at = -1  # batch index with a NaN image
+    c.data.crash_at = -1  # batch index whose read raises SimulatedCrash
     c.loss.factory = "_standin:loss_fn"
     c.optim.lr = 3e-3
     c.train.batch_size = 8
@@ -175,3 +204,40 @@ def get_config() -> ml_collections.ConfigDict:
     c.ckpt.async_save = False
     c.sharding.fsdp_min_size = 0
     return c
+
+
+def run_steps(mesh: Any, fsdp: bool, steps: int, batch: int = 8, grad_accum: int = 1,
+              use_bn: bool = True, noise: bool = True, tx: Any = None) -> tuple[list, Any]:
+    """Train the stand-in for ``steps`` on fixed batches on ``mesh``; (losses, final state)."""
+    import functools
+
+    from vipa_jax.train import optim, step
+    from vipa_jax.train import sharding as shd
+
+    cfg = get_config()
+    model = StandIn(use_bn=use_bn, noise=noise)
+    sample = make_batch(1)
+    abstract_params = jax.eval_shape(
+        lambda: step.init_variables(model, jax.random.PRNGKey(0), sample))["params"]
+    if tx is None:
+        tx, sched = optim.make_optimizer(cfg.optim, abstract_params, 100)
+    else:
+        sched = lambda s: jnp.zeros(())  # noqa: E731
+    create = functools.partial(step.create_train_state, model, tx)
+    abstract = jax.eval_shape(lambda: create(jax.random.PRNGKey(0), sample))
+    st_sh = shd.state_shardings(abstract, mesh, fsdp, fsdp_min_size=0)
+    state = jax.jit(lambda: create(jax.random.PRNGKey(0), sample), out_shardings=st_sh)()
+    bsh, rep = shd.batch_sharding(mesh), shd.replicated(mesh)
+    fn = step.jit_train_step(
+        step.make_train_step(model, loss_fn, tx, sched, optim.trainable_mask(abstract_params,
+                                                                              cfg.optim),
+                             grad_accum_steps=grad_accum, micro_batch_sharding=bsh),
+        st_sh, bsh, rep)
+    rng = jax.device_put(jax.random.PRNGKey(1), rep)
+    losses = []
+    for s in range(steps):
+        b = make_batch(batch, seed=1, offset=s * batch)
+        b["valid"][::3] = False
+        state, m = fn(state, {k: jax.device_put(v, bsh) for k, v in b.items()}, rng)
+        losses.append(float(m["loss"]))
+    return losses, state

@@ -162,3 +162,13 @@ def test_param_summary_counts():
     assert ("decoder/conv/kernel", (3, 3, 4, 1), "decay") in rows
     table = optim.format_param_summary(counts)
     assert "TOTAL" in table and "text_encoder" in table
+
+
+def test_nested_bert_embeddings_frozen():
+    """VIPA nests BERT under the fusion encoder: encoder/text_encoder/embeddings/... ."""
+    cfg = get_base_config().optim
+    assert optim.label_fn("encoder/text_encoder/embeddings/word_embeddings/embedding",
+                          cfg) == "frozen"
+    assert optim.label_fn("encoder/text_encoder/encoder/layer/0/output/dense/kernel",
+                          cfg) == "decay"
+    assert optim.label_fn("encoder/my_text_encoder/embeddings/x/embedding", cfg) == "decay"

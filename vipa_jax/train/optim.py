@@ -36,7 +36,7 @@ DEFAULT_NO_DECAY_REGEXES = (
     r"relative_position_bias_table$",
     r"absolute_pos_embed",
 )
-BERT_EMBEDDINGS_REGEX = r"^text_encoder/embeddings/"
+BERT_EMBEDDINGS_REGEX = r"(^|/)text_encoder/embeddings/"  # VIPA: encoder/text_encoder/...
 
 
 def path_str(path: Sequence[Any]) -> str:

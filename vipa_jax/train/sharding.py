@@ -51,12 +51,13 @@ def maybe_initialize_distributed(
     return True
 
 
-def make_mesh(mesh_shape: tuple[int, ...] | list[int] = (-1, 1)) -> Mesh:
-    """('data', 'model') mesh over all devices; one entry of ``mesh_shape`` may be -1."""
+def make_mesh(mesh_shape: tuple[int, ...] | list[int] = (-1, 1),
+              devices: list | None = None) -> Mesh:
+    """('data', 'model') mesh over all (or the given) devices; one entry may be -1."""
     shape = [int(s) for s in mesh_shape]
     if len(shape) != 2:
         raise ValueError(f"mesh_shape must be (data, model), got {tuple(mesh_shape)}")
-    n = jax.device_count()
+    n = len(devices) if devices is not None else jax.device_count()
     if shape.count(-1) > 1:
         raise ValueError(f"at most one -1 in mesh_shape, got {tuple(mesh_shape)}")
     if -1 in shape:
@@ -66,7 +67,8 @@ def make_mesh(mesh_shape: tuple[int, ...] | list[int] = (-1, 1)) -> Mesh:
         shape[shape.index(-1)] = n // known
     if int(np.prod(shape)) != n:
         raise ValueError(f"mesh_shape {tuple(shape)} needs {int(np.prod(shape))} devices, have {n}")
-    return jax.make_mesh(tuple(shape), (DATA, MODEL), axis_types=(AxisType.Auto,) * 2)
+    return jax.make_mesh(tuple(shape), (DATA, MODEL), axis_types=(AxisType.Auto,) * 2,
+                         devices=devices)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
