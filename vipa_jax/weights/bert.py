@@ -94,7 +94,7 @@ def convert_torch_state_dict(state_dict: Mapping[str, Any]) -> FlatParams:
         arr = np.asarray(arr, dtype=np.float32)
         if path.endswith("/kernel"):
             if arr.ndim != 2:
-                raise ValueError(f"BERT checkpoint key {key!r}: Linear weight has shape {arr.shape}")
+                raise ValueError(f"BERT checkpoint key {key!r}: Linear weight shape {arr.shape}")
             arr = arr.T
         if path in flat:
             raise ValueError(f"BERT checkpoint keys collide on {path!r} (second: {key!r})")
@@ -160,7 +160,7 @@ def _layer_index(path: str) -> int | None:
 def remap_layers(
     flat: FlatParams, layers: int | Mapping[int, int]
 ) -> tuple[FlatParams, list[int]]:
-    """Keep/rename encoder layers: `n` keeps [0, n); {src: dst} moves src to dst; -> (flat, dropped)."""
+    """Keep/rename layers: `n` keeps [0, n), {src: dst} moves src to dst -> (flat, dropped)."""
     present = sorted({i for p in flat if (i := _layer_index(p)) is not None})
     mapping = {i: i for i in range(layers)} if isinstance(layers, int) else dict(layers)
     absent = sorted(set(mapping) - set(present))
@@ -209,19 +209,20 @@ def match_target(
                 f"model expects {tuple(ref.shape)}"
             )
         out[path] = value.astype(np.dtype(ref.dtype), copy=False)
+    report.missing.sort()
     report.unexpected = sorted(set(flat) - set(tgt))
     required = [p for p in report.missing if not p.startswith(_OPTIONAL_PREFIXES)]
     if required:
         raise KeyError(f"BERT {source}: missing keys {required}")
+    abstract = [p for p in report.missing if isinstance(tgt[p], jax.ShapeDtypeStruct)]
+    if abstract:
+        raise KeyError(
+            f"BERT {source}: missing keys {abstract} and no initial values to keep "
+            "(pass initialised params as target, or build the model with "
+            "add_pooling_layer=False)"
+        )
     for path in report.missing:
-        ref = tgt[path]
-        if isinstance(ref, jax.ShapeDtypeStruct):
-            raise KeyError(
-                f"BERT {source}: missing key {path!r} and no initial value to keep "
-                "(pass initialised params as target, or build the model with "
-                "add_pooling_layer=False)"
-            )
-        out[path] = np.asarray(ref)
+        out[path] = np.asarray(tgt[path])
     if report.missing:
         log.info("BERT %s: keeping initial values for %s", source, report.missing)
     if report.unexpected:
