@@ -18,6 +18,7 @@ from vipa_jax.models.bert import BertAttention, BertConfig, BertLayer, BertModel
 from vipa_jax.weights.bert import (
     get_layer,
     load_bert_folder,
+    load_bert_layer,
     load_bert_params,
     read_checkpoint,
 )
@@ -144,6 +145,12 @@ def test_layer_ranges_equal_whole_run(tiny) -> None:
     assert report.skipped_layers == [0] and "pooler/dense/kernel" in report.unexpected
     h = one.apply({"params": remapped}, h1, mask, 0, 1, method=BertModel.run_layers)
     np.testing.assert_array_equal(h, h2)
+    # Pretrained layer 1 straight into a standalone BertLayer (e.g. a fusion stage layer).
+    layer_target = jax.eval_shape(BertLayer(config).init, jax.random.key(0), h1)["params"]
+    standalone = load_bert_layer(read_checkpoint(FIXTURE), 1, layer_target)
+    np.testing.assert_array_equal(BertLayer(config).apply({"params": standalone}, h1, mask), h2)
+    with pytest.raises(KeyError, match=r"no encoder layer 2 \(layers: \[0, 1\]\)"):
+        load_bert_layer(FIXTURE, 2, layer_target)
     with pytest.raises(ValueError, match=r"layer range \[1, 3\)"):
         model.apply(v, h1, mask, 1, 3, method=BertModel.run_layers)
 

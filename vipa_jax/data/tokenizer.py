@@ -71,6 +71,9 @@ class Tokenizer:
 
     def encode(self, text: str) -> tuple[np.ndarray, np.ndarray]:
         """One sentence -> (input_ids (L,), attention_mask (L,)) int32, L = max_length."""
+        return self._encode(text, stacklevel=3)
+
+    def _encode(self, text: str, stacklevel: int) -> tuple[np.ndarray, np.ndarray]:
         if not isinstance(text, str):
             raise TypeError(f"expected a str sentence, got {type(text).__name__}: {text!r}")
         if not text.strip():
@@ -81,7 +84,7 @@ class Tokenizer:
         if len(ids) > self.max_length:
             warnings.warn(
                 f"sentence truncated from {len(ids)} to {self.max_length} tokens: {text!r}",
-                stacklevel=2,
+                stacklevel=stacklevel,
             )
             ids = [*ids[: self.max_length - 1], self.sep_id]
         input_ids = np.full((self.max_length,), self.pad_id, np.int32)
@@ -95,7 +98,7 @@ class Tokenizer:
         texts = [text] if isinstance(text, str) else list(text)
         if not texts:
             raise ValueError("Tokenizer called with an empty list of sentences")
-        rows = [self.encode(t) for t in texts]
+        rows = [self._encode(t, stacklevel=4) for t in texts]
         return {
             "input_ids": np.stack([r[0] for r in rows]),
             "attention_mask": np.stack([r[1] for r in rows]),

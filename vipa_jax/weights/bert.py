@@ -10,7 +10,8 @@ Formats (a folder holding one of them, or the file itself):
 
 Layer selection: `layers=n` keeps pretrained layers [0, n); `layers={src: dst}` puts
 pretrained layer `src` at `encoder/layer/<dst>` (e.g. {6: 0} to start a one-layer stack from
-layer 6). `get_layer(params, k)` returns one layer's subtree for a standalone `BertLayer`.
+layer 6). `load_bert_layer(checkpoint, k, target)` gives pretrained layer k as the params of a
+standalone `BertLayer`; `get_layer(params, k)` takes one layer's subtree from loaded params.
 
 Returned parameters are host numpy float32 arrays in a nested dict (place them on devices /
 shard them yourself).
@@ -228,7 +229,11 @@ def match_target(
     if report.unexpected:
         if strict:
             raise KeyError(f"BERT {source}: unexpected keys {report.unexpected}")
-        log.warning("BERT %s: ignoring unexpected keys %s", source, report.unexpected)
+        # A checkpoint's pooler is routinely unused (add_pooling_layer=False): not a warning.
+        level = logging.INFO
+        if any(not p.startswith(_OPTIONAL_PREFIXES) for p in report.unexpected):
+            level = logging.WARNING
+        log.log(level, "BERT %s: ignoring unexpected keys %s", source, report.unexpected)
     return unflatten_dict(out, sep="/"), report
 
 
@@ -274,6 +279,28 @@ def load_bert_folder(
         target = jax.eval_shape(model.init, jax.random.key(0), ids)["params"]
     params, _ = load_bert_params(folder, target, layers=num_layers, strict=strict)
     return config, params
+
+
+def load_bert_layer(
+    checkpoint: str | os.PathLike[str] | FlatParams, index: int, target: Params
+) -> Params:
+    """Pretrained encoder layer `index` as the params of a standalone `BertLayer` (`target`).
+
+    `checkpoint` is a file/folder or an already read `read_checkpoint(...)` dict (read it
+    once when taking several layers).
+    """
+    if isinstance(checkpoint, Mapping):
+        flat, source = checkpoint, "checkpoint"
+    else:
+        source = find_checkpoint(checkpoint)
+        flat = read_checkpoint(source)
+    prefix = f"encoder/layer/{index}/"
+    sub = {k[len(prefix) :]: v for k, v in flat.items() if k.startswith(prefix)}
+    if not sub:
+        present = sorted({i for p in flat if (i := _layer_index(p)) is not None})
+        raise KeyError(f"BERT {source}: no encoder layer {index} (layers: {present})")
+    params, _ = match_target(sub, target, source=f"{source} layer {index}", strict=True)
+    return params
 
 
 def get_layer(params: Params, index: int) -> Params:
