@@ -323,3 +323,21 @@ def test_config_dropout_and_bf16(tiny) -> None:
     d = _max_diff(half, det, mask[..., None].repeat(32, -1))
     print(f"bf16 compute vs f32: {d:.2e}")
     assert d < 0.1
+
+
+def test_remat_same_outputs_and_grads(tiny) -> None:
+    config, params, ref = tiny
+    ids, mask = ref["input_ids"], ref["attention_mask"]
+
+    def loss(p: dict, remat: bool) -> jax.Array:
+        out = BertModel(config, remat=remat).apply({"params": p}, ids, mask)
+        return jnp.sum(out.last_hidden_state**2)
+
+    g_plain = jax.grad(loss)(params, False)
+    g_remat = jax.grad(loss)(params, True)
+    k = ("encoder", "layer", "0", "attention", "self", "query", "kernel")
+    a, b = g_plain, g_remat
+    for key in k:
+        a, b = a[key], b[key]
+    assert float(jnp.abs(a).max()) > 1e-3
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
