@@ -258,11 +258,15 @@ class SwinTransformer(nn.Module):
     dtype: Dtype = jnp.float32  # compute dtype; params are float32
 
     @classmethod
-    def from_config(cls, config: str | Mapping[str, Any] | Any, **overrides: Any) -> SwinTransformer:
+    def from_config(
+        cls, config: str | Mapping[str, Any] | Any, **overrides: Any
+    ) -> SwinTransformer:
         """Build from a preset name in SWIN_CONFIGS or a dict / ml_collections.ConfigDict."""
         if isinstance(config, str):
             if config not in SWIN_CONFIGS:
-                raise ValueError(f"unknown Swin preset {config!r}; choose from {list(SWIN_CONFIGS)}")
+                raise ValueError(
+                    f"unknown Swin preset {config!r}; choose from {list(SWIN_CONFIGS)}"
+                )
             kwargs = dict(SWIN_CONFIGS[config])
         else:
             kwargs = dict(config.to_dict() if hasattr(config, "to_dict") else config)
@@ -290,7 +294,9 @@ class SwinTransformer(nn.Module):
 
     def setup(self) -> None:
         if len(self.depths) != len(self.num_heads):
-            raise ValueError(f"depths {self.depths} and num_heads {self.num_heads} differ in length")
+            raise ValueError(
+                f"depths {self.depths} and num_heads {self.num_heads} differ in length"
+            )
         rates = np.linspace(0.0, self.drop_path_rate, sum(self.depths)).tolist()
         starts = np.cumsum((0, *self.depths)).tolist()
         self.patch_embed = PatchEmbed(self.embed_dim, self.patch_size, self.layer_norm_eps,
@@ -332,7 +338,9 @@ class SwinTransformer(nn.Module):
     def merge(self, i: int, x: Array) -> Array:
         """Patch merging after stage i (i < num_stages-1): (B,H,W,C)->(B,ceil(H/2),ceil(W/2),2C)."""
         if not 0 <= i < self.num_stages - 1:
-            raise ValueError(f"no patch merging after stage {i} (last stage is {self.num_stages - 1})")
+            raise ValueError(
+                f"no patch merging after stage {i} (last stage is {self.num_stages - 1})"
+            )
         return self.downsample[i](x)
 
     def __call__(self, images: Array, *, deterministic: bool = True) -> list[Array]:

@@ -291,12 +291,27 @@ def _flatten(tree: Mapping[str, Any]) -> dict[str, Any]:
     return {"/".join(k): v for k, v in flax.traverse_util.flatten_dict(dict(tree)).items()}
 
 
+def _dummy_images() -> jax.Array:
+    """Tiny (1, 32, 32, 3) input: param shapes do not depend on the image size."""
+    return jnp.zeros((1, 32, 32, 3), jnp.float32)
+
+
 def init_params(model: SwinTransformer, rng: jax.Array | int = 0) -> Params:
-    """Random-init params of `model` (shapes do not depend on the image size)."""
+    """Random-init params of `model`."""
     if isinstance(rng, int):
         rng = jax.random.key(rng)
-    images = jnp.zeros((1, 32, 32, 3), jnp.float32)
-    return jax.jit(model.init)(rng, images)["params"]
+    return jax.jit(model.init)(rng, _dummy_images())["params"]
+
+
+def param_shapes(model: SwinTransformer) -> Params:
+    """Params tree of jax.ShapeDtypeStruct (no compute)."""
+    return jax.eval_shape(model.init, jax.random.key(0), _dummy_images())["params"]
+
+
+def _layernorm_init(path: str, leaf: Any) -> jax.Array:
+    """The value nn.LayerNorm initialises `path` to (scale ones, bias zeros)."""
+    fill = jnp.ones if path.endswith("/scale") else jnp.zeros
+    return fill(leaf.shape, leaf.dtype)
 
 
 def load_swin_params(
@@ -309,16 +324,22 @@ def load_swin_params(
 ) -> tuple[Params, LoadReport]:
     """Checkpoint (official or HF) -> (params for `model`, LoadReport).
 
-    `params` (default: a fresh init with `rng`) supplies the target shapes and the values of
-    parameters the checkpoint lacks. With `strict`, only the per-stage output norms may be
-    missing; any other missing parameter raises.
+    `params` supplies the values of parameters the checkpoint lacks; by default missing stage
+    output norms get the LayerNorm init (ones/zeros) and, with `strict=False`, any other
+    missing parameter a fresh init from `rng`. With `strict`, only the per-stage output norms
+    may be missing; any other missing parameter raises. Shapes are checked against
+    `jax.eval_shape` of the model's init.
     """
     sd = read_state_dict(source)
     fmt = detect_format(list(sd))
     converted, skipped = _CONVERTERS[fmt](sd)
-    if params is None:
-        params = init_params(model, rng)
-    target = _flatten(params)
+    target = _flatten(param_shapes(model))
+    if params is not None:
+        given = _flatten(params)
+        if sorted(given) != sorted(target) or any(
+            tuple(given[p].shape) != tuple(target[p].shape) for p in target
+        ):
+            raise ValueError("`params` does not match the model's param tree / shapes")
 
     errors = []
     unexpected = sorted(set(converted) - set(target))
@@ -342,10 +363,16 @@ def load_swin_params(
         logger.warning("Swin checkpoint lacks %d params, kept from init: %s", len(missing),
                        missing)
 
+    if params is not None:
+        fallback = given
+    elif all(_OPTIONAL_RE.match(p) for p in missing):
+        fallback = {p: _layernorm_init(p, target[p]) for p in missing}
+    else:
+        fallback = _flatten(init_params(model, rng))
     flat = {
         tuple(path.split("/")): (
             jnp.asarray(converted[path], dtype=target[path].dtype) if path in converted
-            else target[path]
+            else fallback[path]
         )
         for path in target
     }
