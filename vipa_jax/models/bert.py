@@ -69,7 +69,7 @@ class BertConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | Any) -> BertConfig:
-        """Build from a dict / ml_collections.ConfigDict / HF config dict; unknown keys are ignored."""
+        """Build from a dict / ConfigDict / HF config dict; unknown keys are ignored."""
         if hasattr(d, "to_dict"):
             d = d.to_dict()
         if not isinstance(d, Mapping):
@@ -92,7 +92,7 @@ class BertConfig:
             try:
                 d = json.load(f)
             except json.JSONDecodeError as e:
-                raise ValueError(f"BERT config file {os.fspath(path)} is not valid JSON: {e}") from e
+                raise ValueError(f"BERT config file {os.fspath(path)} is not JSON: {e}") from e
         return cls.from_dict(d)
 
     def to_dict(self) -> dict[str, Any]:
@@ -119,6 +119,11 @@ def to_attention_mask(mask: Array | None) -> Array | None:
 
 def _init(config: BertConfig) -> nn.initializers.Initializer:
     return nn.initializers.normal(stddev=config.initializer_range)
+
+
+def _dense(config: BertConfig, features: int, dtype: Dtype) -> nn.Dense:
+    """Dense named `dense` with BERT's normal(initializer_range) kernel init."""
+    return nn.Dense(features, kernel_init=_init(config), dtype=dtype, name="dense")
 
 
 class BertEmbeddings(nn.Module):
@@ -161,7 +166,7 @@ class BertEmbeddings(nn.Module):
 
 
 class BertSelfOutput(nn.Module):
-    """Dense -> dropout -> LayerNorm(x + residual) after attention."""
+    """Dense (to hidden) -> dropout -> LayerNorm(x + residual), after attention."""
 
     config: BertConfig
     dtype: Dtype = jnp.float32
@@ -169,13 +174,13 @@ class BertSelfOutput(nn.Module):
     @nn.compact
     def __call__(
         self,
-        hidden: Array,  # (B, L, C) attention output
+        hidden: Array,  # (B, L, C) attention output, or (B, L, I) in BertOutput
         residual: Array,  # (B, L, C)
         *,
         deterministic: bool = True,
     ) -> Array:  # (B, L, C)
         cfg = self.config
-        x = nn.Dense(cfg.hidden_size, kernel_init=_init(cfg), dtype=self.dtype, name="dense")(hidden)
+        x = _dense(cfg, cfg.hidden_size, self.dtype)(hidden)
         x = nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
         return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype, name="LayerNorm")(
             x + residual
@@ -231,30 +236,11 @@ class BertIntermediate(nn.Module):
     @nn.compact
     def __call__(self, hidden: Array) -> Array:  # (B, L, C) -> (B, L, I)
         cfg = self.config
-        dense = nn.Dense(cfg.intermediate_size, kernel_init=_init(cfg), dtype=self.dtype, name="dense")
-        return exact_gelu(dense(hidden))
+        return exact_gelu(_dense(cfg, cfg.intermediate_size, self.dtype)(hidden))
 
 
-class BertOutput(nn.Module):
-    """Dense back to hidden_size -> dropout -> LayerNorm(x + attention output)."""
-
-    config: BertConfig
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(
-        self,
-        hidden: Array,  # (B, L, I)
-        residual: Array,  # (B, L, C)
-        *,
-        deterministic: bool = True,
-    ) -> Array:  # (B, L, C)
-        cfg = self.config
-        x = nn.Dense(cfg.hidden_size, kernel_init=_init(cfg), dtype=self.dtype, name="dense")(hidden)
-        x = nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
-        return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype, name="LayerNorm")(
-            x + residual
-        )
+class BertOutput(BertSelfOutput):
+    """Dense (intermediate -> hidden) -> dropout -> LayerNorm(x + attention output)."""
 
 
 class BertLayer(nn.Module):
@@ -356,10 +342,7 @@ class BertPooler(nn.Module):
     @nn.compact
     def __call__(self, hidden: Array) -> Array:  # (B, L, C) -> (B, C)
         cfg = self.config
-        x = nn.Dense(cfg.hidden_size, kernel_init=_init(cfg), dtype=self.dtype, name="dense")(
-            hidden[:, 0]
-        )
-        return jnp.tanh(x)
+        return jnp.tanh(_dense(cfg, cfg.hidden_size, self.dtype)(hidden[:, 0]))
 
 
 class BertModel(nn.Module):
