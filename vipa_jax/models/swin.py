@@ -76,17 +76,18 @@ def relative_position_index(window: int, table_window: int | None = None) -> np.
     return rel[..., 0] * (2 * tw - 1) + rel[..., 1]
 
 
-def shift_attention_mask(height: int, width: int, window: int, shift: int) -> np.ndarray:
-    """(nW, T, T) additive mask (0 / −100) for shifted windows on a padded (height, width) map."""
+def shift_attention_mask(height: int, width: int, window: int, shift: int) -> Array:
+    """(nW, T, T) additive mask (0 / −100) for shifted windows on a padded (height, width) map.
+
+    Built in-graph from the (height, width) region ids so no (nW, T, T) constant is embedded.
+    """
     def regions(n: int) -> np.ndarray:
         idx = np.arange(n)
-        return (idx >= n - window).astype(np.int64) + (idx >= n - shift).astype(np.int64)
+        return (idx >= n - window).astype(np.int32) + (idx >= n - shift).astype(np.int32)
 
-    img = regions(height)[:, None] * 3 + regions(width)[None, :]  # (Hp, Wp)
-    win = img.reshape(height // window, window, width // window, window)
-    win = win.transpose(0, 2, 1, 3).reshape(-1, window * window)  # (nW, T)
-    diff = win[:, None, :] - win[:, :, None]  # (nW, T, T)
-    return np.where(diff != 0, _SHIFT_MASK_VALUE, 0.0).astype(np.float32)
+    img = jnp.asarray(regions(height)[:, None] * 3 + regions(width)[None, :])  # (Hp, Wp)
+    win = window_partition(img[None, :, :, None], window)[0, ..., 0]  # (nW, T)
+    return jnp.where(win[:, None, :] != win[:, :, None], _SHIFT_MASK_VALUE, 0.0)
 
 
 def window_partition(x: Array, window: int) -> Array:
@@ -166,11 +167,11 @@ class SwinBlock(nn.Module):
             x = jnp.roll(x, (-shift, -shift), axis=(1, 2))
         windows = window_partition(x, window)  # (B, nW, T, C)
 
-        index = relative_position_index(window, self.window_size)  # (T, T)
+        index = relative_position_index(window, self.window_size).astype(np.int32)  # (T, T)
         bias = jnp.transpose(table[index], (2, 0, 1))  # (heads, T, T)
         if shift:
             mask = shift_attention_mask(hp, wp, window, shift)  # (nW, T, T)
-            bias = bias[None] + jnp.asarray(mask)[:, None]  # (nW, heads, T, T)
+            bias = bias[None] + mask[:, None]  # (nW, heads, T, T)
         attn = MultiHeadAttention(
             self.num_heads, use_output_proj=True, dtype=self.dtype,
             kernel_init=_dense_init, name="attn",
