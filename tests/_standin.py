@@ -33,12 +33,13 @@ class _TextEncoder(nn.Module):
     vocab: int
     dim: int
     dtype: Any
+    dropout: float = 0.1
 
     @nn.compact
     def __call__(self, ids: jax.Array, mask: jax.Array, train: bool) -> jax.Array:
         x = _Embeddings(self.vocab, self.dim, name="embeddings")(ids)
         x = nn.Dense(self.dim, dtype=self.dtype, name="encoder_layer_0_dense")(x)
-        x = nn.Dropout(0.1, deterministic=not train)(x)
+        x = nn.Dropout(self.dropout, deterministic=not train)(x)
         m = mask[..., None].astype(x.dtype)
         return (x * m).sum(1) / jnp.maximum(m.sum(1), 1.0)  # (B, dim)
 
@@ -70,7 +71,8 @@ class StandIn(nn.Module):
                  train: bool = False) -> dict[str, jax.Array]:
         B, H, W, _ = image.shape
         v = _Backbone(self.dim, self.dtype, name="backbone")(image.astype(self.dtype))
-        t = _TextEncoder(self.vocab, self.dim, self.dtype, name="text_encoder")(
+        t = _TextEncoder(self.vocab, self.dim, self.dtype, 0.1 if self.noise else 0.0,
+                         name="text_encoder")(
             input_ids, attention_mask, train)
         tau = self.param("tau", nn.initializers.ones, ())
         f = v * t[:, None, None, :].astype(v.dtype)

@@ -1,0 +1,192 @@
+"""Train step: sharded == single device, gradient accumulation == big batch, overfit, NaN guard."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+import _standin  # noqa: E402
+
+from vipa_jax.train import loop  # noqa: E402
+from vipa_jax.train import sharding as shd  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SHARDED_SCRIPT = r"""
+import json, jax, numpy as np, _standin
+from vipa_jax.train import optim, sharding as shd
+out = {}
+n = jax.device_count()
+for name, shape, fsdp, devs in [("single", (1, 1), False, jax.devices()[:1]),
+                                ("fsdp", (n, 1), True, None), ("dp", (n, 1), False, None),
+                                ("fsdp_2d", (n // 2, 2), True, None)][:NUM_CASES]:
+    losses, state = _standin.run_steps(shd.make_mesh(shape, devs), fsdp, steps=3)
+    mask = jax.tree.leaves(optim.trainable_mask(state.params, _standin.get_config().optim))
+    specs = [any(a is not None for a in x.sharding.spec) for x in jax.tree.leaves(state.params)]
+    sharded = sum(specs)
+    trainable_sharded = sum(s and m for s, m in zip(specs, mask))
+    mu_sharded = sum(any(a is not None for a in getattr(x.sharding, "spec", ()))
+                     for x in jax.tree.leaves(state.opt_state))
+    out[name] = {"losses": losses, "sharded": int(sharded), "mu_sharded": int(mu_sharded),
+                 "trainable_sharded": int(trainable_sharded),
+                 "ndev": len(state.params["decoder_head"]["kernel"].sharding.device_set),
+                 "w": np.asarray(state.params["decoder_conv"]["kernel"]).ravel().tolist()}
+print("RESULT" + json.dumps(out))
+"""
+
+
+def run_with_devices(code: str, n: int = 8, timeout: int = 300) -> dict:
+    """Run ``code`` in a fresh interpreter with ``n`` simulated CPU devices; parse RESULT json."""
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}",
+               JAX_PLATFORMS="cpu", PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}")
+    p = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True,
+                       text=True, timeout=timeout)
+    assert p.returncode == 0, p.stderr[-4000:]
+    line = [x for x in p.stdout.splitlines() if x.startswith("RESULT")][-1]
+    return json.loads(line[len("RESULT"):])
+
+
+def _check_sharded(r: dict, names: tuple[str, ...], n: int) -> None:
+    ref = np.array(r["single"]["losses"])
+    assert ref[0] > ref[-1]  # it is actually training
+    for name in names:
+        np.testing.assert_allclose(r[name]["losses"], ref, rtol=1e-4, err_msg=name)
+        np.testing.assert_allclose(r[name]["w"], r["single"]["w"], rtol=1e-4, atol=1e-6)
+        assert r[name]["ndev"] == n
+    assert r["single"]["ndev"] == 1
+    if "dp" in r:
+        assert r["dp"]["sharded"] == 0
+    assert r["fsdp"]["sharded"] >= 3  # conv kernels, embedding, bias table are split
+    # Adam mu and nu of every sharded trainable param are sharded the same way
+    assert r["fsdp"]["mu_sharded"] == 2 * r["fsdp"]["trainable_sharded"] > 0
+
+
+def test_sharded_matches_single_device_2dev():
+    """FSDP on 2 simulated devices gives the 1-device loss curve (rel <= 1e-4)."""
+    r = run_with_devices(SHARDED_SCRIPT.replace("NUM_CASES", "2"), n=2)
+    _check_sharded(r, ("fsdp",), 2)
+
+
+@pytest.mark.slow
+def test_sharded_matches_single_device_8dev():
+    """DP, FSDP and FSDP on a 4x2 mesh over 8 simulated devices == 1 device (rel <= 1e-4)."""
+    r = run_with_devices(SHARDED_SCRIPT.replace("NUM_CASES", "4"), n=8)
+    _check_sharded(r, ("dp", "fsdp", "fsdp_2d"), 8)
+
+
+def _one_device_mesh():
+    return shd.make_mesh((1, 1), jax.devices()[:1])
+
+
+def test_grad_accumulation_equals_big_batch():
+    """4 micro-batches of 4 == one batch of 16, incl. invalid examples (SGD: params = p - g)."""
+    mesh = _one_device_mesh()
+    kw = dict(steps=1, batch=16, use_bn=False, noise=False, tx=optax.sgd(1.0))
+    l1, s1 = _standin.run_steps(mesh, False, grad_accum=1, **kw)
+    l4, s4 = _standin.run_steps(mesh, False, grad_accum=4, **kw)
+    np.testing.assert_allclose(l4, l1, rtol=1e-6)
+    init = _standin.run_steps(mesh, False, **dict(kw, steps=0))[1]
+    g1 = jax.tree.map(lambda a, b: np.asarray(a - b), init.params, s1.params)
+    g4 = jax.tree.map(lambda a, b: np.asarray(a - b), init.params, s4.params)
+    assert max(float(np.abs(x).max()) for x in jax.tree.leaves(g1)) > 1e-3  # grads are real
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g4), strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+    # frozen BERT embeddings: exactly unchanged
+    emb = lambda s: np.asarray(s.params["text_encoder"]["embeddings"]["word_embeddings"][  # noqa
+        "embedding"])
+    assert np.array_equal(emb(s4), emb(init))
+
+
+@pytest.mark.slow
+def test_grad_accumulation_with_adam_and_bn_runs():
+    """BN + noise + Adam with k=2: finite and close to k=1 (BN stats differ by design)."""
+    mesh = _one_device_mesh()
+    l1, _ = _standin.run_steps(mesh, False, steps=2, batch=8)
+    l2, _ = _standin.run_steps(mesh, False, steps=2, batch=8, grad_accum=2)
+    assert np.all(np.isfinite(l2))
+    np.testing.assert_allclose(l2[0], l1[0], rtol=0.05)
+
+
+def test_overfit_tiny_batch():
+    """One fixed batch of 4: the loss falls by >= 10x within 200 steps."""
+    from vipa_jax.train import optim, step
+
+    cfg = _standin.get_config()
+    cfg.optim.lr = 3e-2
+    cfg.optim.freeze_bert_embeddings = False
+    model = _standin.StandIn(dim=16, use_bn=True, noise=False)
+    batch = {k: jnp.asarray(v) for k, v in _standin.make_batch(4, seed=3).items()}
+    params = jax.eval_shape(lambda: step.init_variables(model, jax.random.PRNGKey(0),
+                                                        batch))["params"]
+    tx, sched = optim.make_optimizer(cfg.optim, params, 1000)
+    state = step.create_train_state(model, tx, jax.random.PRNGKey(0), batch)
+    fn = jax.jit(step.make_train_step(model, _standin.loss_fn, tx, sched,
+                                      optim.trainable_mask(params, cfg.optim)))
+    rng = jax.random.PRNGKey(0)
+    losses = []
+    for _ in range(200):
+        state, m = fn(state, batch, rng)
+        losses.append(float(m["loss"]))
+    assert losses[-1] < losses[0] / 10, (losses[0], losses[-1])
+
+
+def test_nonfinite_step_keeps_state():
+    from vipa_jax.train import optim, step
+
+    cfg = _standin.get_config()
+    model = _standin.StandIn()
+    batch = {k: jnp.asarray(v) for k, v in _standin.make_batch(4).items()}
+    params = jax.eval_shape(lambda: step.init_variables(model, jax.random.PRNGKey(0),
+                                                        batch))["params"]
+    tx, sched = optim.make_optimizer(cfg.optim, params, 10)
+    state = step.create_train_state(model, tx, jax.random.PRNGKey(0), batch)
+    fn = jax.jit(step.make_train_step(model, _standin.loss_fn, tx, sched,
+                                      optim.trainable_mask(params, cfg.optim)))
+    bad = dict(batch, image=batch["image"].at[0, 0, 0, 0].set(jnp.nan))
+    new, m = fn(state, bad, jax.random.PRNGKey(0))
+    assert float(m["finite"]) == 0.0 and not np.isfinite(float(m["loss"]))
+    assert int(new.step) == 1
+    for a, b in zip(jax.tree.leaves((state.params, state.opt_state, state.batch_stats)),
+                    jax.tree.leaves((new.params, new.opt_state, new.batch_stats)), strict=True):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    good, m = fn(new, batch, jax.random.PRNGKey(0))
+    assert float(m["finite"]) == 1.0
+    assert not np.array_equal(np.asarray(good.params["decoder_head"]["kernel"]),
+                              np.asarray(state.params["decoder_head"]["kernel"]))
+
+
+def _tiny_cfg(**data):
+    cfg = _standin.get_config()
+    cfg.train.total_steps = 6
+    cfg.ckpt.every_steps = 0
+    cfg.sharding.mesh_shape = (1, 1) if jax.device_count() == 1 else (-1, 1)
+    for k, v in data.items():
+        cfg.data[k] = v
+    return cfg
+
+
+def test_loop_stops_on_nan_naming_the_step(tmp_path):
+    cfg = _tiny_cfg(nan_at=2)
+    with pytest.raises(loop.NonFiniteError, match="at step 3"):
+        loop.train_and_evaluate(cfg, tmp_path)
+    assert not (tmp_path / "checkpoints" / "3").exists()
+
+
+def test_loop_skips_nan_when_configured(tmp_path):
+    cfg = _tiny_cfg(nan_at=2)
+    cfg.train.skip_nonfinite = True
+    cfg.train.log_every = 6
+    state = loop.train_and_evaluate(cfg, tmp_path)
+    assert int(state.step) == 6
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state.params))
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 6 and rows[-1]["train/skipped_steps"] == 1.0
+    assert np.isfinite(rows[-1]["train/loss"])
