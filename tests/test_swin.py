@@ -252,6 +252,15 @@ def test_official_loader_matches_hf_loader(tmp_path: Any) -> None:
     _assert_tree_equal(params, hf_params, skip=("norm_",))
     for i in range(4):  # stage norms keep the init they were given
         np.testing.assert_array_equal(params[f"norm_{i}"]["scale"], init[f"norm_{i}"]["scale"])
+    # mmseg/LAVT segmentation checkpoints: `backbone.` prefix and stage norms norm0..norm3.
+    seg_sd = {f"backbone.{k}": v for k, v in _official_state_dict(hf).items()}
+    hf_sd = hf.state_dict()
+    for i in range(4):
+        for p in ("weight", "bias"):
+            seg_sd[f"backbone.norm{i}.{p}"] = hf_sd[f"hidden_states_norms.stage{i + 1}.{p}"]
+    seg_params, seg_report = load_swin_params(seg_sd, model, init)
+    assert seg_report.missing == [], seg_report.missing
+    _assert_tree_equal(seg_params, hf_params)
     with pytest.raises(ValueError, match="missing from the checkpoint"):
         load_swin_params({k: v for k, v in _official_state_dict(hf).items()
                           if not k.startswith("layers.3.")}, model)
