@@ -143,7 +143,7 @@ def test_padding_tokens_do_not_change_outputs(inputs):
         dict(topk_ratio=0.6), dict(selection="threshold"), dict(selection="none"),
     ],
 )
-def test_each_switch_changes_tokens(inputs, switch):
+def test_each_switch_trains_and_changes_tokens(inputs, switch):
     base = _veg()
     variables = _init(base, inputs)
     ref = base.apply(variables, *inputs, train=False)["tokens"]
@@ -151,6 +151,13 @@ def test_each_switch_changes_tokens(inputs, switch):
     v2 = _init(veg, inputs)
     params = share_params(variables["params"], v2["params"])
     out = veg.apply({"params": params}, *inputs, train=False)["tokens"]
+    rngs = {"gumbel": jax.random.key(5)}
+    grads = jax.grad(
+        lambda p: jnp.sum(veg.apply({"params": p}, *inputs, train=True, rngs=rngs)["tokens"] ** 2)
+    )(params)
+    leaves = jax.tree.leaves(grads)
+    assert all(np.all(np.isfinite(g)) for g in leaves)
+    assert sum(float(np.abs(g).sum()) for g in leaves) > 0
     valid = np.asarray(cue_mask(inputs[2], switch.get("cues", "both")))
     diff = np.abs(np.asarray(out) - np.asarray(ref))[valid].max()
     assert diff > 1e-3, f"switch {switch} did not change Ê_V (max diff {diff:.2e})"

@@ -1,0 +1,160 @@
+"""The full VIPA model: paper-config shapes, tiny forward/backward, padding invariance, switches."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import refcoco, synthetic
+from vipa_jax.losses import vipa_loss
+from vipa_jax.models.vipa import build_model, init_variables
+from vipa_jax.models.veg import num_selected
+
+from .test_veg import share_params
+
+B = 2
+
+
+def _batch(cfg, length=None):
+    length = length or cfg.model.max_tokens
+    size = cfg.model.image_size
+    images = jax.random.normal(jax.random.key(1), (B, size, size, 3))
+    ids = np.zeros((B, length), np.int32)
+    ids[0, :5] = [101, 5, 17, 9, 102]
+    ids[1, :7] = [101, 33, 8, 250, 4, 61, 102]
+    mask = (ids > 0).astype(np.int32)
+    gt = (jax.random.uniform(jax.random.key(2), (B, size, size)) > 0.7).astype(jnp.float32)
+    return images, jnp.asarray(ids), jnp.asarray(mask), gt
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = synthetic.get_config("test")
+    model = build_model(cfg.model)
+    variables = jax.jit(lambda k: init_variables(model, k, cfg.model.image_size,
+                                                 cfg.model.max_tokens))(jax.random.key(0))
+    return cfg, model, variables
+
+
+def test_paper_config_shapes():
+    cfg = refcoco.get_config()
+    model = build_model(cfg.model)
+    size, length = cfg.model.image_size, cfg.model.max_tokens
+    variables = jax.eval_shape(lambda k: init_variables(model, k, size, length), jax.random.key(0))
+    out = jax.eval_shape(
+        lambda v: model.apply(
+            v, jnp.zeros((1, size, size, 3)), jnp.zeros((1, length), jnp.int32),
+            jnp.ones((1, length), jnp.int32), train=False,
+        ),
+        variables,
+    )
+    assert out["logits"].shape == (1, 480, 480)
+    assert out["cls_relevance"].shape == (1, 15, 15)
+    assert out["relevance"].shape == (1, 21, 15, 15)
+    enc = variables["params"]["encoder"]
+    # Swin-B stage widths and BERT-base stage 1 (layers 0-5) + one new layer per later stage
+    assert enc["backbone"]["norm_3"]["scale"].shape == (1024,)
+    assert sorted(enc["text_encoder"]["encoder"]["layer"]) == [str(i) for i in range(6)]
+    assert enc["text_encoder"]["embeddings"]["word_embeddings"]["embedding"].shape == (30522, 768)
+    n_params = sum(x.size for x in jax.tree.leaves(variables["params"]))
+    print(f"paper-config parameters: {n_params / 1e6:.1f}M")
+    assert 240e6 < n_params < 280e6, n_params  # Swin-B 86.9M + BERT 6+3 layers 87.6M + fusion/VEG/decoder
+
+
+def test_tiny_forward_backward(tiny):
+    cfg, model, variables = tiny
+    images, ids, mask, gt = _batch(cfg)
+    rngs = {"gumbel": jax.random.key(3), "dropout": jax.random.key(4)}
+
+    def loss_fn(params):
+        out = model.apply({**variables, "params": params}, images, ids, mask, train=True, rngs=rngs)
+        return vipa_loss(out, {"mask": gt}, cfg.loss)
+
+    (loss, parts), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(variables["params"])
+    assert np.isfinite(float(loss)) and float(loss) > 0
+    assert set(parts) >= {"bce", "dice", "contrastive"}
+    flat = jax.tree_util.tree_flatten_with_path(grads)[0]
+    assert all(np.all(np.isfinite(g)) for _, g in flat)
+    # gradients flow into every part of the model
+    for part in ("encoder", "advanced_lang", "veg", "decoder"):
+        total = sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(grads[part]))
+        assert total > 0, f"no gradient reached {part}"
+    sel = grads["veg"]["select_global"]
+    assert float(jnp.abs(sel["phi_v"]["kernel"]).sum()) > 0
+    assert float(jnp.abs(sel["log_tau"])) > 0
+
+
+def test_selection_mask_has_k_ones(tiny):
+    cfg, model, variables = tiny
+    images, ids, mask, _ = _batch(cfg)
+    out = model.apply(variables, images, ids, mask, train=True,
+                      rngs={"gumbel": jax.random.key(3), "dropout": jax.random.key(4)})
+    sel = np.asarray(out["selection"]).reshape(B, cfg.model.max_tokens, -1)
+    np.testing.assert_array_equal(sel.sum(-1), num_selected(cfg.model.veg.topk_ratio, sel.shape[-1]))
+
+
+def test_padding_invariance(tiny):
+    cfg, model, variables = tiny
+    images, ids, mask, _ = _batch(cfg, length=cfg.model.max_tokens)
+    out = model.apply(variables, images, ids, mask, train=False)
+    extra = 5
+    ids2 = jnp.concatenate([ids, jnp.zeros((B, extra), jnp.int32)], 1)
+    mask2 = jnp.concatenate([mask, jnp.zeros((B, extra), jnp.int32)], 1)
+    out2 = model.apply(variables, images, ids2, mask2, train=False)
+    diff = float(jnp.abs(out["logits"] - out2["logits"]).max())
+    assert diff <= 1e-5, f"appending padding changed the logits by {diff:.2e}"
+    np.testing.assert_allclose(out["cls_relevance"], out2["cls_relevance"], atol=1e-5)
+
+
+# Model-level switches run by default; the VEG switches are also tested (forward, backward,
+# output change) on the VEG alone in test_veg.py, and here on the whole model with -m slow.
+SWITCHES = [
+    ("fusion", "late"), ("fusion", "none"),
+    ("veg.kv", "vanilla_lang"), ("veg.kv", "advanced_lang"),
+]
+SLOW_SWITCHES = [
+    ("veg.step1", False), ("veg.step2", False),
+    ("veg.cues", "global"), ("veg.cues", "local"),
+    ("veg.topk_ratio", 0.8),
+    ("veg.selection", "threshold"), ("veg.selection", "none"),
+]
+_PARAMS = [pytest.param(k, v, id=f"{k}={v}") for k, v in SWITCHES] + [
+    pytest.param(k, v, id=f"{k}={v}", marks=pytest.mark.slow) for k, v in SLOW_SWITCHES
+]
+
+
+@pytest.mark.parametrize("key,value", _PARAMS)
+def test_switch_builds_trains_and_changes_output(tiny, key, value):
+    cfg, model, variables = tiny
+    images, ids, mask, gt = _batch(cfg)
+    ref = model.apply(variables, images, ids, mask, train=False)["logits"]
+    cfg2 = cfg.copy_and_resolve_references()
+    section, _, name = key.rpartition(".")
+    target = cfg2.model[section] if section else cfg2.model
+    target[name] = value
+    model2 = build_model(cfg2.model)
+    v2 = init_variables(model2, jax.random.key(0), cfg.model.image_size, cfg.model.max_tokens)
+    v2 = share_params(variables, v2)
+    rngs = {"gumbel": jax.random.key(3), "dropout": jax.random.key(4)}
+
+    def loss_fn(params):
+        out = model2.apply({**v2, "params": params}, images, ids, mask, train=True, rngs=rngs)
+        return vipa_loss(out, {"mask": gt}, cfg2.loss)[0]
+
+    loss, grads = jax.jit(jax.value_and_grad(loss_fn))(v2["params"])
+    assert np.isfinite(float(loss))
+    assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+    out = model2.apply(v2, images, ids, mask, train=False)["logits"]
+    diff = float(jnp.abs(out - ref).max())
+    assert diff > 1e-4, f"{key}={value} did not change the output (max diff {diff:.2e})"
+
+
+def test_contrastive_switch_changes_loss(tiny):
+    cfg, model, variables = tiny
+    images, ids, mask, gt = _batch(cfg)
+    out = model.apply(variables, images, ids, mask, train=False)
+    on = vipa_loss(out, {"mask": gt}, cfg.loss)[0]
+    cfg2 = cfg.copy_and_resolve_references()
+    cfg2.loss.contrastive = False
+    off = vipa_loss(out, {"mask": gt}, cfg2.loss)[0]
+    assert float(on) - float(off) > 1e-3
