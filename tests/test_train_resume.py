@@ -1,0 +1,136 @@
+"""Checkpoint retention, crash/kill/preempt-and-resume reproduce the uninterrupted run."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+import _standin  # noqa: E402
+
+from vipa_jax.train import loop  # noqa: E402
+from vipa_jax.train.checkpoint import Checkpointer, abstract_like  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_keep_last_k_plus_best(tmp_path):
+    ck = Checkpointer(tmp_path / "ck", keep=2, keep_best=True, async_save=False)
+    state = {"w": jnp.arange(4.0)}
+    for step in range(1, 6):
+        metrics = {"val_mIoU": {2: 0.9, 4: 0.5}[step]} if step in (2, 4) else None
+        ck.save(step, {"w": state["w"] + step}, meta={"step": step}, metrics=metrics)
+    ck.wait()
+    assert ck.all_steps() == [2, 4, 5]
+    restored, meta = ck.restore(abstract_like(state), step=2)
+    np.testing.assert_array_equal(np.asarray(restored["w"]), np.arange(4.0) + 2)
+    assert meta == {"step": 2}
+    ck.close()
+    assert not list((tmp_path / "ck").glob("*tmp*"))
+
+
+def _cfg(**data):
+    cfg = _standin.get_config()
+    cfg.train.total_steps = 8
+    cfg.ckpt.every_steps = 4
+    cfg.sharding.mesh_shape = (1, 1) if jax.device_count() == 1 else (-1, 1)
+    for k, v in data.items():
+        cfg.data[k] = v
+    return cfg
+
+
+def _assert_same_params(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_crash_and_resume_in_process(tmp_path):
+    """A crash at step 6 (after the step-4 checkpoint) + rerun == uninterrupted run, exactly."""
+    ref = loop.train_and_evaluate(_cfg(), tmp_path / "a")
+    with pytest.raises(_standin.SimulatedCrash):
+        loop.train_and_evaluate(_cfg(crash_at=5), tmp_path / "b")
+    assert Checkpointer(tmp_path / "b" / "checkpoints").latest_step() == 4
+    resumed = loop.train_and_evaluate(_cfg(), tmp_path / "b")
+    assert int(resumed.step) == int(ref.step) == 8
+    _assert_same_params(resumed.params, ref.params)
+    _assert_same_params(resumed.opt_state, ref.opt_state)
+    _assert_same_params(resumed.batch_stats, ref.batch_stats)
+    # training moved the params after the step-4 checkpoint (the comparison is not trivial)
+    at4 = _final_params(tmp_path / "a", step=4)
+    assert not np.array_equal(np.asarray(at4["decoder_head"]["kernel"]),
+                              np.asarray(ref.params["decoder_head"]["kernel"]))
+
+
+# --- subprocess runs of train.py (slow: ~3 interpreter starts + compiles each) -----------------
+def _cmd(workdir: Path) -> list[str]:
+    return [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "tests/_standin.py"),
+            "--workdir", str(workdir), "--config.train.total_steps=12",
+            "--config.ckpt.every_steps=4", "--config.data.delay_s=0.05",
+            "--config.sharding.mesh_shape=(1,1)"]
+
+
+def _env() -> dict:
+    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="",
+                PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}")
+
+
+def _final_params(workdir: Path, step: int = 12):
+    path = workdir / "checkpoints" / str(step) / "state"
+    with warnings.catch_warnings():  # "Sharding info not provided": host arrays are what we want
+        warnings.simplefilter("ignore", UserWarning)
+        return ocp.PyTreeCheckpointer().restore(str(path))["params"]
+
+
+def _run(workdir: Path) -> None:
+    p = subprocess.run(_cmd(workdir), env=_env(), cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-4000:]
+
+
+def _start_and_signal(workdir: Path, sig: int, after_step: int = 4) -> int:
+    """Start train.py, send ``sig`` once checkpoint ``after_step`` is committed; exit code."""
+    p = subprocess.Popen(_cmd(workdir), env=_env(), cwd=ROOT, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    try:
+        while not (workdir / "checkpoints" / str(after_step)).is_dir():
+            assert p.poll() is None, f"train.py exited early: {p.stderr.read()[-3000:]}"
+            assert time.time() < deadline, "no checkpoint within 240 s"
+            time.sleep(0.05)
+        p.send_signal(sig)
+        _, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    if sig == signal.SIGTERM:
+        assert p.returncode == 0, err[-3000:]
+    return p.returncode
+
+
+@pytest.mark.slow
+def test_sigkill_and_sigterm_resume_train_py(tmp_path):
+    """train.py killed (SIGKILL) or preempted (SIGTERM) mid-run, rerun: same final params."""
+    _run(tmp_path / "ref")
+    ref = _final_params(tmp_path / "ref")
+
+    rc = _start_and_signal(tmp_path / "kill", signal.SIGKILL)
+    assert rc == -signal.SIGKILL
+    steps = Checkpointer(tmp_path / "kill" / "checkpoints").all_steps()
+    assert 4 in steps and 12 not in steps
+    _run(tmp_path / "kill")
+    _assert_same_params(_final_params(tmp_path / "kill"), ref)
+
+    _start_and_signal(tmp_path / "term", signal.SIGTERM)
+    steps = Checkpointer(tmp_path / "term" / "checkpoints").all_steps()
+    assert max(steps) > 4 and 12 not in steps  # a preemption checkpoint was written
+    _run(tmp_path / "term")
+    _assert_same_params(_final_params(tmp_path / "term"), ref)
