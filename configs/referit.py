@@ -1,4 +1,4 @@
-"""The paper's VIPA on ReferIt (refclef, saiapr_tc-12 images; berkeley split: train/val/test, as reported)."""
+"""The paper's VIPA on ReferIt (refclef, saiapr_tc-12 images; berkeley split train/val/test)."""
 
 import ml_collections
 

@@ -108,7 +108,8 @@ def test_gumbel_key_controls_mask_and_eval_is_deterministic(inputs):
     np.testing.assert_array_equal(np.asarray(out["mask"]), mask(False, 1))
     # eval selection = top-k of the clean cosine relevance
     k = num_selected(0.3, N)
-    np.testing.assert_array_equal(np.asarray(out["mask"]), np.asarray(topk_mask(out["similarity"], k)))
+    expected = np.asarray(topk_mask(out["similarity"], k))
+    np.testing.assert_array_equal(np.asarray(out["mask"]), expected)
 
 
 def test_cue_mask():

@@ -19,61 +19,15 @@ Conventions
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from vipa_jax.models.layers import resize_bilinear_align_corners
 
 Array = jax.Array
-
-
-def _align_corners_coords(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Source indices (i0, i1) and weight of i1 for align_corners=True, as PyTorch computes them."""
-    if n_in < 1 or n_out < 1:
-        raise ValueError(f"resize sizes must be >= 1, got in={n_in}, out={n_out}")
-    # PyTorch (UpSample.h, area_pixel_compute_scale/source_index): scale = (in-1)/(out-1) in
-    # float32, src = scale * dst; i0 = floor(src); i1 = min(i0 + 1, in - 1); w1 = src - i0.
-    scale = np.float32(n_in - 1) / np.float32(n_out - 1) if n_out > 1 else np.float32(0.0)
-    src = (scale * np.arange(n_out, dtype=np.float32)).astype(np.float32)
-    i0 = np.minimum(np.floor(src).astype(np.int32), n_in - 1)
-    i1 = np.minimum(i0 + 1, n_in - 1)
-    w1 = (src - i0.astype(np.float32)).astype(np.float32)
-    return i0, i1, w1
-
-
-def resize_bilinear_align_corners(
-    x: Any, size: Sequence[int], axes: tuple[int, int] = (-2, -1)
-) -> Any:
-    """Bilinear resize with align_corners=True (PyTorch ``F.interpolate`` semantics), no antialias.
-
-    x: (..., h, w) by default, or any layout with the two spatial ``axes`` given (e.g. (1, 2) for
-    NHWC features) -> same layout with the spatial dims replaced by ``size`` = (H, W).
-    Computed in float32; floating inputs are returned in their own dtype, integer/bool inputs as
-    float32. NumPy in -> NumPy out (host path); anything else goes through jax.numpy (jit-able).
-    """
-    if len(size) != 2:
-        raise ValueError(f"size must be (H, W), got {size!r}")
-    xp = np if isinstance(x, np.ndarray) else jnp
-    ndim = x.ndim
-    ax = tuple(a % ndim for a in axes)
-    if ndim < 2 or len(set(ax)) != 2:
-        raise ValueError(f"need two distinct spatial axes, got axes={axes} for ndim={ndim}")
-    out_dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else np.float32
-    y = x.astype(xp.float32)
-    for a, n_out in zip(ax, size, strict=True):
-        n_in = y.shape[a]
-        if n_in == n_out:
-            continue
-        i0, i1, w1 = _align_corners_coords(n_in, int(n_out))
-        bshape = [1] * ndim
-        bshape[a] = int(n_out)
-        w1b = w1.reshape(bshape)
-        y0 = xp.take(y, i0, axis=a)
-        y1 = xp.take(y, i1, axis=a)
-        y = y0 * (np.float32(1.0) - w1b) + y1 * w1b
-    return y.astype(out_dtype)
 
 
 def _valid_weights(valid: Array | None, batch: int) -> Array:

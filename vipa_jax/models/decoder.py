@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vipa_jax.models.layers import AttentionBlock, FeedForwardBlock, resize_bilinear
+from vipa_jax.models.layers import AttentionBlock, FeedForwardBlock, resize_bilinear_align_corners
 
 Array = jax.Array
 NORMS = ("batch", "group", "layer")
@@ -94,7 +94,7 @@ class Decoder(nn.Module):
         x = refined[-1]
         for i in reversed(range(len(refined) - 1)):  # 3 → 1
             skip = refined[i]
-            x = resize_bilinear(x, skip.shape[1:3], align_corners=True)
+            x = resize_bilinear_align_corners(x, skip.shape[1:3], axes=(1, 2))
             x = jnp.concatenate([x, skip.astype(x.dtype)], axis=-1)
             for j in range(2):
                 x = ConvNormReLU(self.hidden_dim, self.norm, self.dtype, name=f"up{i + 1}_{j}")(

@@ -17,6 +17,7 @@ gradient forever — the gated path never opens there; we zero only W₂ so the 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -110,9 +111,11 @@ class FusionEncoder(nn.Module):
         if self.fusion not in FUSIONS:
             raise ValueError(f"model.fusion must be one of {FUSIONS}, got {self.fusion!r}")
         if len(self.stage_layers) != 4 or self.stage_layers[0] < 1:
-            raise ValueError(f"model.lang_stage_layers must be 4 ints, first ≥ 1: {self.stage_layers}")
+            raise ValueError(
+                f"model.lang_stage_layers must be 4 ints, the first ≥ 1: {self.stage_layers}"
+            )
         self.backbone = SwinTransformer.from_config(self.swin, remat=self.remat, dtype=self.dtype)
-        first = BertConfig.from_dict({**self.bert.to_dict(), "num_hidden_layers": self.stage_layers[0]})
+        first = dataclasses.replace(self.bert, num_hidden_layers=self.stage_layers[0])
         self.text_encoder = BertModel(first, dtype=self.dtype, add_pooling_layer=False,
                                       remat=self.remat)
         dims = self.backbone.num_features  # (C, 2C, 4C, 8C)
@@ -124,7 +127,8 @@ class FusionEncoder(nn.Module):
                 LanguageCrossLayer(self.bert, kv_dim=c, dtype=self.dtype) for c in dims[1:]
             ]
         self.lang_layers = [
-            [BertLayer(self.bert, dtype=self.dtype) for _ in range(n)] for n in self.stage_layers[1:]
+            [BertLayer(self.bert, dtype=self.dtype) for _ in range(n)]
+            for n in self.stage_layers[1:]
         ]
 
     def _fusion(self, c: int) -> GatedFusion:

@@ -15,12 +15,13 @@ Conventions
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 Dtype = Any
@@ -192,37 +193,51 @@ class DropPath(nn.Module):
         return jnp.where(mask, x / keep, 0.0).astype(x.dtype)
 
 
-def _interp_matrix(in_size: int, out_size: int, align_corners: bool) -> Array:
-    """(out_size, in_size) linear-interpolation weights, PyTorch `F.interpolate` semantics."""
-    out_idx = jnp.arange(out_size, dtype=jnp.float32)
-    if align_corners:
-        scale = (in_size - 1) / (out_size - 1) if out_size > 1 else 0.0
-        src = out_idx * scale
-    else:
-        src = jnp.clip((out_idx + 0.5) * (in_size / out_size) - 0.5, 0.0, None)
-    lo = jnp.clip(jnp.floor(src), 0, in_size - 1).astype(jnp.int32)
-    hi = jnp.clip(lo + 1, 0, in_size - 1)
-    frac = src - lo.astype(jnp.float32)
-    eye = jnp.eye(in_size, dtype=jnp.float32)
-    return eye[lo] * (1.0 - frac)[:, None] + eye[hi] * frac[:, None]
+def _align_corners_coords(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices (i0, i1) and weight of i1 for align_corners=True, as PyTorch computes them."""
+    if n_in < 1 or n_out < 1:
+        raise ValueError(f"resize sizes must be >= 1, got in={n_in}, out={n_out}")
+    # PyTorch (UpSample.h, area_pixel_compute_scale/source_index): scale = (in-1)/(out-1) in
+    # float32, src = scale * dst; i0 = floor(src); i1 = min(i0 + 1, in - 1); w1 = src - i0.
+    scale = np.float32(n_in - 1) / np.float32(n_out - 1) if n_out > 1 else np.float32(0.0)
+    src = (scale * np.arange(n_out, dtype=np.float32)).astype(np.float32)
+    i0 = np.minimum(np.floor(src).astype(np.int32), n_in - 1)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    w1 = (src - i0.astype(np.float32)).astype(np.float32)
+    return i0, i1, w1
 
 
-def resize_bilinear(x: Array, size: tuple[int, int], *, align_corners: bool = True) -> Array:
-    """Bilinear resize of (B, H, W, C) or (B, H, W) maps, as PyTorch's F.interpolate(bilinear).
+def resize_bilinear_align_corners(
+    x: Any, size: Sequence[int], axes: tuple[int, int] = (-2, -1)
+) -> Any:
+    """Bilinear resize with align_corners=True (PyTorch ``F.interpolate`` semantics), no antialias.
 
-    LAVT/CrossVLT upsample with align_corners=True everywhere (jax.image.resize is half-pixel,
-    i.e. align_corners=False); written as two small matmuls so it is exact and fast.
+    x: (..., h, w) by default, or any layout with the two spatial ``axes`` given (e.g. (1, 2) for
+    NHWC features) -> same layout with the spatial dims replaced by ``size`` = (H, W).
+    Computed in float32; floating inputs are returned in their own dtype, integer/bool inputs as
+    float32. NumPy in -> NumPy out (host path); anything else goes through jax.numpy (jit-able).
     """
-    squeeze = x.ndim == 3
-    if squeeze:
-        x = x[..., None]
-    h, w = x.shape[1:3]
-    if (h, w) != tuple(size):
-        rows = _interp_matrix(h, size[0], align_corners).astype(x.dtype)  # (H', H)
-        cols = _interp_matrix(w, size[1], align_corners).astype(x.dtype)  # (W', W)
-        x = jnp.einsum("ph,bhwc->bpwc", rows, x)
-        x = jnp.einsum("qw,bpwc->bpqc", cols, x)
-    return x[..., 0] if squeeze else x
+    if len(size) != 2:
+        raise ValueError(f"size must be (H, W), got {size!r}")
+    xp = np if isinstance(x, np.ndarray) else jnp
+    ndim = x.ndim
+    ax = tuple(a % ndim for a in axes)
+    if ndim < 2 or len(set(ax)) != 2:
+        raise ValueError(f"need two distinct spatial axes, got axes={axes} for ndim={ndim}")
+    out_dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else np.float32
+    y = x.astype(xp.float32)
+    for a, n_out in zip(ax, size, strict=True):
+        n_in = y.shape[a]
+        if n_in == n_out:
+            continue
+        i0, i1, w1 = _align_corners_coords(n_in, int(n_out))
+        bshape = [1] * ndim
+        bshape[a] = int(n_out)
+        w1b = w1.reshape(bshape)
+        y0 = xp.take(y, i0, axis=a)
+        y1 = xp.take(y, i1, axis=a)
+        y = y0 * (np.float32(1.0) - w1b) + y1 * w1b
+    return y.astype(out_dtype)
 
 
 class AttentionBlock(nn.Module):

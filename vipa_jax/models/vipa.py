@@ -21,7 +21,7 @@ import ml_collections
 from vipa_jax.models.bert import BertConfig
 from vipa_jax.models.decoder import Decoder
 from vipa_jax.models.fusion import FusionEncoder
-from vipa_jax.models.layers import AttentionBlock, FeedForwardBlock, resize_bilinear
+from vipa_jax.models.layers import AttentionBlock, FeedForwardBlock, resize_bilinear_align_corners
 from vipa_jax.models.veg import build_veg
 
 Array = jax.Array
@@ -93,7 +93,7 @@ class VIPA(nn.Module):
             kv = enc.lang if kv_source == "vanilla_lang" else lang_adv
             kv_mask = token_mask.astype(bool)
         low = self.decoder(enc.features, kv, kv_mask, train=train)  # (B, H/4, W/4)
-        logits = resize_bilinear(low, images.shape[1:3], align_corners=True)
+        logits = resize_bilinear_align_corners(low, images.shape[1:3])
         return {
             "logits": logits,  # (B, H, W) mask logits
             "cls_relevance": veg["cls_relevance"].reshape(b, h4, w4),  # contrastive-loss logits
