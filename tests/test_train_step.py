@@ -190,3 +190,57 @@ def test_loop_skips_nan_when_configured(tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 6 and rows[-1]["train/skipped_steps"] == 1.0
     assert np.isfinite(rows[-1]["train/loss"])
+
+
+def test_init_pretrained_bert_from_fixture():
+    """init_pretrained copies a tiny HF Flax BERT into VIPA's text encoder (exact)."""
+    from flax.serialization import msgpack_restore
+
+    from configs.synthetic import get_config
+    from vipa_jax.models.vipa import build_model, init_variables
+
+    folder = ROOT / "tests" / "fixtures" / "tiny_bert_flax"
+    cfg = get_config("test")
+    cfg.model.bert.update(dict(hidden_size=32, num_attention_heads=4, intermediate_size=37,
+                               num_hidden_layers=2))
+    cfg.model.image_size = 32
+    model = build_model(cfg.model)
+    params = jax.device_get(jax.jit(
+        lambda: init_variables(model, jax.random.key(0), 32, cfg.model.max_tokens))()["params"])
+    cfg.train.init_bert = str(folder)
+    out = loop.init_pretrained(params, cfg)
+    ref = msgpack_restore((folder / "flax_model.msgpack").read_bytes())
+    ref = ref.get("bert", ref)
+    got = out["encoder"]["text_encoder"]
+    np.testing.assert_array_equal(got["embeddings"]["word_embeddings"]["embedding"],
+                                  ref["embeddings"]["word_embeddings"]["embedding"])
+    np.testing.assert_array_equal(got["encoder"]["layer"]["1"]["output"]["dense"]["kernel"],
+                                  ref["encoder"]["layer"]["1"]["output"]["dense"]["kernel"])
+    # everything outside the text encoder is untouched
+    np.testing.assert_array_equal(out["decoder"]["head"]["kernel"],
+                                  params["decoder"]["head"]["kernel"])
+    cfg.train.init_swin = str(folder / "missing.pth")
+    with pytest.raises((FileNotFoundError, ValueError, OSError)):
+        loop.init_pretrained(params, cfg)
+
+
+def test_loop_writes_overlay_images(tmp_path):
+    """image_fn output lands in TensorBoard; overlays are uint8 with a caption strip."""
+    cfg = _tiny_cfg()
+    cfg.train.total_steps = 2
+    cfg.train.image_every = 2
+    model = _standin.StandIn()
+    batch = _standin.make_batch(2, seed=5)
+    fn = loop.make_overlay_image_fn(model, batch, ["a", "b"], mean=np.zeros(3), std=np.ones(3))
+    seen = {}
+
+    def spy(state, step):
+        seen[step] = fn(state, step)
+        return seen[step]
+
+    loop.train_and_evaluate(cfg, tmp_path, image_fn=spy, model=model)
+    imgs = seen[2]
+    assert sorted(imgs) == ["predictions/0", "predictions/1"]
+    assert imgs["predictions/0"].dtype == np.uint8
+    assert imgs["predictions/0"].shape[1:] == (16, 3) and imgs["predictions/0"].shape[0] > 16
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))

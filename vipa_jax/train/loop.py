@@ -177,6 +177,32 @@ def init_pretrained(params: dict, config: Any) -> dict:
     return params
 
 
+def make_overlay_image_fn(model: Any, batch: dict[str, np.ndarray], captions: list[str],
+                          mean: np.ndarray | None = None, std: np.ndarray | None = None,
+                          ) -> ImageFn:
+    """image_fn drawing predicted masks (logits > 0) on a fixed batch via ``vipa_jax.viz``.
+
+    ``batch`` holds normalized images (undone with ``mean``/``std``, default ImageNet). Every
+    process must call it (the forward is a collective); only process 0 writes the images.
+    """
+    from vipa_jax.viz import overlay
+
+    if mean is None or std is None:
+        from vipa_jax.data.pipeline import IMAGENET_MEAN, IMAGENET_STD
+
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+    predict = jax.jit(step_lib.make_predict_fn(model))
+    images = np.clip((np.asarray(batch["image"]) * std + mean) * 255.0, 0, 255).astype(np.uint8)
+    inputs = {k: np.asarray(batch[k]) for k in step_lib.MODEL_INPUTS}
+
+    def image_fn(state: step_lib.TrainState, step: int) -> dict[str, np.ndarray]:
+        logits = np.asarray(jax.device_get(predict(state, inputs)["logits"]))
+        return {f"predictions/{i}": overlay(images[i], logits[i] > 0, captions[i])
+                for i in range(len(captions))}
+
+    return image_fn
+
+
 # --- helpers -------------------------------------------------------------------------------
 def sample_batch(config: Any, batch_size: int = 1) -> dict[str, np.ndarray]:
     """Zeros with the model's input shapes (for init / eval_shape)."""
@@ -431,4 +457,4 @@ def train_and_evaluate(
 
 
 __all__ = ["NonFiniteError", "build_loss", "build_model", "build_train_data", "init_pretrained",
-           "resolve", "sample_batch", "total_steps", "train_and_evaluate"]
+           "make_overlay_image_fn", "resolve", "sample_batch", "total_steps", "train_and_evaluate"]
