@@ -1,0 +1,1 @@
+"""Benchmarks: backbone speed vs PyTorch, model FLOPs, input pipeline (results/ holds JSONs)."""

@@ -1,0 +1,322 @@
+"""Shared benchmark helpers: machine info, timing, JSON results, tables.
+
+Timing protocol (`time_calls`): each callable is warmed up, then the callables are run in
+alternating blocks (a a a, b b b, a a a, b b b) so that background load on a shared machine
+hits every contender alike; JAX outputs are waited on with `jax.block_until_ready`. Report
+ratios from one run, never absolute times from different runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _cpu_model() -> str:
+    """CPU model name (`/proc/cpuinfo` on Linux; platform.processor() is often empty)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_name() -> str:
+    """Short file-name-safe machine id, e.g. `vm-2cpu` (node name + the machine's cpu count)."""
+    node = re.sub(r"[^A-Za-z0-9_.-]+", "_", platform.node() or "unknown")
+    return f"{node}-{os.cpu_count()}cpu"
+
+
+def cpu_count() -> int:
+    """CPUs this process may use (affinity-aware where the OS supports it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS / Windows
+        return os.cpu_count() or 1
+
+
+def pin_cpus(n: int) -> list[int]:
+    """Restrict this process to its first n allowed CPUs (call before importing jax/torch)."""
+    cpus = sorted(os.sched_getaffinity(0))[:max(1, n)]
+    os.sched_setaffinity(0, cpus)
+    return cpus
+
+
+def machine_info() -> dict[str, Any]:
+    """Where a number was measured: host, CPU, versions, git commit, load at the time."""
+    info: dict[str, Any] = {
+        "machine": machine_name(),
+        "node": platform.node(),
+        "processor": _cpu_model(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "cpus_used": cpu_count(),
+        "git_commit": _git_commit(),
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    try:
+        info["loadavg_1_5_15"] = [round(x, 2) for x in os.getloadavg()]
+    except OSError:  # pragma: no cover
+        pass
+    try:
+        import jax
+
+        info["jax"] = jax.__version__
+        info["jax_backend"] = jax.default_backend()
+        info["jax_devices"] = [str(d) for d in jax.devices()]
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["torch_threads"] = torch.get_num_threads()
+    except ImportError:
+        pass
+    return info
+
+
+def busy_processes(min_cpu_percent: float = 20.0) -> int:
+    """Other processes using ≥ min_cpu_percent CPU right now (from `ps`), -1 if unknown."""
+    try:
+        out = subprocess.run(["ps", "-eo", "pid=,pcpu="], capture_output=True, text=True,
+                             timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return -1
+    me = os.getpid()
+    n = 0
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and int(parts[0]) != me and float(parts[1]) >= min_cpu_percent:
+            n += 1
+    return n
+
+
+def load_snapshot() -> dict[str, Any]:
+    """Load average and number of other busy processes (timings on a shared box are noisy)."""
+    snap: dict[str, Any] = {"busy_other_processes": busy_processes()}
+    try:
+        snap["loadavg_1"] = round(os.getloadavg()[0], 2)
+    except OSError:  # pragma: no cover
+        pass
+    return snap
+
+
+def _block(out: Any) -> Any:
+    try:
+        import jax
+
+        return jax.block_until_ready(out)
+    except ImportError:  # pragma: no cover
+        return out
+
+
+def summarize(times: Sequence[float]) -> dict[str, float]:
+    """Seconds -> {median, p90, min, mean, n} (p90 by nearest rank)."""
+    s = sorted(times)
+    p90 = s[min(len(s) - 1, max(0, int(round(0.9 * len(s) + 0.5)) - 1))]
+    return {"median_s": statistics.median(s), "p90_s": p90, "min_s": s[0],
+            "mean_s": statistics.fmean(s), "n": len(s)}
+
+
+def time_call(fn: Callable[[], Any], *, iters: int = 5, warmup: int = 1) -> dict[str, float]:
+    """Time one zero-argument callable: `warmup` untimed calls, then `iters` timed ones."""
+    return time_calls({"f": fn}, iters=iters, warmup=warmup, rounds=1)["f"]
+
+
+def time_calls(
+    fns: Mapping[str, Callable[[], Any]], *, iters: int = 5, warmup: int = 1, rounds: int = 2,
+) -> dict[str, dict[str, float]]:
+    """Time several callables in alternating blocks; each result is `summarize` of its times.
+
+    The `iters` timed calls of each callable are split into `rounds` blocks, run a, b, a, b
+    so that background load hits every contender alike. Each block starts with one untimed
+    call: switching between JAX and PyTorch call by call makes the next PyTorch call wait for
+    its thread pool (x100 slower for small models on 2 cores), and blocks avoid that. The
+    first call of each callable is timed separately as `first_call_s` (for a not yet compiled
+    `jax.jit` function: trace + compile + one run).
+    """
+    rounds = max(1, min(rounds, iters))
+    first: dict[str, float] = {}
+    for name, fn in fns.items():
+        for w in range(max(warmup, 1)):
+            t0 = time.perf_counter()
+            _block(fn())
+            if w == 0:
+                first[name] = time.perf_counter() - t0
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    per_round = [iters // rounds + (r < iters % rounds) for r in range(rounds)]
+    for r in range(rounds):
+        for name, fn in fns.items():
+            if r > 0 or len(fns) > 1:
+                _block(fn())  # untimed: settles the thread pools after the other framework
+            for _ in range(per_round[r]):
+                t0 = time.perf_counter()
+                _block(fn())
+                times[name].append(time.perf_counter() - t0)
+    return {name: {**summarize(ts), "first_call_s": first[name]} for name, ts in times.items()}
+
+
+def compile_jax(fn: Callable[..., Any], *args: Any) -> tuple[Any, dict[str, Any]]:
+    """`jax.jit(fn)` lowered and compiled for `args` -> (compiled, {compile_s, flops, ...}).
+
+    `flops` is XLA's HloCostAnalysis count: a multiply-add is 2 flops, and elementwise ops
+    (softmax, norms, GELU, ...) count too; transcendentals are reported separately.
+    """
+    import jax
+
+    t0 = time.perf_counter()
+    lowered = jax.jit(fn).lower(*args)
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+    info: dict[str, Any] = {"lower_s": t1 - t0, "compile_s": t2 - t1}
+    info.update(cost_of(compiled))
+    return compiled, info
+
+
+def cost_of(compiled: Any) -> dict[str, float]:
+    """flops / transcendentals / bytes accessed from a compiled (or lowered) JAX computation."""
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):  # older JAX returned one dict per device
+        cost = cost[0] if cost else {}
+    cost = cost or {}
+    out = {"flops": float(cost.get("flops", 0.0))}
+    for key in ("transcendentals", "bytes accessed"):
+        if key in cost:
+            out[key.replace(" ", "_")] = float(cost[key])
+    return out
+
+
+def write_result(name: str, result: Mapping[str, Any], out_dir: str | None = None) -> str:
+    """Write `result` (+ machine info under "machine_info") to `<out_dir>/<name>-<machine>.json`."""
+    out_dir = out_dir or RESULTS_DIR
+    os.makedirs(out_dir, exist_ok=True)
+    payload = {"benchmark": name, "machine_info": machine_info(), **result}
+    path = os.path.join(out_dir, f"{name}-{machine_name()}.json")
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2, sort_keys=False, default=_json_default)
+        f.write("\n")
+    return path
+
+
+def _json_default(x: Any) -> Any:
+    if hasattr(x, "item"):
+        return x.item()
+    if isinstance(x, (set, tuple)):
+        return list(x)
+    return str(x)
+
+
+def format_table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
+    """Plain-text table with right-aligned numeric columns."""
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:,.3f}" if abs(v) < 100 else f"{v:,.1f}"
+        if isinstance(v, int):
+            return f"{v:,}"
+        return str(v)
+
+    cells = [[cell(v) for v in r] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h)
+              for i, h in enumerate(header)]
+    numeric = [all(isinstance(r[i], (int, float)) for r in rows) for i in range(len(header))]
+
+    def line(vals: Sequence[str]) -> str:
+        return "  ".join(v.rjust(w) if num else v.ljust(w)
+                         for v, w, num in zip(vals, widths, numeric, strict=True)).rstrip()
+
+    sep = "  ".join("-" * w for w in widths)
+    return "\n".join([line(list(header)), sep, *(line(r) for r in cells)])
+
+
+def print_table(rows: Sequence[Sequence[Any]], header: Sequence[str], title: str = "") -> None:
+    """Print `format_table`, with an optional title line."""
+    if title:
+        print(title)
+    print(format_table(rows, header))
+
+
+# ------------------------------------------------------------------------------------------
+# Multiply-accumulate count from the jaxpr (the fvcore / "papers' FLOPs" convention)
+# ------------------------------------------------------------------------------------------
+
+
+def _prod(xs: Sequence[int]) -> int:
+    n = 1
+    for x in xs:
+        n *= int(x)
+    return n
+
+
+def _eqn_macs(eqn: Any) -> int:
+    name = eqn.primitive.name
+    if name == "dot_general":
+        (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+        lhs = eqn.invars[0].aval.shape
+        return _prod(eqn.outvars[0].aval.shape) * _prod(lhs[d] for d in lhs_contract)
+    if name == "conv_general_dilated":
+        rhs = eqn.invars[1].aval.shape
+        out_feature_dim = eqn.params["dimension_numbers"].rhs_spec[0]
+        # every output element = (kernel spatial) x (in features / groups) MACs
+        return _prod(eqn.outvars[0].aval.shape) * (_prod(rhs) // rhs[out_feature_dim])
+    return 0
+
+
+def _sub_jaxprs(eqn: Any) -> list[tuple[Any, int]]:
+    """(closed or open jaxpr, repeat count) pairs nested in an equation's params."""
+    subs: list[tuple[Any, int]] = []
+    reps = int(eqn.params.get("length", 1)) if eqn.primitive.name == "scan" else 1
+    for value in eqn.params.values():
+        items = value if isinstance(value, (list, tuple)) else [value]
+        for item in items:
+            if hasattr(item, "eqns") or hasattr(item, "jaxpr"):
+                subs.append((item, reps))
+    if eqn.primitive.name == "cond" and subs:  # branches: count the most expensive one
+        return [max(subs, key=lambda s: _jaxpr_macs(s[0]))]
+    return subs
+
+
+def _jaxpr_macs(jaxpr: Any) -> int:
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)  # ClosedJaxpr -> Jaxpr
+    total = 0
+    for eqn in jaxpr.eqns:
+        total += _eqn_macs(eqn)
+        for sub, reps in _sub_jaxprs(eqn):
+            total += reps * _jaxpr_macs(sub)
+    return total
+
+
+def count_macs(fn: Callable[..., Any], *args: Any) -> int:
+    """Multiply-accumulates of all matmuls/einsums (dot_general) and convolutions in `fn(*args)`.
+
+    This is what fvcore/ptflops/thop report as "FLOPs" (one MAC = one "flop"); elementwise
+    ops, norms and softmax are not counted. `args` may be `jax.ShapeDtypeStruct`s.
+    """
+    import jax
+
+    return _jaxpr_macs(jax.make_jaxpr(fn)(*args))
