@@ -58,6 +58,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.model.decoder = ml_collections.ConfigDict(
         dict(hidden_dim=512, head_dim=64, mlp_ratio=4.0, norm="batch", dropout=0.0)
     )
+    c.model.factory = ""  # "module:attr" building the model instead of VIPA (research forks)
 
     # --- data ------------------------------------------------------------------------------
     c.data = ml_collections.ConfigDict()
@@ -70,6 +71,11 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.data.vocab = ""  # path to vocab.txt ("" = the BERT init folder's vocab.txt)
     c.data.num_workers = 0
     c.data.on_error = "raise"  # raise | skip (skip counts and warns)
+    c.data.tfds_builder = "ref_coco_bv"  # source=tfds: a builder whose examples carry masks
+    c.data.synthetic_num_images = 1000  # source=synthetic: generated into data.root if absent
+    c.data.synthetic_image_size = 160
+    c.data.synthetic_seed = 0
+    c.data.factory = ""  # "module:attr" building the train iterator instead of the pipeline
 
     # --- loss ------------------------------------------------------------------------------
     c.loss = ml_collections.ConfigDict()
@@ -77,6 +83,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.loss.dice_weight = 1.0
     c.loss.contrastive = True
     c.loss.contrastive_weight = 1.0
+    c.loss.factory = ""  # "module:attr" loss instead of vipa_loss
 
     # --- optimizer (AdamW, poly 0.9 per step, no warmup) -----------------------------------
     c.optim = ml_collections.ConfigDict()
@@ -87,6 +94,11 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.optim.clip_grad_norm = 0.0  # 0 = off
     c.optim.grad_accum_steps = 1
     c.optim.freeze_bert_embeddings = True
+    c.optim.freeze_regexes = ()  # extra frozen parameter paths (regexes on "a/b/c")
+    c.optim.no_decay_regexes = None  # None = norms, biases, relative-position tables
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
 
     # --- training loop ---------------------------------------------------------------------
     c.train = ml_collections.ConfigDict()
@@ -97,18 +109,25 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.train.eval_every = 0  # steps; 0 = once per epoch
     c.train.skip_nonfinite = False
     c.train.init_swin = ""  # official .pth or HF folder/safetensors; "" = random
-    c.train.init_bert = ""  # HF folder (safetensors or flax_model.msgpack); "" = random
+    c.train.init_bert = ""  # HF folder (safetensors or flax_model.msgpack); "minilm"; "" = random
+    c.train.swin_params_path = "encoder/backbone"  # where init_swin lands in the param tree
+    c.train.bert_params_path = "encoder/text_encoder"
+    c.train.image_every = 0  # steps between TensorBoard prediction overlays; 0 = off
+    c.train.progress = True  # tqdm progress bar
 
     # --- sharding --------------------------------------------------------------------------
     c.sharding = ml_collections.ConfigDict()
     c.sharding.mesh_shape = (-1, 1)  # (data, model); -1 = all remaining devices
     c.sharding.fsdp = False
+    c.sharding.fsdp_min_size = 4096  # smaller leaves stay replicated under FSDP
 
     # --- checkpoints -----------------------------------------------------------------------
     c.ckpt = ml_collections.ConfigDict()
     c.ckpt.every_steps = 1000
     c.ckpt.keep = 3
     c.ckpt.keep_best = True  # also keep the best by val mIoU
+    c.ckpt.best_metric = "val_mIoU"
+    c.ckpt.async_save = True
 
     # --- evaluation ------------------------------------------------------------------------
     c.eval = ml_collections.ConfigDict()

@@ -31,6 +31,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.dataset = "synthetic"
     c.data.split_by = "unc"
     c.data.eval_splits = ("val", "unseen")
+    c.data.synthetic_num_images = 1000
+    c.data.synthetic_image_size = 128
 
     c.optim.lr = 3e-4  # a small model trained from scratch (but MiniLM) learns faster with more
     c.train.batch_size = 16
