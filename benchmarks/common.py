@@ -32,6 +32,19 @@ def _git_commit() -> str:
         return "unknown"
 
 
+def _git_dirty() -> bool | None:
+    """Uncommitted changes to the code a benchmark measures (None if git is unavailable)."""
+    try:
+        out = subprocess.run(
+            ["git", "status", "--porcelain", "--", "vipa_jax", "benchmarks/*.py", "configs"],
+            capture_output=True, text=True, timeout=10,
+            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return bool(out.stdout.strip()) if out.returncode == 0 else None
+
+
 def _cpu_model() -> str:
     """CPU model name (`/proc/cpuinfo` on Linux; platform.processor() is often empty)."""
     try:
@@ -76,6 +89,7 @@ def machine_info() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "cpus_used": cpu_count(),
         "git_commit": _git_commit(),
+        "git_dirty": _git_dirty(),
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     try:

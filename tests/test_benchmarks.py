@@ -1,0 +1,96 @@
+"""Smoke tests for the benchmark scripts (tiny configs), so they keep running as the code moves."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _check_machine_info(info: dict) -> None:
+    for key in ("machine", "node", "processor", "cpu_count", "git_commit", "jax"):
+        assert key in info, key
+    assert info["cpu_count"] >= 1
+
+
+def test_common_helpers() -> None:
+    from benchmarks import common
+
+    s = common.summarize([3.0, 1.0, 2.0, 4.0, 5.0])
+    assert s["median_s"] == 3.0 and s["min_s"] == 1.0 and s["p90_s"] == 5.0 and s["n"] == 5
+    t = common.time_calls({"a": lambda: 1, "b": lambda: 2}, iters=3, warmup=1)
+    assert set(t) == {"a", "b"} and t["a"]["n"] == 3 and t["b"]["median_s"] >= 0
+    table = common.format_table([["x", 1.5, 2000]], ["name", "v", "n"])
+    assert "2,000" in table and table.splitlines()[0].startswith("name")
+
+
+def test_count_macs_matmul_and_conv() -> None:
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks import common
+
+    def f(x, w, k):
+        y = jnp.einsum("bij,jk->bik", x, w)  # 2*5*7*3 MACs
+        z = jax.lax.conv_general_dilated(y[..., None], k, (1, 1), "SAME",
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return jax.lax.scan(lambda c, _: (c @ jnp.ones((3, 3)), None), y, None, length=4)[0], z
+
+    sds = jax.ShapeDtypeStruct
+    args = (sds((2, 5, 7), jnp.float32), sds((7, 3), jnp.float32), sds((3, 3, 1, 4), jnp.float32))
+    conv = 2 * 5 * 3 * 4 * 9  # out elements x kernel taps x in features
+    assert common.count_macs(f, *args) == 2 * 5 * 7 * 3 + conv + 4 * (2 * 5 * 3 * 3)
+
+
+def _run_module(module: str, out_dir: Path) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", module, "--quick", "--out", str(out_dir)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    files = list(out_dir.glob(f"{module.split('.')[-1]}-*.json"))
+    assert len(files) == 1, files
+    return json.loads(files[0].read_text())
+
+
+def test_backbones_quick(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    res = _run_module("benchmarks.backbones", tmp_path)
+    _check_machine_info(res["machine_info"])
+    assert res["quick"] is True and res["target_ratio"] == 0.8
+    names = [r["name"] for r in res["results"]]
+    assert names[0].startswith("swin-") and names[1].startswith("bert-")
+    for r in res["results"]:
+        for side in ("jax", "torch"):
+            assert r[side]["median_s"] > 0 and r[side]["p90_s"] >= r[side]["median_s"]
+        assert r["jax"]["compile_s"] > 0
+        assert r["ratio_ours_over_torch"] > 0 and r["xla_flops"] > 0 and r["macs"] > 0
+        assert r["max_abs_diff"] < 1e-3, r  # same weights on both sides
+
+
+def test_model_quick(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    res = _run_module("benchmarks.model", tmp_path)
+    _check_machine_info(res["machine_info"])
+    assert res["paper_gflops"] == 431.0 and res["config"] == "synthetic:test"
+    parts = ("swin", "bert", "fusion", "advanced_lang", "veg", "decoder")
+    for name in (*parts, "total"):
+        g = res["gflops"][name]
+        assert g["xla"] > 0 and g["gmacs"] > 0 and g["two_x_gmacs"] == pytest.approx(2 * g["gmacs"])
+        assert res["params"][name] > 0
+    assert res["params"]["total"] == sum(res["params"][p] for p in parts)
+    total = res["gflops"]["total"]["gmacs"]
+    assert sum(res["gflops"][p]["gmacs"] for p in parts) == pytest.approx(total, rel=1e-6)
+    t = res["timing"]
+    assert t["vipa_jax"]["median_s"] > 0 and t["torch_swin_bert"]["median_s"] > 0
+    assert t["ratio_vipa_over_torch_backbones"] > 0
+    assert "closest to the" in res["note"]
