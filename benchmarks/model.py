@@ -108,16 +108,7 @@ def random_variables(shapes: Any, seed: int = 0) -> Any:
 
 def part_functions(model: Any, cfg: Any) -> dict[str, tuple[Callable[..., Any], str]]:
     """name -> (fn(variables, *inputs), which inputs) for the total and every part."""
-    try:  # the name changed while the model was being written
-        from vipa_jax.models.layers import resize_bilinear_align_corners as _resize
-
-        def resize(x: Any, size: tuple[int, int]) -> Any:
-            return _resize(x, size)
-    except ImportError:  # pragma: no cover
-        from vipa_jax.models.layers import resize_bilinear as _resize_old
-
-        def resize(x: Any, size: tuple[int, int]) -> Any:
-            return _resize_old(x, size, align_corners=True)
+    from vipa_jax.models.layers import resize_bilinear_align_corners as resize
 
     def enc(mod: Any, images: Any, ids: Any, mask: Any) -> Any:
         return tuple(mod.encoder(images, ids, mask, train=False))
