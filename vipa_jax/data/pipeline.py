@@ -74,6 +74,9 @@ def resize_mask(mask: np.ndarray, image_size: int | Sequence[int]) -> np.ndarray
     return np.asarray(im, np.uint8)
 
 
+PADDING_SENTENCE = "padding"  # text of the all-zero examples that fill the last eval batch
+
+
 class TrainOrder:
     """Random-access global training stream of record indices (see the module docstring)."""
 
@@ -156,7 +159,8 @@ class LoadExample:
         return {
             "image": np.zeros((h, w, 3), np.float32),
             "mask": np.zeros((h, w), np.uint8),
-            **self._tokens(""),
+            # a real (ignored) sentence: empty text is an error for the tokenizer
+            **self._tokens(PADDING_SENTENCE),
             "valid": np.bool_(False),
             "index": np.int32(index),
         }
