@@ -2,7 +2,7 @@
 
 ``python -m benchmarks.input_pipeline [--batch 16] [--steps 30] [--workers 0 2]``
 writes ``benchmarks/results/input_pipeline-<machine>.json``.  The train-step rate comes from
-``vipa_jax.models.vipa`` when it can build and step a model (``--train-step``), else "n/a".
+the real jitted VIPA train step (``--train-step``; paper config by default).
 """
 
 from __future__ import annotations
@@ -43,14 +43,40 @@ def _tokenizer(max_length: int = 21) -> Callable[[list[str]], dict[str, np.ndarr
         return call
 
 
-def train_step_rate(batch: int, image_size: int) -> str | float:
-    """Train steps/s of the VIPA model, or "n/a" while vipa_jax.models.vipa is unavailable."""
-    try:
-        from vipa_jax.models import vipa  # noqa: F401
-    except ImportError:
-        return "n/a"
-    bench = getattr(vipa, "benchmark_train_step", None)
-    return "n/a" if bench is None else float(bench(batch_size=batch, image_size=image_size))
+def train_step_rate(batch: int, image_size: int, config: str = "refcoco", steps: int = 3) -> float:
+    """Train steps/s of VIPA (paper config unless ``config='synthetic'``) at this batch and size."""
+    import jax
+
+    from configs import refcoco, synthetic
+    from vipa_jax.losses import vipa_loss
+    from vipa_jax.models.vipa import build_model
+    from vipa_jax.train import optim, step
+
+    cfg = (synthetic if config == "synthetic" else refcoco).get_config()
+    cfg.model.image_size = image_size
+    model = build_model(cfg.model)
+    length = cfg.model.max_tokens
+    rng = np.random.default_rng(0)
+    data = {
+        "image": rng.standard_normal((batch, image_size, image_size, 3)).astype(np.float32),
+        "mask": (rng.random((batch, image_size, image_size)) > 0.5).astype(np.uint8),
+        "input_ids": np.full((batch, length), 101, np.int32),
+        "attention_mask": np.ones((batch, length), np.int32),
+        "valid": np.ones((batch,), bool),
+    }
+    abstract = jax.eval_shape(lambda k: step.init_variables(model, k, data), jax.random.key(0))
+    tx, sched = optim.make_optimizer(cfg.optim, abstract["params"], total_steps=1000)
+    state = jax.jit(lambda k: step.create_train_state(model, tx, k, data))(jax.random.key(0))
+    trainable = optim.trainable_mask(abstract["params"], cfg.optim)
+    loss = lambda out, b: vipa_loss(out, b, cfg.loss)  # noqa: E731
+    fn = jax.jit(step.make_train_step(model, loss, tx, sched, trainable), donate_argnums=(0,))
+    key = jax.random.key(1)
+    state, _ = jax.block_until_ready(fn(state, data, key))  # compile
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        state, _ = fn(state, data, key)
+    jax.block_until_ready(state)
+    return steps / (time.perf_counter() - t0)
 
 
 def measure(root: str, batch: int, steps: int, workers: int, image_size: int) -> float:
@@ -77,6 +103,8 @@ def main() -> None:
     p.add_argument("--image-size", type=int, default=480)
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     p.add_argument("--train-step", action="store_true", help="also time the model's train step")
+    p.add_argument("--train-config", choices=("refcoco", "synthetic"), default="refcoco",
+                   help="model for --train-step: the paper's or the demo's")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     a = p.parse_args()
     flags.FLAGS.mark_as_parsed()
@@ -92,7 +120,8 @@ def main() -> None:
             result[f"batches_per_s_workers{w}"] = round(rate, 3)
             print(f"input pipeline, {w} workers: {rate:.2f} batches/s "
                   f"({rate * a.batch:.1f} examples/s) at {a.image_size}x{a.image_size}")
-    step = train_step_rate(a.batch, a.image_size) if a.train_step else "n/a"
+    step = (train_step_rate(a.batch, a.image_size, a.train_config) if a.train_step
+            else "n/a (pass --train-step)")
     result["train_steps_per_s"] = step
     print(f"model train step: {step if isinstance(step, str) else f'{step:.2f}'} steps/s")
     os.makedirs(a.out, exist_ok=True)
