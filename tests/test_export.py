@@ -108,6 +108,7 @@ def test_bundle_round_trip_bit_identical(tiny_model: dict[str, Any], bundle_dir:
     assert loaded.source == "bundle" and loaded.step == 7
 
 
+@pytest.mark.slow
 def test_export_from_orbax_checkpoint(tiny_model: dict[str, Any], tmp_path: Path) -> None:
     """A Checkpointer-saved TrainState (with Adam state) exports without the optimizer."""
     from vipa_jax.train.checkpoint import Checkpointer
