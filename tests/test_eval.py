@@ -110,3 +110,24 @@ def test_train_metrics_keys() -> None:
                    "original": {"oIoU": 0.4, "mIoU": 0.2, "count": 3, "protocol": "original"}}}
     assert ev.train_metrics(res) == {"val_oIoU": 0.5, "val_mIoU": 0.25, "val_P@0.5": 0.1,
                                      "val_original_oIoU": 0.4, "val_original_mIoU": 0.2}
+
+
+@pytest.mark.slow
+def test_make_train_evaluator(tiny_model: dict[str, Any], synthetic_root: Path) -> None:  # noqa: F811
+    """The training hook returns '<split>_oIoU'/'_mIoU' from a TrainState-like object."""
+    from types import SimpleNamespace
+
+    config = tiny_model["config"].copy_and_resolve_references()  # the fixture is shared
+    config.data.root = str(synthetic_root)
+    config.data.eval_splits = (SYN_SPLIT,)
+    config.eval.batch_size = BATCH
+    v = tiny_model["variables"]
+    fn = ev.make_train_evaluator(config)
+    state = SimpleNamespace(params=v["params"], batch_stats=v.get("batch_stats", {}))
+    out = fn(state)
+    ds = _dataset(synthetic_root)
+    from vipa_jax.data.tokenizer import Tokenizer
+
+    ref = _numpy_reference(tiny_model["model"], v, ds, Tokenizer(tiny_model["vocab"], 8))
+    assert out[f"{SYN_SPLIT}_mIoU"] == pytest.approx(ref["mIoU"], abs=1e-6)
+    assert out[f"{SYN_SPLIT}_oIoU"] == pytest.approx(ref["oIoU"], abs=1e-6)
