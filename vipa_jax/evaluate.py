@@ -325,7 +325,7 @@ def evaluate_splits(
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         doc = {"checkpoint": checkpoint, "step": step, "splits": results}
-        (out / RESULTS_JSON).write_text(json.dumps(metrics_lib._jsonable(doc), indent=2) + "\n")
+        (out / RESULTS_JSON).write_text(json.dumps(metrics_lib.to_jsonable(doc), indent=2) + "\n")
         (out / RESULTS_MD).write_text(results_markdown(results, checkpoint, step))
     return results
 

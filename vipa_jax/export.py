@@ -301,9 +301,9 @@ def vocab_for(config: Any, override: str | os.PathLike[str] | None = None) -> st
         return str(vocab)
     init_bert = config.train.get("init_bert", "") if "train" in config else ""
     if init_bert:
-        from vipa_jax.train.loop import _bert_folder
+        from vipa_jax.weights.bert import resolve_bert_folder
 
-        return os.path.join(_bert_folder(str(init_bert)), VOCAB_FILE)
+        return os.path.join(resolve_bert_folder(str(init_bert)), VOCAB_FILE)
     raise ValueError("no vocabulary: the config has neither data.vocab nor train.init_bert; "
                      "pass --vocab")
 

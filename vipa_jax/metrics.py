@@ -331,19 +331,21 @@ def results_table_markdown(results: Mapping[str, Mapping[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _jsonable(x: Any) -> Any:
+def to_jsonable(x: Any) -> Any:
     """NumPy/jax scalars and arrays -> plain Python for json.dump."""
     if isinstance(x, Mapping):
-        return {str(k): _jsonable(v) for k, v in x.items()}
+        return {str(k): to_jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
+        return [to_jsonable(v) for v in x]
     if isinstance(x, (np.ndarray, jax.Array)):
-        return _jsonable(np.asarray(x).tolist())
+        return to_jsonable(np.asarray(x).tolist())
     if isinstance(x, np.generic):
         x = x.item()
     if isinstance(x, float) and not np.isfinite(x):
         return None  # strict JSON has no NaN
-    return x
+    if x is None or isinstance(x, (str, int, float, bool)):
+        return x
+    return str(x)  # anything else (e.g. a dtype) by its name
 
 
 def save_results(
@@ -354,7 +356,7 @@ def save_results(
     """Write {split: result()} as JSON (fractions) and the markdown table; return the table."""
     _makedirs_for(json_path)
     with open(json_path, "w") as f:
-        json.dump(_jsonable(results), f, indent=2, sort_keys=False)
+        json.dump(to_jsonable(results), f, indent=2, sort_keys=False)
         f.write("\n")
     table = results_table_markdown(results)
     if md_path is not None:

@@ -153,14 +153,22 @@ class LoadExample:
             "attention_mask": np.asarray(out["attention_mask"], np.int32)[0],
         }
 
+    @functools.cached_property
+    def _padding_token_arrays(self) -> dict[str, np.ndarray]:
+        # a real (ignored) sentence: empty text is an error for the tokenizer; tokenized once
+        return self._tokens(PADDING_SENTENCE)
+
+    def _padding_tokens(self) -> dict[str, np.ndarray]:
+        """Token arrays (copies) for padding examples."""
+        return {k: v.copy() for k, v in self._padding_token_arrays.items()}
+
     def _invalid(self, index: int) -> dict[str, Any]:
         """An all-zero example that metrics and losses ignore."""
         h, w = self.image_size
         return {
             "image": np.zeros((h, w, 3), np.float32),
             "mask": np.zeros((h, w), np.uint8),
-            # a real (ignored) sentence: empty text is an error for the tokenizer
-            **self._tokens(PADDING_SENTENCE),
+            **self._padding_tokens(),
             "valid": np.bool_(False),
             "index": np.int32(index),
         }

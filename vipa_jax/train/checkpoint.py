@@ -9,7 +9,6 @@ the checkpoints saved with metrics.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,8 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
+
+from vipa_jax.metrics import to_jsonable
 
 DEFAULT_BEST_METRIC = "val_mIoU"
 
@@ -52,13 +53,13 @@ class Checkpointer:
              metrics: dict[str, float] | None = None, force: bool = True) -> bool:
         """Save ``state`` (+ iterator state and JSON ``meta``); ``metrics`` feed best-keeping."""
         items: dict[str, Any] = {"state": ocp.args.StandardSave(state),
-                                 "meta": ocp.args.JsonSave(_jsonable(meta or {}))}
+                                 "meta": ocp.args.JsonSave(to_jsonable(meta or {}))}
         if data_iter is not None:
             items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
         if metrics is not None and self.best_metric not in metrics:
             metrics = None  # no ranking value: treat as a plain checkpoint
         return self.manager.save(int(step), args=ocp.args.Composite(**items),
-                                 metrics=_jsonable(metrics) if metrics else None, force=force)
+                                 metrics=to_jsonable(metrics) if metrics else None, force=force)
 
     def restore(self, abstract_state: Any, data_iter: Any = None,
                 step: int | None = None) -> tuple[Any, dict]:
@@ -91,8 +92,3 @@ def abstract_like(tree: Any) -> Any:
     def one(x: Any) -> jax.ShapeDtypeStruct:
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
     return jax.tree.map(one, tree)
-
-
-def _jsonable(obj: Any) -> Any:
-    """Round-trip through JSON (tuples -> lists, numpy scalars -> floats)."""
-    return json.loads(json.dumps(obj, default=lambda o: o.item() if hasattr(o, "item") else str(o)))

