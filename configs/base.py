@@ -39,6 +39,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     # (early only) + lang_stage_layers[i] new BERT layers, optionally initialized from pretrained
     # layers 6.. (lang_later_from_pretrained).
     c.model.fusion = "early"
+    c.model.fusion_op = "add"  # inside each fusion: add (CrossVLT) | mul (LAVT's PWAM)
     c.model.lang_stage_layers = (6, 1, 1, 1)
     c.model.lang_later_from_pretrained = False
     c.model.fusion_head_dim = 64

@@ -111,7 +111,7 @@ def test_padding_invariance(tiny):
 # Model-level switches run by default; the VEG switches are also tested (forward, backward,
 # output change) on the VEG alone in test_veg.py, and here on the whole model with -m slow.
 SWITCHES = [
-    ("fusion", "late"), ("fusion", "none"),
+    ("fusion", "late"), ("fusion", "none"), ("fusion_op", "mul"),
     ("veg.kv", "vanilla_lang"), ("veg.kv", "advanced_lang"),
 ]
 SLOW_SWITCHES = [

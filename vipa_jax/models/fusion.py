@@ -38,6 +38,7 @@ from vipa_jax.models.swin import SwinTransformer
 
 Array = jax.Array
 FUSIONS = ("early", "late", "none")
+FUSION_OPS = ("add", "mul")
 
 
 class EncoderOutput(NamedTuple):
@@ -46,10 +47,15 @@ class EncoderOutput(NamedTuple):
 
 
 class GatedFusion(nn.Module):
-    """x_res = GELU(W(LN(MHCA(x, lang)) + x)); returns (x + tanh-gate(x_res)·x_res, x_res)."""
+    """x_res = GELU(W(LN(MHCA(x, lang)) ∘ x)); returns (x + tanh-gate(x_res)·x_res, x_res).
+
+    ∘ is `op`: 'add' (CrossVLT's FusionLayer, residual inside) or 'mul' (LAVT's PWAM: the
+    attended language vector multiplies GELU(W_v x) element-wise).
+    """
 
     dim: int  # attention inner width
     num_heads: int
+    op: str = "add"
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -66,7 +72,13 @@ class GatedFusion(nn.Module):
             name="attn",
         )(t, lang, mask=lang_mask.astype(bool)[:, None, None, :])  # (B, HW, C)
         attn = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="attn_norm")(attn)
-        res = exact_gelu(nn.Dense(c, dtype=self.dtype, name="mm_proj")(attn + t))  # x_res
+        if self.op == "add":
+            mixed = attn + t
+        elif self.op == "mul":
+            mixed = attn * exact_gelu(nn.Dense(c, dtype=self.dtype, name="vis_proj")(t))
+        else:
+            raise ValueError(f"model.fusion_op must be one of {FUSION_OPS}, got {self.op!r}")
+        res = exact_gelu(nn.Dense(c, dtype=self.dtype, name="mm_proj")(mixed))  # x_res
         gate = nn.relu(nn.Dense(c, use_bias=False, dtype=self.dtype, name="gate_0")(res))
         gate = jnp.tanh(
             nn.Dense(c, use_bias=False, kernel_init=nn.initializers.zeros, dtype=self.dtype,
@@ -101,6 +113,7 @@ class FusionEncoder(nn.Module):
     swin: Any  # dict / ConfigDict for SwinTransformer.from_config
     bert: BertConfig
     fusion: str = "early"
+    fusion_op: str = "add"
     stage_layers: Sequence[int] = (6, 1, 1, 1)
     fusion_head_dim: int = 64
     fusion_min_dim: int = 256
@@ -133,7 +146,8 @@ class FusionEncoder(nn.Module):
 
     def _fusion(self, c: int) -> GatedFusion:
         dim = max(c, self.fusion_min_dim)
-        return GatedFusion(dim, max(1, dim // self.fusion_head_dim), dtype=self.dtype)
+        return GatedFusion(dim, max(1, dim // self.fusion_head_dim), op=self.fusion_op,
+                           dtype=self.dtype)
 
     def _lang_stage(self, i: int, lang: Array, mask: Array, vis: Array | None, det: bool) -> Array:
         """Language stage i+2 (i = 0..2): optional cross-attention over vis, then BERT layers."""
