@@ -102,6 +102,9 @@ def machine_info() -> dict[str, Any]:
         info["jax"] = jax.__version__
         info["jax_backend"] = jax.default_backend()
         info["jax_devices"] = [str(d) for d in jax.devices()]
+        info["device_kind"] = jax.devices()[0].device_kind
+        info["jaxlib"] = _version("jaxlib")
+        info["flax"] = _version("flax")
     except ImportError:  # pragma: no cover
         pass
     try:
@@ -112,6 +115,16 @@ def machine_info() -> dict[str, Any]:
     except ImportError:
         pass
     return info
+
+
+def _version(dist: str) -> str | None:
+    """Installed version of a distribution (None if absent)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def busy_processes(min_cpu_percent: float = 20.0) -> int:
@@ -195,8 +208,10 @@ def time_calls(
     return {name: {**summarize(ts), "first_call_s": first[name]} for name, ts in times.items()}
 
 
-def compile_jax(fn: Callable[..., Any], *args: Any) -> tuple[Any, dict[str, Any]]:
-    """`jax.jit(fn)` lowered and compiled for `args` -> (compiled, {compile_s, flops, ...}).
+def compile_jax(
+    fn: Callable[..., Any], *args: Any, **jit_kwargs: Any,
+) -> tuple[Any, dict[str, Any]]:
+    """`jax.jit(fn, **jit_kwargs)` lowered and compiled for `args` -> (compiled, {compile_s, ...}).
 
     `flops` is XLA's HloCostAnalysis count: a multiply-add is 2 flops, and elementwise ops
     (softmax, norms, GELU, ...) count too; transcendentals are reported separately.
@@ -204,7 +219,7 @@ def compile_jax(fn: Callable[..., Any], *args: Any) -> tuple[Any, dict[str, Any]
     import jax
 
     t0 = time.perf_counter()
-    lowered = jax.jit(fn).lower(*args)
+    lowered = jax.jit(fn, **jit_kwargs).lower(*args)
     t1 = time.perf_counter()
     compiled = lowered.compile()
     t2 = time.perf_counter()
@@ -226,12 +241,47 @@ def cost_of(compiled: Any) -> dict[str, float]:
     return out
 
 
-def write_result(name: str, result: Mapping[str, Any], out_dir: str | None = None) -> str:
-    """Write `result` (+ machine info under "machine_info") to `<out_dir>/<name>-<machine>.json`."""
+def memory_of(compiled: Any) -> dict[str, int] | None:
+    """XLA's buffer sizes of a compiled computation (`memory_analysis()`), None if unavailable.
+
+    `estimate_bytes` = arguments + outputs + temporaries − aliased (donated) bytes: the device
+    memory the call needs by XLA's own count, available on every backend (CPU included).
+    """
+    try:
+        m = compiled.memory_analysis()
+    except (AttributeError, NotImplementedError):  # pragma: no cover
+        return None
+    if m is None:
+        return None
+    out = {k: int(getattr(m, f"{k}_size_in_bytes", 0))
+           for k in ("argument", "output", "temp", "alias")}
+    out["estimate_bytes"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
+    return out
+
+
+def device_memory() -> dict[str, int] | None:
+    """`jax.devices()[0].memory_stats()` (bytes in use, peak, limit); None where the backend has
+    none (the CPU backend returns None)."""
+    import jax
+
+    stats = jax.devices()[0].memory_stats()
+    if not stats:
+        return None
+    keys = ("bytes_in_use", "peak_bytes_in_use", "bytes_limit")
+    return {k: int(stats[k]) for k in keys if k in stats}
+
+
+def write_result(
+    name: str, result: Mapping[str, Any], out_dir: str | None = None, tag: str = "",
+) -> str:
+    """Write `result` (+ machine info under "machine_info") to `<out_dir>/<name>-<machine>.json`.
+
+    A non-empty `tag` is appended: `<name>-<machine>-<tag>.json`.
+    """
     out_dir = out_dir or RESULTS_DIR
     os.makedirs(out_dir, exist_ok=True)
     payload = {"benchmark": name, "machine_info": machine_info(), **result}
-    path = os.path.join(out_dir, f"{name}-{machine_name()}.json")
+    path = os.path.join(out_dir, f"{name}-{machine_name()}{'-' + tag if tag else ''}.json")
     with open(path, "w") as f:
         json.dump(payload, f, indent=2, sort_keys=False, default=_json_default)
         f.write("\n")

@@ -14,6 +14,7 @@ import platform
 import tempfile
 import time
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from absl import flags
@@ -43,33 +44,55 @@ def _tokenizer(max_length: int = 21) -> Callable[[list[str]], dict[str, np.ndarr
         return call
 
 
-def train_step_rate(batch: int, image_size: int, config: str = "refcoco", steps: int = 3) -> float:
-    """Train steps/s of VIPA (paper config unless ``config='synthetic'``) at this batch and size."""
-    import jax
-
-    from configs import refcoco, synthetic
-    from vipa_jax.losses import vipa_loss
-    from vipa_jax.models.vipa import build_model
-    from vipa_jax.train import optim, step
-
-    cfg = (synthetic if config == "synthetic" else refcoco).get_config()
-    cfg.model.image_size = image_size
-    model = build_model(cfg.model)
-    length = cfg.model.max_tokens
-    rng = np.random.default_rng(0)
-    data = {
+def random_batch(batch: int, image_size: int, length: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """A training batch of random images/masks and all-[CLS] tokens (shapes are what counts)."""
+    rng = np.random.default_rng(seed)
+    return {
         "image": rng.standard_normal((batch, image_size, image_size, 3)).astype(np.float32),
         "mask": (rng.random((batch, image_size, image_size)) > 0.5).astype(np.uint8),
         "input_ids": np.full((batch, length), 101, np.int32),
         "attention_mask": np.ones((batch, length), np.int32),
         "valid": np.ones((batch,), bool),
     }
+
+
+def train_step_setup(cfg: Any, batch: int) -> tuple[Callable[..., Any], Any, dict[str, Any]]:
+    """The real VIPA train step for a full config -> (un-jitted step fn, fresh state, batch).
+
+    The state is built from random parameters (`benchmarks.model.random_variables`, no jitted
+    init) and the optimizer's `init`; jit the step with `donate_argnums=(0,)`, call it as
+    `step(state, batch, key)`.
+    """
+    import jax
+
+    from benchmarks.model import random_variables
+    from vipa_jax.losses import vipa_loss
+    from vipa_jax.models.vipa import build_model
+    from vipa_jax.train import optim, step
+
+    model = build_model(cfg.model)
+    data = random_batch(batch, cfg.model.image_size, cfg.model.max_tokens)
     abstract = jax.eval_shape(lambda k: step.init_variables(model, k, data), jax.random.key(0))
     tx, sched = optim.make_optimizer(cfg.optim, abstract["params"], total_steps=1000)
-    state = jax.jit(lambda k: step.create_train_state(model, tx, k, data))(jax.random.key(0))
+    variables = random_variables(abstract)
+    state = step.TrainState(
+        step=jax.numpy.zeros((), jax.numpy.int32), params=variables["params"],
+        batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(variables["params"]))
     trainable = optim.trainable_mask(abstract["params"], cfg.optim)
     loss = lambda out, b: vipa_loss(out, b, cfg.loss)  # noqa: E731
-    fn = jax.jit(step.make_train_step(model, loss, tx, sched, trainable), donate_argnums=(0,))
+    return step.make_train_step(model, loss, tx, sched, trainable), state, data
+
+
+def train_step_rate(batch: int, image_size: int, config: str = "refcoco", steps: int = 3) -> float:
+    """Train steps/s of VIPA (paper config unless ``config='synthetic'``) at this batch and size."""
+    import jax
+
+    from configs import refcoco, synthetic
+
+    cfg = (synthetic if config == "synthetic" else refcoco).get_config()
+    cfg.model.image_size = image_size
+    step_fn, state, data = train_step_setup(cfg, batch)
+    fn = jax.jit(step_fn, donate_argnums=(0,))
     key = jax.random.key(1)
     state, _ = jax.block_until_ready(fn(state, data, key))  # compile
     t0 = time.perf_counter()

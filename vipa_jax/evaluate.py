@@ -349,8 +349,7 @@ def make_train_evaluator(config: Any) -> Callable[[Any], dict[str, float]]:
     Uses ``config.data.eval_splits``, ``config.eval.batch_size``/``protocol`` and the training
     mesh; the model is built once and its eval step compiled once. Datasets load on first use.
     """
-    from vipa_jax.data.tokenizer import Tokenizer
-    from vipa_jax.export import vocab_for
+    from vipa_jax.data.tokenizer import Tokenizer, vocab_for
     from vipa_jax.train.loop import build_model
 
     model = build_model(config)

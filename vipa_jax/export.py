@@ -33,14 +33,13 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
-from vipa_jax.data.tokenizer import Tokenizer
+from vipa_jax.data.tokenizer import VOCAB_FILE, Tokenizer, vocab_for
 from vipa_jax.models.vipa import VIPA, build_model, init_variables
 
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 PARAMS_FILE = "params.safetensors"
-VOCAB_FILE = "vocab.txt"
 TOKENIZER_FILE = "tokenizer_config.json"
 BUNDLE_FILES = (CONFIG_FILE, PARAMS_FILE, VOCAB_FILE)
 COLLECTIONS = ("params", "batch_stats")
@@ -290,22 +289,6 @@ def _workdir_config(step_dir: Path, meta: dict[str, Any]) -> ml_collections.Conf
             return config_from_dict(json.loads(cand.read_text()))
     raise FileNotFoundError(f"no config in {step_dir / 'meta'} nor a config.json next to the "
                             "checkpoints folder")
-
-
-def vocab_for(config: Any, override: str | os.PathLike[str] | None = None) -> str:
-    """vocab.txt path: ``override``, else ``config.data.vocab``, else the BERT init folder's."""
-    if override:
-        return os.fspath(override)
-    vocab = config.data.get("vocab", "") if "data" in config else ""
-    if vocab:
-        return str(vocab)
-    init_bert = config.train.get("init_bert", "") if "train" in config else ""
-    if init_bert:
-        from vipa_jax.weights.bert import resolve_bert_folder
-
-        return os.path.join(resolve_bert_folder(str(init_bert)), VOCAB_FILE)
-    raise ValueError("no vocabulary: the config has neither data.vocab nor train.init_bert; "
-                     "pass --vocab")
 
 
 def load_checkpoint(

