@@ -1,0 +1,582 @@
+"""Issue 8's benchmark suite: VIPA inference latency, training throughput, memory, MFU, and (CPU)
+our backbones vs PyTorch — one table, one JSON, and `benchmarks/RESULTS.md`.
+
+``python -m benchmarks.run [--device cpu|gpu] [--config refcoco|synthetic] [--quick] [--iters N]``
+writes ``benchmarks/results/run-<machine>[-<gpu>]-<date>.json`` and (except with ``--quick``)
+regenerates ``benchmarks/RESULTS.md`` from every ``run-*.json`` there (``--md-only``: just that).
+
+Sections (every figure carries dtype, batch, image size and device kind, and the issue's target):
+- inference: the full VIPA forward (`train=False`), paper config (`configs/refcoco.py`: Swin-B w12
+  + BERT-base, 480×480, 21 tokens), batch 1 and 8 on GPU (1 on CPU; `--infer-batch`), float32
+  and bfloat16 compute (`model.dtype`; parameters stay float32). Compile = lower + XLA compile;
+  latency = median and p90 of `--iters` timed calls after one warm-up (`common.time_call`).
+- train: the real jitted train step (`benchmarks.input_pipeline.train_step_setup`: loss, grads,
+  AdamW update, frozen-parameter mask; state donated), with and without `model.remat`, float32
+  and bfloat16. GPU: the batch doubles from `--train-batch` until XLA runs out of memory and the
+  largest batch that fitted is reported; CPU: `--train-batch` as given. Throughput = batch /
+  median step time. Memory: XLA's `memory_analysis()` of the step (arguments + outputs + temps
+  − donated; every backend) and `jax.devices()[0].memory_stats()` (GPU only; its peak is the
+  process-wide peak so far, so it includes earlier configs and failed batch sizes).
+- MFU (GPU): model FLOPs per step / median step time / the device's peak FLOP/s for the
+  compute dtype (`PEAK_FLOPS`, keyed by `device_kind`; float32 is compared with the TF32
+  tensor-core peak, which XLA uses for float32 matmuls by default). Model FLOPs = XLA's
+  `cost_analysis()` flops of the step without remat (per image × batch, so the recomputation of
+  remat does not count); HFU uses the step's own count (recomputation included).
+- cpu_vs_torch (CPU, needs torch): `benchmarks.backbones.run` (our Swin-B and BERT-base vs
+  transformers' PyTorch models, same weights and inputs, alternating blocks) and
+  `benchmarks.model.time_forward` (the full VIPA forward vs PyTorch Swin-B + BERT-base). The
+  ratios are the figures that count; absolute CPU times depend on the load (recorded).
+
+``--quick`` = the tiny `configs/synthetic.py:test` model, 2 iterations, batch 1 inference, train
+step at batch 2 for (bfloat16, remat) only (each train-step compile costs ~20 s on 2 CPUs even
+for the tiny model): the smoke test; its timings mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import glob
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from benchmarks import common
+
+TARGETS = {
+    "gpu_inference_ms_batch1": {"float32": 41.0, "bfloat16": 15.0},  # one H100
+    "gpu_train_mfu_bfloat16": 0.40,
+    "gpu_compile_s": 60.0,
+    "cpu_full_forward_over_torch_backbones": 1.2,
+    "cpu_backbones_over_torch": 0.8,
+}
+
+# Dense peak FLOP/s per device kind (NVIDIA datasheets, no sparsity). First substring match
+# of `jax.devices()[0].device_kind` wins, so the more specific names come first.
+PEAK_FLOPS: tuple[tuple[str, dict[str, float]], ...] = (
+    ("H200", {"bfloat16": 989.4e12, "tf32": 494.7e12, "float32": 66.9e12}),
+    ("H100 PCIe", {"bfloat16": 756.5e12, "tf32": 378.0e12, "float32": 51.2e12}),
+    ("H100 NVL", {"bfloat16": 835.5e12, "tf32": 417.5e12, "float32": 60.0e12}),
+    ("H100", {"bfloat16": 989.4e12, "tf32": 494.7e12, "float32": 66.9e12}),  # SXM5
+    ("A100", {"bfloat16": 312.0e12, "tf32": 156.0e12, "float32": 19.5e12}),
+)
+
+DTYPES = ("float32", "bfloat16")
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS_MD = os.path.join(REPO_ROOT, "benchmarks", "RESULTS.md")
+
+
+def peak_flops(device_kind: str, dtype: str) -> tuple[float | None, str]:
+    """(peak FLOP/s, which peak) for a device kind and compute dtype; (None, reason) if unknown."""
+    for key, peaks in PEAK_FLOPS:
+        if key.lower() in device_kind.lower():
+            which = "tf32" if dtype == "float32" else dtype
+            return peaks[which], f"{key} {which} dense"
+    return None, f"no peak FLOP/s for {device_kind!r}"
+
+
+def load_config(name: str, quick: bool) -> Any:
+    """The full config: `configs/<name>.py`, or the tiny `synthetic:test` with quick."""
+    from configs import refcoco, synthetic
+
+    if quick:
+        return synthetic.get_config("test")
+    return (synthetic if name == "synthetic" else refcoco).get_config()
+
+
+def _with(cfg: Any, **model: Any) -> Any:
+    out = copy.deepcopy(cfg)
+    for k, v in model.items():
+        setattr(out.model, k, v)
+    return out
+
+
+def _is_oom(err: BaseException) -> bool:
+    text = str(err).lower()
+    return "resource_exhausted" in text or "out of memory" in text
+
+
+# ------------------------------------------------------------------------------------------
+# inference
+# ------------------------------------------------------------------------------------------
+
+
+def inference_section(
+    cfg: Any, dtypes: Sequence[str], batches: Sequence[int], iters: int,
+) -> tuple[list[dict[str, Any]], dict[tuple[str, int], Any], Any]:
+    """Compile + time the full forward per (dtype, batch) -> (entries, compiled fns, variables)."""
+    import jax
+
+    from benchmarks.input_pipeline import random_batch
+    from benchmarks.model import random_variables
+    from vipa_jax.models.vipa import build_model, init_variables
+
+    m = cfg.model
+    shapes = jax.eval_shape(
+        lambda k: init_variables(build_model(m), k, m.image_size, m.max_tokens),
+        jax.random.key(0))
+    variables = random_variables(shapes)
+    entries, compiled_fns = [], {}
+    for dtype in dtypes:
+        model = build_model(_with(cfg, dtype=dtype).model)
+
+        def fwd(v: Any, im: Any, ids: Any, mask: Any, model: Any = model) -> Any:
+            return model.apply(v, im, ids, mask, train=False)["logits"]
+
+        for batch in batches:
+            data = random_batch(batch, m.image_size, m.max_tokens)
+            args = (variables, *jax.device_put(  # on the device: no transfer in the timings
+                (data["image"], data["input_ids"], data["attention_mask"])))
+            compiled, info = common.compile_jax(fwd, *args)
+            load = common.load_snapshot()
+            t = common.time_call(lambda c=compiled, a=args: c(*a), iters=iters, warmup=1)
+            entry = {
+                "dtype": dtype, "batch": batch, "image_size": m.image_size,
+                "tokens": m.max_tokens, "compile_s": info["lower_s"] + info["compile_s"],
+                "lower_s": info["lower_s"], "xla_compile_s": info["compile_s"],
+                "xla_flops": info["flops"], "median_ms": t["median_s"] * 1e3,
+                "p90_ms": t["p90_s"] * 1e3, "min_ms": t["min_s"] * 1e3, "n": t["n"],
+                "first_call_s": t["first_call_s"], "xla_memory": common.memory_of(compiled),
+                "load_before": load,
+            }
+            entries.append(entry)
+            compiled_fns[(dtype, batch)] = compiled
+            print(f"  inference {dtype:8s} batch {batch}: compile {entry['compile_s']:.1f} s, "
+                  f"median {entry['median_ms']:.1f} ms (p90 {entry['p90_ms']:.1f})", flush=True)
+    return entries, compiled_fns, shapes
+
+
+# ------------------------------------------------------------------------------------------
+# training
+# ------------------------------------------------------------------------------------------
+
+
+def train_one(cfg: Any, batch: int, iters: int) -> dict[str, Any]:
+    """Compile the train step for this config and batch, run 1 + `iters` steps, time them."""
+    import jax
+    import numpy as np
+
+    from benchmarks.input_pipeline import train_step_setup
+
+    step_fn, state, data = train_step_setup(cfg, batch)
+    data = jax.device_put(data)  # on the device: no host transfer in the timings
+    key = jax.random.key(1)
+    compiled, info = common.compile_jax(step_fn, state, data, key, donate_argnums=(0,))
+    t0 = time.perf_counter()
+    state, metrics = jax.block_until_ready(compiled(state, data, key))
+    first = time.perf_counter() - t0
+    load = common.load_snapshot()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        state, metrics = jax.block_until_ready(compiled(state, data, key))
+        times.append(time.perf_counter() - t0)
+    s = common.summarize(times)
+    loss = float(np.asarray(metrics["loss"]))
+    del state
+    return {
+        "batch": batch, "image_size": cfg.model.image_size, "tokens": cfg.model.max_tokens,
+        "compile_s": info["lower_s"] + info["compile_s"], "lower_s": info["lower_s"],
+        "xla_compile_s": info["compile_s"], "xla_flops_per_step": info["flops"],
+        "first_step_s": first, "step_median_ms": s["median_s"] * 1e3,
+        "step_p90_ms": s["p90_s"] * 1e3, "step_min_ms": s["min_s"] * 1e3, "n": s["n"],
+        "images_per_s": batch / s["median_s"], "loss": loss,
+        "finite": bool(np.isfinite(loss) and float(np.asarray(metrics["finite"])) > 0),
+        "xla_memory": common.memory_of(compiled), "device_memory": common.device_memory(),
+        "load_before": load,
+    }
+
+
+def train_section(
+    cfg: Any, configs: Sequence[tuple[str, bool]], batch: int, iters: int, search: bool,
+    max_batch: int, device_kind: str,
+) -> list[dict[str, Any]]:
+    """Train-step throughput per (dtype, remat); with `search`, the largest batch that fits."""
+    entries: list[dict[str, Any]] = []
+    for dtype, remat in configs:
+        c = _with(cfg, dtype=dtype, remat=remat)
+        tried: list[dict[str, Any]] = []
+        best, b = None, batch
+        while b <= max_batch:
+            try:
+                best = train_one(c, b, iters)
+            except Exception as err:  # noqa: BLE001 - only out-of-memory ends the search
+                if not (search and _is_oom(err)) or best is None and b == batch:
+                    raise
+                tried.append({"batch": b, "error": "out of memory"})
+                gc.collect()
+                break
+            tried.append({"batch": b, "images_per_s": best["images_per_s"]})
+            print(f"  train {dtype:8s} remat={remat!s:5s} batch {b}: compile "
+                  f"{best['compile_s']:.1f} s, step {best['step_median_ms']:.1f} ms, "
+                  f"{best['images_per_s']:.2f} img/s", flush=True)
+            if not search:
+                break
+            b *= 2
+            gc.collect()
+        assert best is not None
+        entries.append({"dtype": dtype, "remat": remat, "batch_search": search,
+                        "batches_tried": tried, **best})
+    _add_mfu(entries, device_kind)
+    return entries
+
+
+def _add_mfu(entries: list[dict[str, Any]], device_kind: str) -> None:
+    """MFU (model FLOPs: the no-remat step's, per image) and HFU (the step's own count)."""
+    gpu = device_kind.lower() != "cpu"
+    per_image = {e["dtype"]: e["xla_flops_per_step"] / e["batch"]
+                 for e in entries if not e["remat"]}
+    for e in entries:
+        own = e["xla_flops_per_step"]
+        model_flops = per_image.get(e["dtype"], own / e["batch"]) * e["batch"]
+        e["model_flops_per_step"] = model_flops
+        e["model_flops_source"] = ("no-remat step of this dtype, per image x batch"
+                                   if e["dtype"] in per_image else "this step (remat included)")
+        peak, which = peak_flops(device_kind, e["dtype"]) if gpu else (None, "n/a on CPU")
+        e["peak_flops"], e["peak_flops_source"] = peak, which
+        seconds = e["step_median_ms"] / 1e3
+        e["mfu"] = model_flops / seconds / peak if peak else None
+        e["hfu"] = own / seconds / peak if peak else None
+        e["achieved_tflops"] = model_flops / seconds / 1e12
+
+
+# ------------------------------------------------------------------------------------------
+# CPU: ours vs PyTorch
+# ------------------------------------------------------------------------------------------
+
+
+def cpu_vs_torch(
+    cfg: Any, config_name: str, quick: bool, iters: int, compiled_f32_b1: Any, shapes: Any,
+) -> dict[str, Any]:
+    """Backbones (Swin, BERT) and full VIPA forward vs PyTorch backbones, batch 1 float32."""
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError:
+        return {"skipped": "torch / transformers not installed"}
+    if config_name != "refcoco" and not quick:
+        return {"skipped": "the PyTorch baselines are Swin-B + BERT-base: use --config refcoco"}
+    from benchmarks import backbones, model
+
+    bb = backbones.run(quick=quick, iters=iters, write=False)
+
+    def pair(ours: dict[str, Any], ref: dict[str, Any]) -> dict[str, Any]:
+        return {"ours_median_ms": ours["median_s"] * 1e3, "ours_p90_ms": ours["p90_s"] * 1e3,
+                "torch_median_ms": ref["median_s"] * 1e3, "torch_p90_ms": ref["p90_s"] * 1e3,
+                "n": ours["n"]}
+
+    out: dict[str, Any] = {"backbones": {
+        r["name"]: {**pair(r["jax"], r["torch"]), "ratio": r["ratio_ours_over_torch"],
+                    "ratio_of_min_times": r["ratio_of_min_times"],
+                    "max_abs_diff": r["max_abs_diff"]}
+        for r in bb["results"]}}
+    if compiled_f32_b1 is None:
+        out["full_forward"] = {"skipped": "needs the float32 batch-1 inference entry"}
+        return out
+    t = model.time_forward(compiled_f32_b1, shapes, cfg.model, iters, True, quick)
+    out["full_forward"] = {**pair(t["vipa_jax"], t["torch_swin_bert"]),
+                           "ratio": t["ratio_vipa_over_torch_backbones"],
+                           "load_before": t["load_before"]}
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# figures: one row per number, with its labels and target
+# ------------------------------------------------------------------------------------------
+
+
+def _ms(x: float) -> str:
+    return f"{x:.0f}" if x >= 100 else f"{x:.1f}" if x >= 1 else f"{x:.3f}"
+
+
+def _status(value: float | None, target: float | None, higher_is_better: bool, gpu: bool,
+            gpu_target: bool) -> str:
+    if value is None or target is None:
+        return "n/a"
+    if gpu_target and not gpu:
+        return "n/a (GPU target)"
+    ok = value >= target if higher_is_better else value <= target
+    return "meets" if ok else "misses"
+
+
+def figures(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every reported number as a labelled row: figure, dtype, batch, size, device, value, p90,
+    target, status."""
+    device = result["device_kind"]
+    gpu = result["backend"] == "gpu"
+    rows: list[dict[str, Any]] = []
+
+    def add(fig: str, dtype: str, batch: Any, size: Any, value: str, p90: str = "",
+            target: str = "", status: str = "") -> None:
+        rows.append({"figure": fig, "dtype": dtype, "batch": batch, "image_size": size,
+                     "device": device, "value": value, "p90": p90, "target": target,
+                     "status": status or "n/a"})
+
+    for e in result.get("inference", []):
+        tgt = TARGETS["gpu_inference_ms_batch1"].get(e["dtype"]) if e["batch"] == 1 else None
+        add("inference latency (median)", e["dtype"], e["batch"], e["image_size"],
+            f"{_ms(e['median_ms'])} ms", f"{_ms(e['p90_ms'])} ms",
+            f"<= {tgt:g} ms (H100)" if tgt else "",
+            _status(e["median_ms"], tgt, False, gpu, True))
+        add("inference compile", e["dtype"], e["batch"], e["image_size"],
+            f"{e['compile_s']:.1f} s", target=f"<= {TARGETS['gpu_compile_s']:g} s (GPU)",
+            status=_status(e["compile_s"], TARGETS["gpu_compile_s"], False, gpu, True))
+    for e in result.get("train", []):
+        name = f"train, remat {'on' if e['remat'] else 'off'}"
+        add(f"{name}: throughput", e["dtype"], e["batch"], e["image_size"],
+            f"{e['images_per_s']:.2f} img/s")
+        add(f"{name}: step time (median)", e["dtype"], e["batch"], e["image_size"],
+            f"{_ms(e['step_median_ms'])} ms", f"{_ms(e['step_p90_ms'])} ms")
+        add(f"{name}: compile", e["dtype"], e["batch"], e["image_size"],
+            f"{e['compile_s']:.1f} s", target=f"<= {TARGETS['gpu_compile_s']:g} s (GPU)",
+            status=_status(e["compile_s"], TARGETS["gpu_compile_s"], False, gpu, True))
+        dm = e.get("device_memory")
+        peak = (f"{dm['peak_bytes_in_use'] / 2**30:.2f} GiB (process peak)"
+                if dm and "peak_bytes_in_use" in dm else "n/a (CPU: no memory_stats)")
+        xm = e.get("xla_memory")
+        add(f"{name}: peak device memory", e["dtype"], e["batch"], e["image_size"], peak,
+            f"XLA estimate {xm['estimate_bytes'] / 2**30:.2f} GiB" if xm else "")
+        mfu_target = TARGETS["gpu_train_mfu_bfloat16"] if e["dtype"] == "bfloat16" else None
+        add(f"{name}: MFU", e["dtype"], e["batch"], e["image_size"],
+            f"{100 * e['mfu']:.1f}%" if e.get("mfu") is not None else "n/a (CPU)",
+            f"HFU {100 * e['hfu']:.1f}%" if e.get("hfu") is not None else "",
+            f">= {100 * mfu_target:.0f}% (GPU)" if mfu_target else "",
+            _status(e.get("mfu"), mfu_target, True, gpu, True))
+    cvt = result.get("cpu_vs_torch") or {}
+    busy = (result.get("load_start") or {}).get("busy_other_processes", 0) > 0
+    caveat = " (machine busy: unreliable)" if busy else ""
+    for name, r in (cvt.get("backbones") or {}).items():
+        add(f"{name} forward: ours / PyTorch", "float32", 1, result["inference_image_size"],
+            f"{r['ratio']:.2f}x ({_ms(r['ours_median_ms'])} vs {_ms(r['torch_median_ms'])} ms)",
+            target=f"<= {TARGETS['cpu_backbones_over_torch']:g}x",
+            status=_status(r["ratio"], TARGETS["cpu_backbones_over_torch"], False, gpu, False)
+            + caveat)
+    ff = cvt.get("full_forward") or {}
+    if "ratio" in ff:
+        add("full VIPA forward / PyTorch Swin+BERT", "float32", 1,
+            result["inference_image_size"],
+            f"{ff['ratio']:.2f}x ({_ms(ff['ours_median_ms'])} vs {_ms(ff['torch_median_ms'])} ms)",
+            target=f"<= {TARGETS['cpu_full_forward_over_torch_backbones']:g}x",
+            status=_status(ff["ratio"], TARGETS["cpu_full_forward_over_torch_backbones"], False,
+                           gpu, False) + caveat)
+    return rows
+
+
+FIG_COLUMNS = ("figure", "dtype", "batch", "image_size", "device", "value", "p90", "target",
+               "status")
+
+
+def print_figures(result: dict[str, Any]) -> None:
+    rows = [[r[c] for c in FIG_COLUMNS] for r in figures(result)]
+    common.print_table(rows, ["figure", "dtype", "batch", "size", "device", "value", "p90 / note",
+                              "target", "status"],
+                       title=f"VIPA benchmark suite ({result['config']}) on "
+                             f"{result['machine_info']['machine']}, {result['device_kind']}, "
+                             f"{result['iters']} timed runs each")
+
+
+# ------------------------------------------------------------------------------------------
+# RESULTS.md from the JSON results
+# ------------------------------------------------------------------------------------------
+
+
+def latest_results(results_dir: str) -> dict[str, dict[str, Any]]:
+    """{backend: the newest non-quick run-*.json result} in a folder."""
+    latest: dict[str, dict[str, Any]] = {}
+    for path in glob.glob(os.path.join(results_dir, "run-*.json")):
+        with open(path) as f:
+            r = json.load(f)
+        if r.get("benchmark") != "run" or r.get("quick"):
+            continue
+        r["_file"] = os.path.basename(path)
+        b = r["backend"]
+        if b not in latest or r["machine_info"]["time_utc"] > latest[b]["machine_info"]["time_utc"]:
+            latest[b] = r
+    return latest
+
+
+def _md_table(rows: list[dict[str, Any]]) -> list[str]:
+    head = ["figure", "dtype", "batch", "size", "value", "p90 / note", "target", "status"]
+    cols = [c for c in FIG_COLUMNS if c != "device"]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    out += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
+    return out
+
+
+def _md_section(r: dict[str, Any]) -> list[str]:
+    mi = r["machine_info"]
+    versions = ", ".join(f"{k} {mi[k]}" for k in ("python", "jax", "jaxlib", "flax", "torch")
+                         if mi.get(k))
+    lines = [
+        f"Machine `{mi['machine']}`: {r['device_kind']}"
+        + (f" ({mi['processor']}, {mi['cpus_used']} of {mi['cpu_count']} CPUs)"
+           if r["backend"] == "cpu" else f" (host: {mi['processor']})") + ".",
+        f"Versions: {versions}. Commit `{mi['git_commit']}`"
+        + (" (with uncommitted changes)" if mi.get("git_dirty") else "")
+        + f", {mi['time_utc']}; file `benchmarks/results/{r['_file']}`.",
+        f"Config `{r['config']}`; {r['iters']} timed runs per figure; command: "
+        f"`{r['command']}`.",
+        f"Load at the start (1-min load average, other busy processes): "
+        f"{mi.get('loadavg_1_5_15', ['?'])[0]}, {r['load_start']['busy_other_processes']}.",
+        "",
+        *_md_table(figures(r)),
+    ]
+    notes = list(r.get("notes") or [])
+    if r["load_start"].get("busy_other_processes", 0) > 0:
+        notes.append("Other processes were busy during this run: absolute times are inflated, and "
+                     "PyTorch's thread pool suffers far more from contention than XLA's, so the "
+                     "ours/PyTorch ratios favour us; rerun on an idle machine for those ratios.")
+    if notes:
+        lines += ["", *[f"- {n}" for n in notes]]
+    return lines
+
+
+def write_markdown(results_dir: str, path: str) -> str:
+    """Regenerate RESULTS.md from the newest CPU and GPU results in `results_dir`."""
+    latest = latest_results(results_dir)
+    lines = [
+        "# VIPA benchmark results",
+        "",
+        "Generated by `python -m benchmarks.run` from `benchmarks/results/run-*.json` (do not "
+        "edit by hand; `python -m benchmarks.run --md-only` regenerates it). Methodology: the "
+        "docstring of `benchmarks/run.py`. Targets (issue 8): GPU inference <= 41 ms float32 / "
+        "<= 15 ms bfloat16 at batch 1 on one H100, training >= 40% MFU in bfloat16, compile "
+        "<= 60 s; CPU full forward <= 1.2x PyTorch Swin-B+BERT, backbones <= 0.8x PyTorch.",
+        "",
+    ]
+    for backend, title in (("gpu", "GPU"), ("cpu", "CPU")):
+        lines += [f"## {title}", ""]
+        if backend in latest:
+            lines += _md_section(latest[backend])
+        else:
+            lines.append(f"No {title} run yet: `python -m benchmarks.run --device {backend}`.")
+        lines.append("")
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+    return path
+
+
+# ------------------------------------------------------------------------------------------
+# main
+# ------------------------------------------------------------------------------------------
+
+
+def run(a: argparse.Namespace) -> dict[str, Any]:
+    import jax
+
+    backend = jax.default_backend()
+    if a.device == "gpu" and backend != "gpu":
+        raise SystemExit(f"--device gpu but JAX's backend is {backend!r}")
+    device_kind = jax.devices()[0].device_kind
+    gpu = backend == "gpu"
+    cfg = load_config(a.config, a.quick)
+    iters = a.iters or (2 if a.quick else 20 if gpu else 5)
+    infer_batches = a.infer_batch or ([1] if a.quick or not gpu else [1, 8])
+    train_batch = a.train_batch or (2 if a.quick or not gpu else 8)
+    search = gpu and not a.no_search
+    if a.quick and not a.train_configs:
+        train_configs = [("bfloat16", True)]
+    else:
+        train_configs = [(d, r) for r in (False, True) for d in a.dtypes]
+        if a.train_configs:
+            train_configs = [(d, r == "on") for d, r in (s.split(":") for s in a.train_configs)]
+    config_name = "synthetic:test" if a.quick else a.config
+    notes: list[str] = []
+    print(f"{config_name} on {backend} ({device_kind}); {iters} timed runs", flush=True)
+
+    result: dict[str, Any] = {
+        "quick": a.quick, "config": config_name, "backend": backend, "device_kind": device_kind,
+        "iters": iters, "command": "python -m benchmarks.run " + " ".join(sys.argv[1:]),
+        "targets": TARGETS, "load_start": common.load_snapshot(),
+        "inference_image_size": cfg.model.image_size,
+    }
+    compiled, shapes = {}, None
+    if not a.no_infer:
+        result["inference"], compiled, shapes = inference_section(
+            cfg, a.dtypes, infer_batches, iters)
+    if not a.no_train:
+        tcfg = copy.deepcopy(cfg)
+        if a.train_image_size:
+            tcfg.model.image_size = a.train_image_size
+            notes.append(f"train step at {a.train_image_size}x{a.train_image_size}, not the "
+                         f"config's {cfg.model.image_size}x{cfg.model.image_size}.")
+        result["train"] = train_section(tcfg, train_configs, train_batch, iters, search,
+                                        a.max_train_batch, device_kind)
+        if not gpu:
+            notes.append("CPU: fixed train batch (no search); peak device memory n/a because "
+                         "the CPU backend has no memory_stats(); the XLA estimate is "
+                         "memory_analysis() of the step; MFU n/a on CPU.")
+    if gpu:
+        result["cpu_vs_torch"] = {"skipped": "CPU-only section"}
+    elif a.no_torch:
+        result["cpu_vs_torch"] = {"skipped": "--no-torch"}
+    else:
+        result["cpu_vs_torch"] = cpu_vs_torch(cfg, a.config, a.quick, iters,
+                                              compiled.get(("float32", 1)), shapes)
+    if "skipped" in result["cpu_vs_torch"]:
+        notes.append(f"ours vs PyTorch: {result['cpu_vs_torch']['skipped']}.")
+    result["notes"] = notes
+    result["load_end"] = common.load_snapshot()
+    print_figures({**result, "machine_info": common.machine_info()})
+    for n in notes:
+        print("note:", n)
+    date = time.strftime("%Y-%m-%d", time.gmtime())
+    tag = date if not gpu else f"{_slug(device_kind)}-{date}"
+    result["path"] = common.write_result("run", result, a.out, tag=tag)
+    print("wrote", result["path"])
+    return result
+
+
+def _slug(text: str) -> str:
+    return "".join(ch if ch.isalnum() else "_" for ch in text.lower()).strip("_")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
+    p.add_argument("--config", choices=("refcoco", "synthetic"), default="refcoco")
+    p.add_argument("--quick", action="store_true", help="tiny synthetic:test model, 2 iterations")
+    p.add_argument("--iters", type=int, default=None,
+                   help="timed runs per figure (default: 20 on GPU, 5 on CPU, 2 with --quick)")
+    p.add_argument("--dtypes", nargs="+", choices=DTYPES, default=list(DTYPES))
+    p.add_argument("--infer-batch", type=int, nargs="+", default=None,
+                   help="inference batches (default: 1 8 on GPU, 1 on CPU)")
+    p.add_argument("--train-batch", type=int, default=None,
+                   help="train batch (CPU, default 2) or the GPU search's first batch (default 8)")
+    p.add_argument("--max-train-batch", type=int, default=1024)
+    p.add_argument("--no-search", action="store_true", help="GPU: time --train-batch only")
+    p.add_argument("--train-image-size", type=int, default=None,
+                   help="train step at this size instead of the config's (labelled)")
+    p.add_argument("--train-configs", nargs="+", default=None, metavar="DTYPE:on|off",
+                   help="train (dtype, remat) pairs, e.g. float32:off bfloat16:on "
+                        "(default: every --dtypes with remat off and on)")
+    p.add_argument("--no-infer", action="store_true")
+    p.add_argument("--no-train", action="store_true")
+    p.add_argument("--no-torch", action="store_true", help="skip the CPU PyTorch comparison")
+    p.add_argument("--threads", type=int, default=None, help="pin to this many CPUs")
+    p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    p.add_argument("--md", default=None,
+                   help="RESULTS.md path (default benchmarks/RESULTS.md; not written by --quick "
+                        "unless given)")
+    p.add_argument("--md-only", action="store_true", help="regenerate RESULTS.md and exit")
+    a = p.parse_args(argv)
+    out_dir = a.out or common.RESULTS_DIR
+    if a.md_only:
+        print("wrote", write_markdown(out_dir, a.md or RESULTS_MD))
+        return
+    if a.device == "cpu":
+        os.environ["JAX_PLATFORMS"] = "cpu"  # before jax is imported
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if a.threads:
+        common.pin_cpus(a.threads)
+    run(a)
+    if a.md or not a.quick:
+        print("wrote", write_markdown(out_dir, a.md or RESULTS_MD))
+
+
+if __name__ == "__main__":
+    main()

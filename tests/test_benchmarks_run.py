@@ -1,0 +1,123 @@
+"""`python -m benchmarks.run --quick` end to end (tiny model), and its figures / RESULTS.md."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    out = tmp_path_factory.mktemp("run")
+    md = out / "RESULTS.md"
+    # Unoptimized XLA code compiles ~2x faster; quick timings are not figures anyway.
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1",
+           "XLA_FLAGS": "--xla_backend_optimization_level=0"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--quick", "--device", "cpu",
+         "--out", str(out), "--md", str(md)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    files = list(out.glob("run-*.json"))
+    assert len(files) == 1, files
+    assert "VIPA benchmark suite" in proc.stdout  # the one table was printed
+    return json.loads(files[0].read_text()), md
+
+
+def test_quick_json_sections(quick_run: tuple[dict, Path]) -> None:
+    res, _ = quick_run
+    info = res["machine_info"]
+    for key in ("machine", "processor", "cpu_count", "git_commit", "jax", "device_kind"):
+        assert info.get(key), key
+    assert res["benchmark"] == "run" and res["quick"] is True
+    assert res["config"] == "synthetic:test" and res["backend"] == "cpu"
+    assert res["targets"]["gpu_inference_ms_batch1"] == {"float32": 41.0, "bfloat16": 15.0}
+
+    inf = {(e["dtype"], e["batch"]): e for e in res["inference"]}
+    assert set(inf) == {("float32", 1), ("bfloat16", 1)}
+    for e in inf.values():
+        assert e["compile_s"] > 0 and e["xla_flops"] > 0 and e["n"] == 2
+        assert 0 < e["median_ms"] <= e["p90_ms"]
+
+    (tr,) = res["train"]
+    assert (tr["dtype"], tr["remat"], tr["batch"]) == ("bfloat16", True, 2)
+    assert tr["finite"] and tr["images_per_s"] > 0 and tr["compile_s"] > 0
+    assert tr["xla_flops_per_step"] > 0 and tr["model_flops_per_step"] > 0
+    assert tr["images_per_s"] == pytest.approx(2 / (tr["step_median_ms"] / 1e3))
+    assert tr["xla_memory"]["estimate_bytes"] > 0
+    assert tr["device_memory"] is None and tr["mfu"] is None  # CPU: n/a
+
+    cvt = res["cpu_vs_torch"]
+    if "skipped" in cvt:  # no torch in this environment
+        assert "torch" in cvt["skipped"]
+        return
+    names = list(cvt["backbones"])
+    assert names[0].startswith("swin-") and names[1].startswith("bert-")
+    for r in (*cvt["backbones"].values(), cvt["full_forward"]):
+        assert r["ratio"] > 0 and r["ours_median_ms"] > 0 and r["torch_median_ms"] > 0
+    assert max(r["max_abs_diff"] for r in cvt["backbones"].values()) < 1e-3
+
+
+def test_quick_figures_labelled(quick_run: tuple[dict, Path]) -> None:
+    from benchmarks.run import figures
+
+    res, md = quick_run
+    rows = figures(res)
+    assert all(r["device"] == "cpu" and r["dtype"] in ("float32", "bfloat16") for r in rows)
+    by_fig = {(r["figure"], r["dtype"]): r for r in rows}
+    lat = by_fig[("inference latency (median)", "float32")]
+    assert lat["target"] == "<= 41 ms (H100)" and lat["status"] == "n/a (GPU target)"
+    assert by_fig[("inference latency (median)", "bfloat16")]["target"] == "<= 15 ms (H100)"
+    assert by_fig[("train, remat on: MFU", "bfloat16")]["value"] == "n/a (CPU)"
+    assert by_fig[("train, remat on: peak device memory", "bfloat16")]["value"].startswith("n/a")
+    # the quick run is not a result: RESULTS.md from that folder says there is no run yet
+    text = md.read_text()
+    assert "No GPU run yet" in text and "No CPU run yet" in text
+
+
+def test_markdown_and_mfu_from_results(tmp_path: Path) -> None:
+    """A non-quick CPU result and a GPU result -> both sections, MFU against the H100 peak."""
+    from benchmarks.run import _add_mfu, peak_flops, write_markdown
+
+    assert peak_flops("NVIDIA H100 80GB HBM3", "bfloat16")[0] == 989.4e12
+    assert peak_flops("NVIDIA H100 PCIe", "float32")[0] == 378.0e12  # TF32 tensor cores
+    assert peak_flops("NVIDIA A100-SXM4-80GB", "bfloat16")[0] == 312.0e12
+    assert peak_flops("cpu", "bfloat16")[0] is None
+
+    def train(dtype: str, remat: bool, flops: float, ms: float) -> dict:
+        return {"dtype": dtype, "remat": remat, "batch": 8, "image_size": 480,
+                "xla_flops_per_step": flops, "step_median_ms": ms, "step_p90_ms": ms,
+                "images_per_s": 8 / (ms / 1e3), "compile_s": 30.0,
+                "device_memory": {"peak_bytes_in_use": 2**34}, "xla_memory": None}
+
+    entries = [train("bfloat16", False, 4e14, 1000.0), train("bfloat16", True, 5e14, 1000.0)]
+    _add_mfu(entries, "NVIDIA H100 80GB HBM3")
+    assert entries[0]["mfu"] == pytest.approx(4e14 / 989.4e12)
+    # remat: model FLOPs are the no-remat step's; HFU counts the recomputation
+    assert entries[1]["mfu"] == pytest.approx(4e14 / 989.4e12)
+    assert entries[1]["hfu"] == pytest.approx(5e14 / 989.4e12)
+
+    machine = {"machine": "box", "processor": "x", "cpus_used": 2, "cpu_count": 2,
+               "python": "3.11", "jax": "0.10.2", "git_commit": "abc1234",
+               "time_utc": "2026-01-01T00:00:00Z", "loadavg_1_5_15": [0.5, 0.5, 0.5]}
+    gpu = {"benchmark": "run", "quick": False, "backend": "gpu", "config": "refcoco",
+           "device_kind": "NVIDIA H100 80GB HBM3", "iters": 20, "command": "c",
+           "load_start": {"busy_other_processes": 0}, "inference_image_size": 480,
+           "machine_info": machine, "train": entries,
+           "inference": [{"dtype": "float32", "batch": 1, "image_size": 480, "median_ms": 50.0,
+                          "p90_ms": 52.0, "compile_s": 70.0}]}
+    (tmp_path / "run-box-nvidia_h100-2026-01-01.json").write_text(json.dumps(gpu))
+    text = Path(write_markdown(str(tmp_path), str(tmp_path / "R.md"))).read_text()
+    assert "No CPU run yet" in text and "No GPU run yet" not in text
+    assert "| inference latency (median) | float32 | 1 | 480 | 50.0 ms |" in text
+    assert "misses" in text  # 50 ms > 41 ms and 70 s > 60 s
+    assert "| train, remat off: MFU | bfloat16 | 8 | 480 | 40.4% |" in text
+    assert "meets" in text  # 40.4% >= 40%
