@@ -231,7 +231,7 @@ def _step_dirs(ckpt_dir: Path) -> dict[int, Path]:
 
 def find_step_dir(path: str | os.PathLike[str], step: int | None = None) -> Path:
     """A step folder from a workdir, its ``checkpoints`` folder, or a step folder itself."""
-    p = Path(path)
+    p = Path(path).absolute()  # orbax refuses relative paths
     if (p / "state").is_dir():
         if step is not None and p.name.isdigit() and int(p.name) != step:
             raise ValueError(f"{p} is the checkpoint of step {p.name}, not {step}")
