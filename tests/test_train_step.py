@@ -224,6 +224,42 @@ def test_init_pretrained_bert_from_fixture():
         loop.init_pretrained(params, cfg)
 
 
+def test_init_pretrained_later_stage_layers_from_pretrained():
+    """lang_later_from_pretrained: stage-2 BERT layer starts from pretrained layer 1 (exact)."""
+    from flax.serialization import msgpack_restore
+
+    from configs.synthetic import get_config
+    from vipa_jax.models.vipa import build_model, init_variables
+
+    folder = ROOT / "tests" / "fixtures" / "tiny_bert_flax"
+    cfg = get_config("test")
+    cfg.model.bert.update(dict(hidden_size=32, num_attention_heads=4, intermediate_size=37,
+                               num_hidden_layers=2))
+    cfg.model.lang_stage_layers = (1, 1, 0, 0)  # stage 1 = pretrained layer 0
+    cfg.model.lang_later_from_pretrained = True
+    cfg.model.image_size = 32
+    model = build_model(cfg.model)
+    params = jax.device_get(jax.jit(
+        lambda: init_variables(model, jax.random.key(0), 32, cfg.model.max_tokens))()["params"])
+    cfg.train.init_bert = str(folder)
+    out = loop.init_pretrained(params, cfg)
+    ref = msgpack_restore((folder / "flax_model.msgpack").read_bytes())
+    ref = ref.get("bert", ref)["encoder"]["layer"]["1"]
+    got = out["encoder"]["lang_layers_0_0"]
+    for path in (("attention", "self", "query", "kernel"), ("output", "LayerNorm", "scale"),
+                 ("intermediate", "dense", "bias")):
+        a, b = got, ref
+        for k in path:
+            a, b = a[k], b[k]
+        np.testing.assert_array_equal(a, b, err_msg="/".join(path))
+    assert sorted(out["encoder"]["text_encoder"]["encoder"]["layer"]) == ["0"]
+    # without the switch the new layer keeps its random init
+    cfg.model.lang_later_from_pretrained = False
+    out2 = loop.init_pretrained(params, cfg)
+    np.testing.assert_array_equal(out2["encoder"]["lang_layers_0_0"]["output"]["dense"]["kernel"],
+                                  params["encoder"]["lang_layers_0_0"]["output"]["dense"]["kernel"])
+
+
 def test_loop_writes_overlay_images(tmp_path):
     """image_fn output lands in TensorBoard; overlays are uint8 with a caption strip."""
     cfg = _tiny_cfg()

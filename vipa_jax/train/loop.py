@@ -135,7 +135,7 @@ def init_pretrained(params: dict, config: Any) -> dict:
         params = _set_subtree(params, where, loaded)
     if bert:
         try:
-            from vipa_jax.weights.bert import load_bert_params
+            from vipa_jax.weights.bert import load_bert_layer, load_bert_params, read_checkpoint
         except ImportError as e:
             raise RuntimeError(f"config.train.init_bert={bert!r} but the BERT loader "
                                f"(vipa_jax.weights.bert) cannot be imported: {e}") from e
@@ -147,16 +147,16 @@ def init_pretrained(params: dict, config: Any) -> dict:
         params = _set_subtree(params, where, loaded)
         log.info("BERT weights from %s: embeddings + %d layers", folder, n)
         if config.model.get("lang_later_from_pretrained", False):
+            # stages 2-4's new BERT layers start from pretrained layers n, n+1, ... in order
             enc_path = where.rsplit("/", 1)[0] if "/" in where else ""
-            enc = _subtree(params, enc_path) if enc_path else params
+            flat = read_checkpoint(folder)  # read once for every layer
             src = n
             for i, count in enumerate(tuple(config.model.lang_stage_layers)[1:]):
                 for j in range(count):
-                    name = f"lang_layers_{i}_{j}"
-                    tgt = {"encoder": {"layer": {str(src): enc[name]}}}
-                    got, _ = load_bert_params(folder, tgt, layers={src: src})
-                    full = f"{enc_path}/{name}" if enc_path else name
-                    params = _set_subtree(params, full, got["encoder"]["layer"][str(src)])
+                    full = f"{enc_path}/lang_layers_{i}_{j}" if enc_path else f"lang_layers_{i}_{j}"
+                    params = _set_subtree(
+                        params, full, load_bert_layer(flat, src, _subtree(params, full)))
+                    log.info("BERT layer %d -> %s", src, full)
                     src += 1
     return params
 
