@@ -34,6 +34,7 @@ import numpy as np
 from flax import traverse_util
 
 from vipa_jax.data.tokenizer import VOCAB_FILE, Tokenizer, vocab_for
+from vipa_jax.defaults import with_defaults
 from vipa_jax.models.vipa import VIPA, build_model, init_variables
 
 log = logging.getLogger(__name__)
@@ -128,8 +129,8 @@ def abstract_variables(model: VIPA, config: Any) -> Any:
 
 # --- configs -------------------------------------------------------------------------------
 def config_from_dict(d: dict[str, Any]) -> ml_collections.ConfigDict:
-    """A JSON-decoded config dict -> ConfigDict."""
-    return ml_collections.ConfigDict(d)
+    """A JSON-decoded config dict -> ConfigDict, over today's defaults (older saves load)."""
+    return with_defaults(d)
 
 
 def config_to_json(config: Any) -> str:

@@ -58,7 +58,7 @@ class VIPA(nn.Module):
             swin=dict(cfg.swin),
             bert=bert,
             fusion=cfg.fusion,
-            fusion_op=cfg.get("fusion_op", "add"),  # absent in configs saved before it existed
+            fusion_op=cfg.fusion_op,
             stage_layers=tuple(cfg.lang_stage_layers),
             fusion_head_dim=cfg.fusion_head_dim,
             fusion_min_dim=cfg.fusion_min_dim,
