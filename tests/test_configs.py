@@ -1,0 +1,40 @@
+"""Configs: every dataset config builds, and saved configs load over today's defaults."""
+
+import json
+
+import pytest
+
+from configs import refcoco, refcoco_plus, refcocog, referit, synthetic
+from vipa_jax.defaults import get_base_config, with_defaults
+
+
+@pytest.mark.parametrize(
+    "module,arg,dataset,split_by",
+    [(refcoco, None, "refcoco", "unc"), (refcoco_plus, None, "refcoco+", "unc"),
+     (refcocog, None, "refcocog", "umd"), (referit, None, "refclef", "berkeley"),
+     (synthetic, None, "synthetic", "unc")],
+)
+def test_dataset_configs(module, arg, dataset, split_by):
+    c = module.get_config(arg)
+    assert (c.data.dataset, c.data.split_by) == (dataset, split_by)
+    assert set(c.to_dict()) == set(get_base_config().to_dict())  # no section lost or invented
+
+
+def test_unknown_dataset_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown dataset 'refcocoz'"):
+        refcoco.get_config("refcocoz")
+
+
+def test_saved_config_loads_over_defaults():
+    c = synthetic.get_config()
+    saved = json.loads(json.dumps(c.to_dict()))  # what a checkpoint stores
+    del saved["model"]["fusion_op"]  # a field added after this config was saved
+    saved["model"]["veg"]["topk_ratio"] = 0.5
+    saved["custom"] = {"note": "kept"}
+    got = with_defaults(saved)
+    assert got.model.fusion_op == get_base_config().model.fusion_op
+    assert got.model.veg.topk_ratio == 0.5
+    assert got.model.swin.depths == c.model.swin.depths  # list -> tuple again
+    assert isinstance(got.model.lang_stage_layers, tuple)
+    assert got.custom.note == "kept"
+    assert got.model.image_size == 128
