@@ -208,6 +208,17 @@ def get_config() -> ml_collections.ConfigDict:
     return c
 
 
+def loop_config(total_steps: int, every_steps: int, **data: Any) -> ml_collections.ConfigDict:
+    """get_config() for a short loop run on whatever devices exist; ``data`` sets data fields."""
+    cfg = get_config()
+    cfg.train.total_steps = total_steps
+    cfg.ckpt.every_steps = every_steps
+    cfg.sharding.mesh_shape = (1, 1) if jax.device_count() == 1 else (-1, 1)
+    for k, v in data.items():
+        cfg.data[k] = v
+    return cfg
+
+
 def run_steps(mesh: Any, fsdp: bool, steps: int, batch: int = 8, grad_accum: int = 1,
               use_bn: bool = True, noise: bool = True, tx: Any = None) -> tuple[list, Any]:
     """Train the stand-in for ``steps`` on fixed batches on ``mesh``; (losses, final state)."""

@@ -39,13 +39,7 @@ def test_keep_last_k_plus_best(tmp_path):
 
 
 def _cfg(**data):
-    cfg = _standin.get_config()
-    cfg.train.total_steps = 8
-    cfg.ckpt.every_steps = 4
-    cfg.sharding.mesh_shape = (1, 1) if jax.device_count() == 1 else (-1, 1)
-    for k, v in data.items():
-        cfg.data[k] = v
-    return cfg
+    return _standin.loop_config(total_steps=8, every_steps=4, **data)
 
 
 def _assert_same_params(a, b):

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -164,13 +165,7 @@ def test_nonfinite_step_keeps_state():
 
 
 def _tiny_cfg(**data):
-    cfg = _standin.get_config()
-    cfg.train.total_steps = 6
-    cfg.ckpt.every_steps = 0
-    cfg.sharding.mesh_shape = (1, 1) if jax.device_count() == 1 else (-1, 1)
-    for k, v in data.items():
-        cfg.data[k] = v
-    return cfg
+    return _standin.loop_config(total_steps=6, every_steps=0, **data)
 
 
 def test_loop_stops_on_nan_naming_the_step(tmp_path):
@@ -192,25 +187,33 @@ def test_loop_skips_nan_when_configured(tmp_path):
     assert np.isfinite(rows[-1]["train/loss"])
 
 
-def test_init_pretrained_bert_from_fixture():
-    """init_pretrained copies a tiny HF Flax BERT into VIPA's text encoder (exact)."""
+FIXTURE_BERT = ROOT / "tests" / "fixtures" / "tiny_bert_flax"
+
+
+def _fixture_vipa(**model: Any) -> tuple[Any, dict, dict]:
+    """(config with init_bert = the tiny HF Flax BERT, random VIPA params, the fixture's tree)."""
     from flax.serialization import msgpack_restore
 
     from configs.synthetic import get_config
     from vipa_jax.models.vipa import build_model, init_variables
 
-    folder = ROOT / "tests" / "fixtures" / "tiny_bert_flax"
     cfg = get_config("test")
     cfg.model.bert.update(dict(hidden_size=32, num_attention_heads=4, intermediate_size=37,
                                num_hidden_layers=2))
     cfg.model.image_size = 32
-    model = build_model(cfg.model)
+    cfg.model.update(model)
+    vipa = build_model(cfg.model)
     params = jax.device_get(jax.jit(
-        lambda: init_variables(model, jax.random.key(0), 32, cfg.model.max_tokens))()["params"])
-    cfg.train.init_bert = str(folder)
+        lambda: init_variables(vipa, jax.random.key(0), 32, cfg.model.max_tokens))()["params"])
+    cfg.train.init_bert = str(FIXTURE_BERT)
+    ref = msgpack_restore((FIXTURE_BERT / "flax_model.msgpack").read_bytes())
+    return cfg, params, ref.get("bert", ref)
+
+
+def test_init_pretrained_bert_from_fixture():
+    """init_pretrained copies a tiny HF Flax BERT into VIPA's text encoder (exact)."""
+    cfg, params, ref = _fixture_vipa()
     out = loop.init_pretrained(params, cfg)
-    ref = msgpack_restore((folder / "flax_model.msgpack").read_bytes())
-    ref = ref.get("bert", ref)
     got = out["encoder"]["text_encoder"]
     np.testing.assert_array_equal(got["embeddings"]["word_embeddings"]["embedding"],
                                   ref["embeddings"]["word_embeddings"]["embedding"])
@@ -219,32 +222,18 @@ def test_init_pretrained_bert_from_fixture():
     # everything outside the text encoder is untouched
     np.testing.assert_array_equal(out["decoder"]["head"]["kernel"],
                                   params["decoder"]["head"]["kernel"])
-    cfg.train.init_swin = str(folder / "missing.pth")
+    cfg.train.init_swin = str(FIXTURE_BERT / "missing.pth")
     with pytest.raises((FileNotFoundError, ValueError, OSError)):
         loop.init_pretrained(params, cfg)
 
 
 def test_init_pretrained_later_stage_layers_from_pretrained():
     """lang_later_from_pretrained: stage-2 BERT layer starts from pretrained layer 1 (exact)."""
-    from flax.serialization import msgpack_restore
-
-    from configs.synthetic import get_config
-    from vipa_jax.models.vipa import build_model, init_variables
-
-    folder = ROOT / "tests" / "fixtures" / "tiny_bert_flax"
-    cfg = get_config("test")
-    cfg.model.bert.update(dict(hidden_size=32, num_attention_heads=4, intermediate_size=37,
-                               num_hidden_layers=2))
-    cfg.model.lang_stage_layers = (1, 1, 0, 0)  # stage 1 = pretrained layer 0
-    cfg.model.lang_later_from_pretrained = True
-    cfg.model.image_size = 32
-    model = build_model(cfg.model)
-    params = jax.device_get(jax.jit(
-        lambda: init_variables(model, jax.random.key(0), 32, cfg.model.max_tokens))()["params"])
-    cfg.train.init_bert = str(folder)
+    # stage 1 = pretrained layer 0; the stage-2 layer should receive pretrained layer 1
+    cfg, params, ref = _fixture_vipa(lang_stage_layers=(1, 1, 0, 0),
+                                     lang_later_from_pretrained=True)
     out = loop.init_pretrained(params, cfg)
-    ref = msgpack_restore((folder / "flax_model.msgpack").read_bytes())
-    ref = ref.get("bert", ref)["encoder"]["layer"]["1"]
+    ref = ref["encoder"]["layer"]["1"]
     got = out["encoder"]["lang_layers_0_0"]
     for path in (("attention", "self", "query", "kernel"), ("output", "LayerNorm", "scale"),
                  ("intermediate", "dense", "bias")):
