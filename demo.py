@@ -28,24 +28,16 @@ _NUM_OVERLAYS = flags.DEFINE_integer("num_overlays", 4, "Overlays per split.")
 
 def write_overlays(loaded, dataset, count: int, out_dir: Path, prefix: str) -> list[Path]:
     """Overlay PNGs (prediction at the original size, the expression as caption) of records 0..n."""
-    import numpy as np
-
-    from vipa_jax.data.pipeline import make_eval_batches
-    from vipa_jax.metrics import upsample_logits_to
+    from vipa_jax.predict import Predictor
     from vipa_jax.viz import overlay, save_png
 
-    batch = next(make_eval_batches(dataset, loaded.tokenizer, global_batch_size=count,
-                                   image_size=loaded.config.model.image_size,
-                                   shard_index=0, shard_count=1))
-    logits = np.asarray(loaded.model.apply(
-        loaded.variables, batch["image"], batch["input_ids"], batch["attention_mask"],
-        train=False)["logits"])
+    predictor = Predictor(loaded.model, loaded.variables, loaded.tokenizer,
+                          loaded.config.model.image_size)
     paths = []
-    for row, index in enumerate(batch["index"][:count]):
-        image = dataset.load_image(int(index))
-        pred = upsample_logits_to(logits[row], image.shape[:2]) > 0
-        caption = f"{dataset[int(index)].sentence}  [{prefix}]"
-        paths.append(save_png(overlay(image, pred, caption), out_dir / f"{prefix}_{row}.png"))
+    for index in range(count):
+        pred = predictor(dataset.load_image(index), dataset[index].sentence)
+        paths.append(save_png(overlay(pred.image, pred.mask, f"{pred.text}  [{prefix}]"),
+                              out_dir / f"{prefix}_{index}.png"))
     return paths
 
 
