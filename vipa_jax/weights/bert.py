@@ -237,16 +237,23 @@ def match_target(
     return unflatten_dict(out, sep="/"), report
 
 
+def _read(checkpoint: str | os.PathLike[str] | FlatParams) -> tuple[FlatParams, str]:
+    """(flat params, source name) from a file/folder or an already read checkpoint dict."""
+    if isinstance(checkpoint, Mapping):
+        return checkpoint, "checkpoint"
+    source = find_checkpoint(checkpoint)
+    return read_checkpoint(source), source
+
+
 def load_bert_params(
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str] | FlatParams,
     target: Params,
     *,
     layers: int | Mapping[int, int] | None = None,
     strict: bool = False,
 ) -> tuple[Params, LoadReport]:
-    """Load a checkpoint file/folder, select/rename layers, check against `target` params."""
-    file = find_checkpoint(path)
-    flat = read_checkpoint(file)
+    """Load a checkpoint file/folder (or a read dict), select/rename layers, check vs `target`."""
+    flat, file = _read(path)
     skipped: list[int] = []
     if layers is not None:
         flat, skipped = remap_layers(flat, layers)
@@ -289,11 +296,7 @@ def load_bert_layer(
     `checkpoint` is a file/folder or an already read `read_checkpoint(...)` dict (read it
     once when taking several layers).
     """
-    if isinstance(checkpoint, Mapping):
-        flat, source = checkpoint, "checkpoint"
-    else:
-        source = find_checkpoint(checkpoint)
-        flat = read_checkpoint(source)
+    flat, source = _read(checkpoint)
     prefix = f"encoder/layer/{index}/"
     sub = {k[len(prefix) :]: v for k, v in flat.items() if k.startswith(prefix)}
     if not sub:
