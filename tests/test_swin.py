@@ -448,3 +448,31 @@ def test_decomposed_calls_from_a_parent_module() -> None:
     assert [o.shape for o in ours] == [(1, 8, 7, 8), (1, 4, 4, 16)]
     for a, b in zip(ours, direct, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_absolute_position_embedding_switch() -> None:
+    """`ape=True`: a (1, h, w, C) table on the init grid, added to the patch tokens (so the
+    output changes by exactly table-dependent amounts), trained, and resized on other grids."""
+    kw = dict(embed_dim=8, depths=(1, 1), num_heads=(1, 1), window_size=4)
+    plain, ape = SwinTransformer(**kw), SwinTransformer(**kw, ape=True)
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3))
+    v = ape.init(jax.random.PRNGKey(0), x)
+    table = v["params"]["absolute_pos_embed"]["table"]
+    assert table.shape == (1, 8, 8, 8)
+    assert 0.005 < float(jnp.std(table)) < 0.03  # trunc-normal(0.02)
+    # A zero table is exactly the plain backbone.
+    zero = jax.tree.map(lambda a: a, v)
+    zero["params"]["absolute_pos_embed"]["table"] = jnp.zeros_like(table)
+    no_ape = {"params": {k: p for k, p in v["params"].items() if k != "absolute_pos_embed"}}
+    np.testing.assert_allclose(ape.apply(zero, x)[-1], plain.apply(no_ape, x)[-1], atol=1e-6)
+    assert float(jnp.abs(ape.apply(v, x)[-1] - plain.apply(no_ape, x)[-1]).max()) > 1e-3
+    # Position-dependent gradient reaches the table.
+    g = jax.grad(lambda p: ape.apply({"params": p}, x)[-1][:, 0].sum())(v["params"])
+    assert float(jnp.abs(g["absolute_pos_embed"]["table"]).sum()) > 0
+    # Another input size: the table is resized to the new 12×8 grid (corners kept).
+    embed = ape.apply(v, jnp.zeros((1, 48, 32, 3)), method=lambda m, im: m.embed(im))
+    plain_embed = plain.apply(no_ape, jnp.zeros((1, 48, 32, 3)), method=lambda m, im: m.embed(im))
+    pos = embed - plain_embed
+    assert pos.shape == (1, 12, 8, 8)
+    np.testing.assert_allclose(pos[0, 0, 0], table[0, 0, 0], atol=1e-6)
+    np.testing.assert_allclose(pos[0, -1, -1], table[0, -1, -1], atol=1e-6)

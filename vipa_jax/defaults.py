@@ -27,6 +27,7 @@ def get_base_config() -> ml_collections.ConfigDict:
         dict(
             embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), window_size=12,
             mlp_ratio=4.0, drop_path_rate=0.3, patch_size=4,
+            ape=False,  # learned absolute position embedding (Swin's `ape`; not in Swin-B)
         )
     )
     c.model.bert = ml_collections.ConfigDict(

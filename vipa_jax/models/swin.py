@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vipa_jax.models.layers import DropPath, Mlp, MultiHeadAttention
+from vipa_jax.models.layers import DropPath, Mlp, MultiHeadAttention, resize_bilinear_align_corners
 
 Array = jax.Array
 Dtype = Any
@@ -58,7 +58,7 @@ SWIN_CONFIGS: dict[str, dict[str, Any]] = {
 }
 _CONFIG_KEYS = frozenset(
     {"embed_dim", "depths", "num_heads", "window_size", "mlp_ratio", "drop_path_rate",
-     "patch_size", "always_partition", "layer_norm_eps", "remat", "dtype"}
+     "patch_size", "always_partition", "layer_norm_eps", "remat", "dtype", "ape"}
 )
 
 _SHIFT_MASK_VALUE = -100.0  # the official / HF additive value for cross-region pairs
@@ -128,6 +128,27 @@ class PatchEmbed(nn.Module):
         x = nn.Conv(self.embed_dim, (p, p), strides=(p, p), padding="VALID",
                     dtype=self.dtype, name="proj")(x)  # (B, Hp/p, Wp/p, C)
         return nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype, name="norm")(x)
+
+
+class AbsolutePositionEmbedding(nn.Module):
+    """Swin's `ape`: x + a learned (1, h, w, C) table (trunc-normal 0.02) on the patch grid.
+
+    The table takes the grid of the first (init) call; other grids get it bilinearly resized.
+    """
+
+    embed_dim: int
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        grid = tuple(x.shape[1:3])  # x (B, h, w, C)
+        if self.has_variable("params", "table"):  # the grid it was created on may differ
+            table = self.get_variable("params", "table")
+        else:
+            table = self.param("table", nn.initializers.truncated_normal(0.02),
+                               (1, *grid, self.embed_dim))
+        if tuple(table.shape[1:3]) != grid:
+            table = resize_bilinear_align_corners(table, grid, axes=(1, 2))
+        return x + table.astype(x.dtype)
 
 
 class SwinBlock(nn.Module):
@@ -257,6 +278,7 @@ class SwinTransformer(nn.Module):
     layer_norm_eps: float = 1e-5
     remat: bool = False
     dtype: Dtype = jnp.float32  # compute dtype; params are float32
+    ape: bool = False  # learned absolute position embedding on the patch grid (Swin's `ape`)
 
     @classmethod
     def from_config(
@@ -323,10 +345,16 @@ class SwinTransformer(nn.Module):
         self.norm = [
             nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype) for _ in range(self.num_stages)
         ]
+        if self.ape:
+            self.absolute_pos_embed = AbsolutePositionEmbedding(self.embed_dim)
 
     def embed(self, images: Array) -> Array:
-        """(B, H, W, 3) -> (B, ceil(H/p), ceil(W/p), C) patch tokens."""
-        return self.patch_embed(images.astype(self.dtype))
+        """(B, H, W, 3) -> (B, ceil(H/p), ceil(W/p), C) patch tokens (+ APE when `ape`)."""
+        x = self.patch_embed(images.astype(self.dtype))
+        if self.ape:
+            x = self.absolute_pos_embed(x)
+        return x
+
 
     def run_stage(self, i: int, x: Array, deterministic: bool = True) -> Array:
         """Blocks of stage i (no downsampling): (B, H, W, C_i) -> (B, H, W, C_i)."""
