@@ -172,3 +172,27 @@ def test_nested_bert_embeddings_frozen():
     assert optim.label_fn("encoder/text_encoder/encoder/layer/0/output/dense/kernel",
                           cfg) == "decay"
     assert optim.label_fn("encoder/my_text_encoder/embeddings/x/embedding", cfg) == "decay"
+
+
+def test_lr_multipliers_scale_updates_first_match_wins():
+    """'regex=mult': Adam's first update is -lr*sign(g); a matched leaf moves mult times as far,
+    the first matching rule wins, unmatched and frozen leaves are unaffected."""
+    cfg = get_base_config().optim
+    cfg.lr, cfg.weight_decay = 0.5, 0.0
+    cfg.lr_multipliers = ("relative_position_bias_table=20", "backbone/=0.1")
+    tx, _ = optim.make_optimizer(cfg, PARAMS, total_steps=10)
+    grads = jax.tree.map(lambda x: -jnp.ones_like(x), PARAMS)
+    upd = _flat(tx.update(grads, tx.init(PARAMS), PARAMS)[0])
+    np.testing.assert_allclose(
+        upd["backbone/layers_0/blocks_0/attn/relative_position_bias_table"], 10.0, rtol=1e-5)
+    np.testing.assert_allclose(upd["backbone/layers_0/blocks_0/attn/qkv/kernel"], 0.05, rtol=1e-5)
+    np.testing.assert_allclose(upd["decoder/conv/kernel"], 0.5, rtol=1e-5)
+    np.testing.assert_array_equal(upd["text_encoder/embeddings/word_embeddings/embedding"], 0.0)
+
+
+@pytest.mark.parametrize("bad", ["backbone/", "=2", "backbone/=x", "backbone/=-1"])
+def test_lr_multipliers_malformed_entry_is_named(bad):
+    cfg = get_base_config().optim
+    cfg.lr_multipliers = (bad,)
+    with pytest.raises(ValueError, match="lr_multipliers entry"):
+        optim.make_optimizer(cfg, PARAMS, total_steps=10)

@@ -100,6 +100,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.optim.grad_accum_steps = 1
     c.optim.freeze_bert_embeddings = True
     c.optim.freeze_regexes = ()  # extra frozen parameter paths (regexes on "a/b/c")
+    c.optim.lr_multipliers = ()  # ("regex=mult", ...): per-module lr, first match wins
     c.optim.no_decay_regexes = None  # None = norms, biases, relative-position tables
     c.optim.b1 = 0.9
     c.optim.b2 = 0.999

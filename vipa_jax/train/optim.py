@@ -9,6 +9,11 @@ Labels come from regexes matched (``re.search``) against the '/'-joined paramete
 no-decay rules. The regexes are configurable through ``config.optim.no_decay_regexes`` and
 ``config.optim.freeze_regexes``.
 
+Per-module learning rates (PyTorch parameter groups): ``config.optim.lr_multipliers`` is a
+sequence of ``"regex=multiplier"`` strings; a leaf's update is scaled by the multiplier of the
+first regex that matches its path (1 when none does), e.g. ``("backbone/=0.1",)`` for a backbone
+at a tenth of the base rate.
+
 Schedule (the paper's recipe, stepped per optimizer update, i.e. per ``train_step``):
 ``lr_t = lr0 * (1 - t/T) ** power`` for ``t < T``, 0 afterwards, optionally preceded by a linear
 warmup from 0 over ``warmup_steps`` (the decay then runs over the remaining ``T - warmup``).
@@ -91,6 +96,45 @@ def trainable_mask(params: Any, optim_cfg: Any) -> Any:
     return jax.tree.map(lambda lab: lab != FROZEN, param_labels(params, optim_cfg))
 
 
+def parse_lr_multipliers(specs: Sequence[str] | None) -> list[tuple[re.Pattern, float]]:
+    """``["regex=mult", ...]`` -> [(compiled regex, mult)]; a clear error for malformed entries."""
+    out = []
+    for spec in specs or ():
+        regex, sep, mult = str(spec).rpartition("=")
+        try:
+            value = float(mult)
+        except ValueError:
+            value = float("nan")
+        if not sep or not regex or not np.isfinite(value) or value < 0:
+            raise ValueError(
+                f"optim.lr_multipliers entry {spec!r} must look like 'regex=multiplier' with a "
+                "finite multiplier >= 0, e.g. 'backbone/=0.1'")
+        out.append((re.compile(regex), value))
+    return out
+
+
+def lr_multipliers(params: Any, optim_cfg: Any) -> Any:
+    """Pytree of per-leaf float multipliers from ``optim.lr_multipliers`` (first match wins)."""
+    rules = parse_lr_multipliers(optim_cfg.get("lr_multipliers", ()))
+
+    def one(path: Sequence[Any], _: Any) -> float:
+        name = path_str(path)
+        return next((m for r, m in rules if r.search(name)), 1.0)
+
+    return jax.tree_util.tree_map_with_path(one, params)
+
+
+def scale_by_tree(multipliers: Any) -> optax.GradientTransformation:
+    """Multiply each update leaf by a static per-leaf float."""
+
+    def update(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+        del params
+        return jax.tree.map(lambda u, m: u if m == 1.0 else u * jnp.asarray(m, u.dtype),
+                            updates, multipliers), state
+
+    return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
 def lr_schedule(optim_cfg: Any, total_steps: int) -> optax.Schedule:
     """Linear warmup (optional) then ``lr0 * (1 - t/T)**power`` decay to 0 at ``total_steps``."""
     if total_steps <= 0:
@@ -129,8 +173,10 @@ def make_optimizer(
         NO_DECAY: optax.adamw(sched, b1=b1, b2=b2, eps=eps, weight_decay=0.0),
         FROZEN: optax.set_to_zero(),
     }
-    tx = optax.chain(grad_preprocess(optim_cfg, labels), optax.partition(transforms, labels))
-    return tx, sched
+    chain = [grad_preprocess(optim_cfg, labels), optax.partition(transforms, labels)]
+    if optim_cfg.get("lr_multipliers", ()):
+        chain.append(scale_by_tree(lr_multipliers(params, optim_cfg)))
+    return optax.chain(*chain), sched
 
 
 def grad_preprocess(optim_cfg: Any, labels: Any) -> optax.GradientTransformation:
