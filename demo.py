@@ -5,13 +5,15 @@
 1. Generates the built-in synthetic referring dataset (refer layout) into `config.data.root`.
 2. Trains `configs/synthetic.py` (tiny Swin + the real MiniLM text encoder) with train.py's loop;
    rerunning resumes from the last checkpoint (a finished run is not retrained).
-3. Evaluates val and the held-out `unseen` split through eval.py's code path (both protocols)
-   and writes `results.json` / `results.md` to `--out`.
+3. Evaluates val and the held-out `unseen` split through eval.py's code path (both protocols),
+   writes `results.json` / `results.md` and per-expression CSVs to `--out`, and prints mIoU per
+   expression family (attribute, size, extreme, relation) for synthetic data.
 4. Writes prediction overlays for a few val and `unseen` expressions to `--out`.
 """
 
 from __future__ import annotations
 
+import csv
 import logging
 import time
 from pathlib import Path
@@ -41,6 +43,23 @@ def write_overlays(loaded, dataset, count: int, out_dir: Path, prefix: str) -> l
     return paths
 
 
+def per_type_markdown(out_dir: Path, splits: tuple[str, ...], protocol: str = "lavt") -> str:
+    """mIoU (%) and count per synthetic expression family, from the per-expression CSVs."""
+    from vipa_jax.data.synthetic import EXPRESSION_TYPES, expression_type
+
+    lines = ["| split | " + " | ".join(EXPRESSION_TYPES) + " |",
+             "|---|" + "---|" * len(EXPRESSION_TYPES)]
+    for split in splits:
+        ious: dict[str, list[float]] = {t: [] for t in EXPRESSION_TYPES}
+        with open(out_dir / f"per_sample_{split}_{protocol}.csv", newline="",
+                  encoding="utf-8") as f:
+            for row in csv.DictReader(f):
+                ious[expression_type(row["sentence"])].append(float(row["iou"]))
+        cells = [f"{100 * sum(v) / len(v):.1f} ({len(v)})" if v else "-" for v in ious.values()]
+        lines.append(f"| {split} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str]) -> None:
     """Train, evaluate and visualise the demo model."""
     del argv
@@ -68,9 +87,11 @@ def main(argv: list[str]) -> None:
         loaded.model, loaded.variables, loaded.tokenizer, config.data, splits,
         batch_size=int(config.eval.batch_size), image_size=config.model.image_size,
         protocol="both", out_dir=out, checkpoint=loaded.path, step=loaded.step,
-        datasets=datasets,
+        datasets=datasets, per_sample_csv=True,
     )
     print(results_markdown(results, loaded.path, loaded.step))
+    if config.data.source == "synthetic":
+        print("mIoU (%) per expression family (count):\n" + per_type_markdown(out, splits))
     written = []
     for split, ds in datasets.items():
         written += write_overlays(loaded, ds, min(_NUM_OVERLAYS.value, len(ds)),

@@ -104,3 +104,26 @@ def test_cli_speed_few_thousand_expressions(tmp_path):
     assert synthetic.is_complete(str(tmp_path / "cli"))
     n = sum(len(ReferDataset(tmp_path / "cli", "synthetic", "unc", s)) for s in SPLITS)
     assert n > 2000
+
+
+def test_expression_type_of_every_template():
+    cases = {
+        "the circle": "attribute", "the red shape": "attribute", "the red circle": "attribute",
+        "the small circle": "size", "the big red circle": "size",
+        "the circle on the left": "extreme_shape", "the bottom square": "extreme_shape",
+        "the top triangle": "extreme_shape",
+        "the leftmost shape": "extreme_any", "the shape at the top": "extreme_any",
+        "the circle left of the blue square": "relation",
+        "the red circle below the blue square": "relation",
+        "the diamond above the small square": "relation",
+    }
+    for sentence, kind in cases.items():
+        assert synthetic.expression_type(sentence) == kind, sentence
+    # Every family occurs among generated expressions, and nothing else does.
+    rng = np.random.default_rng(3)
+    seen = set()
+    for _ in range(200):
+        objs = synthetic._sample_objects(rng, 128, unseen=False)
+        for o in objs:
+            seen.update(synthetic.expression_type(s) for s in synthetic.describe(objs, o, 128))
+    assert seen == set(synthetic.EXPRESSION_TYPES)

@@ -55,6 +55,8 @@ UNSEEN_PAIRS = frozenset(
 SIZE_RADIUS = {"small": (0.09, 0.12), "big": (0.16, 0.20)}  # fraction of the image side
 SPLIT_FRACTIONS = (("train", 0.8), ("val", 0.1), ("testA", 0.05), ("testB", 0.05))
 RELATIONS = ("left of", "right of", "above", "below")
+# Template families of :func:`describe`, for per-type evaluation (:func:`expression_type`).
+EXPRESSION_TYPES = ("attribute", "size", "extreme_shape", "extreme_any", "relation")
 
 
 @dataclass(frozen=True)
@@ -183,6 +185,25 @@ def describe(objs: list[Shape], t: Shape, side: int) -> list[str]:
                 noun = " ".join(val)
                 out.append(f"the {noun} {rel} {anchor}")
     return list(dict.fromkeys(out))
+
+
+def expression_type(sentence: str) -> str:
+    """Template family of an expression written by :func:`describe` (one of EXPRESSION_TYPES).
+
+    attribute: "the circle", "the red shape", "the red circle"; size: "the small (red) circle";
+    extreme_shape: "the circle on the left", "the top circle"; extreme_any: "the leftmost
+    shape", "the shape at the top"; relation: "the (red) circle left of the blue square".
+    """
+    words = sentence.split()
+    if any(f" {r} " in f" {sentence} " for r in RELATIONS):
+        return "relation"
+    if sentence.endswith("most shape") or sentence.startswith("the shape at the "):
+        return "extreme_any"
+    if " on the " in sentence or (len(words) == 3 and words[1] in ("top", "bottom")):
+        return "extreme_shape"
+    if len(words) > 1 and words[1] in SIZE_RADIUS:
+        return "size"
+    return "attribute"
 
 
 def _render(rng: np.random.Generator, objs: list[Shape], side: int) -> PIL.Image.Image:
