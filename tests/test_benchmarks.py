@@ -8,6 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,3 +97,23 @@ def test_model_quick(tmp_path: Path) -> None:
     assert t["vipa_jax"]["median_s"] > 0 and t["torch_swin_bert"]["median_s"] > 0
     assert t["ratio_vipa_over_torch_backbones"] > 0
     assert "closest to the" in res["note"]
+
+
+def test_shape_probe_quick(tmp_path: Path) -> None:
+    res = _run_module("benchmarks.shape_probe", tmp_path)
+    _check_machine_info(res["machine_info"])
+    assert res["quick"] is True and res["steps"] == 4
+    assert [r["backbone"] for r in res["results"]] == ["swin", "cnn"]
+    for r in res["results"]:
+        assert [c["step"] for c in r["curve"]] == [2, 4]
+        for c in r["curve"]:
+            assert 0.0 <= c["val_fg_acc"] <= 1.0 and np.isfinite(c["loss"])
+        assert r["s_per_step"] > 0
+
+
+def test_shape_probe_foreground_accuracy_counts_only_foreground() -> None:
+    from benchmarks.shape_probe import foreground_accuracy
+
+    labels = jnp.asarray([[[0, 1], [2, 2]]])  # 3 foreground pixels
+    logits = jax.nn.one_hot(jnp.asarray([[[3, 1], [2, 4]]]), 5)  # background wrong: ignored
+    assert float(foreground_accuracy(logits, labels)) == pytest.approx(2 / 3)
