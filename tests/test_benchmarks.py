@@ -112,7 +112,7 @@ def test_shape_probe_quick(tmp_path: Path) -> None:
 
 
 def test_shape_probe_foreground_accuracy_counts_only_foreground() -> None:
-    from benchmarks.shape_probe import foreground_accuracy
+    from vipa_jax.weights.synthetic_swin import foreground_accuracy
 
     labels = jnp.asarray([[[0, 1], [2, 2]]])  # 3 foreground pixels
     logits = jax.nn.one_hot(jnp.asarray([[[3, 1], [2, 4]]]), 5)  # background wrong: ignored

@@ -476,3 +476,22 @@ def test_absolute_position_embedding_switch() -> None:
     assert pos.shape == (1, 12, 8, 8)
     np.testing.assert_allclose(pos[0, 0, 0], table[0, 0, 0], atol=1e-6)
     np.testing.assert_allclose(pos[0, -1, -1], table[0, -1, -1], atol=1e-6)
+
+
+def test_own_safetensors_round_trip_and_wrong_architecture(tmp_path: Any) -> None:
+    """save_swin_params -> load_swin_params is exact ('vipa_jax' format); a checkpoint of another
+    architecture is refused with the offending path named."""
+    from vipa_jax.weights.swin import save_swin_params
+
+    model = SwinTransformer(embed_dim=8, depths=(1, 1), num_heads=(1, 1), window_size=4)
+    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))["params"]
+    path = save_swin_params(params, tmp_path / "swin.safetensors")
+    loaded, report = load_swin_params(path, model)
+    assert report.source_format == "vipa_jax" and not report.missing
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(loaded), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    wider = SwinTransformer(embed_dim=16, depths=(1, 1), num_heads=(1, 1), window_size=4)
+    with pytest.raises(ValueError, match="patch_embed/proj/kernel: expected shape"):
+        load_swin_params(path, wider)
+    with pytest.raises(ValueError, match=r"\.safetensors"):
+        save_swin_params(params, tmp_path / "swin.msgpack")

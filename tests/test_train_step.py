@@ -269,3 +269,19 @@ def test_loop_writes_overlay_images(tmp_path):
     assert imgs["predictions/0"].dtype == np.uint8
     assert imgs["predictions/0"].shape[1:] == (16, 3) and imgs["predictions/0"].shape[0] > 16
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+def test_init_pretrained_swin_from_own_safetensors(tmp_path):
+    """train.init_swin with a vipa_jax-format file replaces exactly encoder/backbone."""
+    from vipa_jax.weights.swin import save_swin_params
+
+    cfg, params, _ = _fixture_vipa()
+    cfg.train.init_bert = ""
+    new = jax.tree.map(lambda x: np.asarray(x) + 1.0, params["encoder"]["backbone"])
+    cfg.train.init_swin = save_swin_params(new, tmp_path / "swin.safetensors")
+    out = loop.init_pretrained(params, cfg)
+    for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(out["encoder"]["backbone"]),
+                    strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(out["decoder"]["head"]["kernel"],
+                                  params["decoder"]["head"]["kernel"])

@@ -196,7 +196,10 @@ _OFFICIAL_QKV = re.compile(_BLOCK + r"attn\.qkv\.(weight|bias)$")
 
 
 def detect_format(keys: list[str]) -> str:
-    """'official' (Microsoft naming) or 'hf' (transformers naming), from the key names."""
+    """'official' (Microsoft naming), 'hf' (transformers naming) or 'vipa_jax' (our own
+    '/'-joined param paths, written by :func:`save_swin_params`), from the key names."""
+    if any(k.startswith("patch_embed/") for k in keys):
+        return "vipa_jax"
     if any("patch_embed.proj" in k for k in keys):
         return "official"
     if any("embeddings.patch_embeddings" in k for k in keys):
@@ -265,9 +268,31 @@ def convert_hf(sd: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], lis
     return out, skipped
 
 
+def convert_vipa_jax(sd: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Our own safetensors (keys are already flax paths) -> ({flax path: array}, [])."""
+    return {k: np.asarray(v) for k, v in sd.items()}, []
+
+
+def save_swin_params(params: Params, path: str | os.PathLike) -> str:
+    """Write a Swin param tree as safetensors keyed by '/'-joined paths (atomic), loadable by
+    :func:`load_swin_params` / ``train.init_swin``."""
+    from safetensors.numpy import save_file
+
+    path = os.fspath(path)
+    if not path.endswith(".safetensors"):
+        raise ValueError(f"{path}: Swin params are saved as .safetensors")
+    flat = {k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in _flatten(params).items()}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    save_file(flat, tmp, metadata={"format": "vipa_jax-swin"})
+    os.replace(tmp, path)
+    return path
+
+
 _CONVERTERS: dict[str, Callable[..., tuple[dict[str, np.ndarray], list[str]]]] = {
     "official": convert_official,
     "hf": convert_hf,
+    "vipa_jax": convert_vipa_jax,
 }
 
 
@@ -316,7 +341,7 @@ def _layernorm_init(path: str, leaf: Any) -> jax.Array:
 
 def load_swin_params(
     source: str | os.PathLike | Mapping[str, Any],
-    model: SwinTransformer,
+    model: SwinTransformer | None,
     params: Params | None = None,
     *,
     strict: bool = True,
@@ -333,7 +358,13 @@ def load_swin_params(
     sd = read_state_dict(source)
     fmt = detect_format(list(sd))
     converted, skipped = _CONVERTERS[fmt](sd)
-    target = _flatten(param_shapes(model))
+    if model is None:  # the target tree is `params` itself (e.g. a subtree of a bigger model)
+        if params is None:
+            raise ValueError("load_swin_params needs a model or a params tree")
+        target = _flatten(jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), params))
+    else:
+        target = _flatten(param_shapes(model))
     if params is not None:
         given = _flatten(params)
         if sorted(given) != sorted(target) or any(
