@@ -44,3 +44,22 @@ def test_synthetic_config_ships_matching_pretrained_swin():
     _, report = load_swin_params(path, model)
     assert report.source_format == "vipa_jax" and not report.missing
     assert get_config("test").train.init_swin == ""
+
+
+def test_pretrain_cli_with_config_overrides(tmp_path):
+    """The command line reads a config (with --config.x=y overrides) and writes loadable weights
+    of exactly that architecture."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "swin.safetensors"
+    proc = subprocess.run(
+        [sys.executable, "-m", "vipa_jax.weights.synthetic_swin", f"--out={out}",
+         "--config=configs/synthetic.py:test", "--config.model.swin.embed_dim=8",
+         "--steps=2", "--num_images=8"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "wrote" in proc.stdout
+    swin = get_config("test").model.swin.to_dict()
+    _, report = load_swin_params(out, SwinTransformer.from_config({**swin, "embed_dim": 8}))
+    assert report.source_format == "vipa_jax" and not report.missing

@@ -1,7 +1,8 @@
 """Pretrain a Swin on synthetic shapes: the demo's stand-in for ImageNet pretraining.
 
     python -m vipa_jax.weights.synthetic_swin --out assets/synthetic_tiny_swin.safetensors \
-        [--config configs/synthetic.py] [--steps 2000] [--num-images 3000] [--seed 7]
+        [--config configs/synthetic.py] [--config.model.swin.x=y] [--steps 2000] \
+        [--num_images 3000] [--seed 7] [--data_dir DIR]
 
 VIPA fine-tunes an ImageNet-pretrained Swin. No Swin weights can be downloaded here, and a
 from-scratch Swin learns to tell shapes apart slowly (``benchmarks/shape_probe.py``: 53% of
@@ -16,7 +17,6 @@ of referred objects are used.
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 import time
@@ -142,34 +142,35 @@ def pretrain_swin(swin: dict[str, Any], *, steps: int, num_images: int, image_si
     return jax.device_get(params["params"]["SwinTransformer_0"]), curve
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Command-line entry point."""
+def main() -> None:
+    """Command-line entry point (absl flags; the config takes ``--config.x=y`` overrides, so the
+    pretrained Swin can match a training run's ``--config.model.swin.*`` overrides)."""
+    from absl import app, flags
+    from ml_collections import config_flags
+
     from vipa_jax.weights.swin import save_swin_params
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", required=True, help="output .safetensors")
-    p.add_argument("--config", default="configs/synthetic.py",
-                   help="config file whose model.swin is pretrained")
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--num-images", type=int, default=3000)
-    p.add_argument("--seed", type=int, default=7, help="synthetic data seed (demo data: 0)")
-    p.add_argument("--data-dir", default=None, help="keep the generated images here")
-    a = p.parse_args(argv)
-    import importlib.util
+    # Defined here, not at import: the library functions above are imported by tests and
+    # benchmarks next to other absl entry points.
+    config = config_flags.DEFINE_config_file(
+        "config", "configs/synthetic.py", "Config file whose model.swin is pretrained.")
+    out = flags.DEFINE_string("out", None, "Output .safetensors.", required=True)
+    steps = flags.DEFINE_integer("steps", 2000, "Training steps.")
+    num_images = flags.DEFINE_integer("num_images", 3000, "Synthetic images to generate.")
+    seed = flags.DEFINE_integer("seed", 7, "Synthetic data seed (the demo's data: 0).")
+    data_dir = flags.DEFINE_string("data_dir", None, "Keep the generated images here.")
 
-    spec = importlib.util.spec_from_file_location("pretrain_config", a.config)
-    if spec is None or spec.loader is None:
-        raise FileNotFoundError(f"config file not found: {a.config}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
-    t0 = time.time()
-    params, curve = pretrain_swin(config.model.swin.to_dict(), steps=a.steps,
-                                  num_images=a.num_images, image_size=config.model.image_size,
-                                  seed=a.seed, data_dir=a.data_dir)
-    path = save_swin_params(params, a.out)
-    print(f"wrote {path}: held-out foreground accuracy {curve[-1]['val_fg_acc']:.3f} after "
-          f"{a.steps} steps ({time.time() - t0:.0f} s)")
+    def run(argv: list[str]) -> None:
+        del argv
+        t0 = time.time()
+        params, curve = pretrain_swin(
+            config.value.model.swin.to_dict(), steps=steps.value, num_images=num_images.value,
+            image_size=config.value.model.image_size, seed=seed.value, data_dir=data_dir.value)
+        path = save_swin_params(params, out.value)
+        print(f"wrote {path}: held-out foreground accuracy {curve[-1]['val_fg_acc']:.3f} after "
+              f"{steps.value} steps ({time.time() - t0:.0f} s)")
+
+    app.run(run)
 
 
 if __name__ == "__main__":
