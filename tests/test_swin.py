@@ -478,6 +478,34 @@ def test_absolute_position_embedding_switch() -> None:
     np.testing.assert_allclose(pos[0, -1, -1], table[0, -1, -1], atol=1e-6)
 
 
+def test_sine_ape_init() -> None:
+    """`ape_init='sine'`: the table starts as the 2-D sinusoidal code (rows in the first C/2
+    channels, columns in the last), in [-1, 1], every cell distinct; bad values are refused."""
+    from vipa_jax.models.swin import sine_position_table
+
+    kw = dict(embed_dim=16, depths=(1, 1), num_heads=(1, 1), window_size=4)
+    x = jnp.zeros((1, 32, 48, 3))
+    v = SwinTransformer(**kw, ape=True, ape_init="sine").init(jax.random.PRNGKey(0), x)
+    table = np.asarray(v["params"]["absolute_pos_embed"]["table"])
+    assert table.shape == (1, 8, 12, 16)
+    np.testing.assert_array_equal(table, sine_position_table(8, 12, 16))
+    assert float(np.abs(table).max()) <= 1.0
+    # Row code: constant along a row, first C/2 channels; column code: constant down a column.
+    np.testing.assert_array_equal(table[0, :, 0, :8], table[0, :, 5, :8])
+    np.testing.assert_array_equal(table[0, 0, :, 8:], table[0, 7, :, 8:])
+    # Lowest frequency (1/2 cycle over the grid): its cos falls monotonically left to right.
+    assert np.all(np.diff(table[0, 0, :, 8 + 4]) < 0)
+    flat = table[0].reshape(-1, 16)
+    dists = np.linalg.norm(flat[:, None] - flat[None], axis=-1) + np.eye(len(flat))
+    assert dists.min() > 0.1
+    # Same in a hand-checked spot: row 0 of 8, quarter 4, channel 0 = sin(0.5 · 2π · 0.5/8).
+    np.testing.assert_allclose(table[0, 0, 0, 0], np.sin(0.5 * 2 * np.pi * 0.5 / 8), rtol=1e-6)
+    with pytest.raises(ValueError, match="ape_init must be one of"):
+        SwinTransformer(**kw, ape=True, ape_init="learned").init(jax.random.PRNGKey(0), x)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sine_position_table(4, 4, 6)
+
+
 def test_own_safetensors_round_trip_and_wrong_architecture(tmp_path: Any) -> None:
     """save_swin_params -> load_swin_params is exact ('vipa_jax' format); a checkpoint of another
     architecture is refused with the offending path named."""
@@ -495,3 +523,31 @@ def test_own_safetensors_round_trip_and_wrong_architecture(tmp_path: Any) -> Non
         load_swin_params(path, wider)
     with pytest.raises(ValueError, match=r"\.safetensors"):
         save_swin_params(params, tmp_path / "swin.msgpack")
+
+
+def test_checkpoint_without_ape_loads_into_ape_model(tmp_path: Any) -> None:
+    """An ape=False checkpoint loads into an ape=True model: every tensor from the file, the
+    table from the model's init (strict still refuses any other missing parameter)."""
+    from vipa_jax.weights.swin import save_swin_params
+
+    kw = dict(embed_dim=8, depths=(1, 1), num_heads=(1, 1), window_size=4)
+    plain, ape = SwinTransformer(**kw), SwinTransformer(**kw, ape=True)
+    x = jnp.zeros((1, 32, 32, 3))
+    params = plain.init(jax.random.PRNGKey(0), x)["params"]
+    path = save_swin_params(params, tmp_path / "plain.safetensors")
+    init = ape.init(jax.random.PRNGKey(3), x)["params"]
+    loaded, report = load_swin_params(path, ape, rng=jax.random.PRNGKey(3))
+    assert report.missing == ["absolute_pos_embed/table"]
+    np.testing.assert_array_equal(loaded["absolute_pos_embed"]["table"],
+                                  init["absolute_pos_embed"]["table"])
+    assert float(jnp.abs(loaded["absolute_pos_embed"]["table"]).max()) > 0
+    np.testing.assert_array_equal(loaded["patch_embed"]["proj"]["kernel"],
+                                  params["patch_embed"]["proj"]["kernel"])
+    # The subtree form used by train.init_swin keeps the given table.
+    sub, _ = load_swin_params(path, None, init)
+    np.testing.assert_array_equal(sub["absolute_pos_embed"]["table"],
+                                  init["absolute_pos_embed"]["table"])
+    no_block = {k: v for k, v in params.items() if k != "layers_1"}
+    path2 = save_swin_params(no_block, tmp_path / "partial.safetensors")
+    with pytest.raises(ValueError, match="missing from the checkpoint"):
+        load_swin_params(path2, ape)

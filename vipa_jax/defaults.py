@@ -28,6 +28,7 @@ def get_base_config() -> ml_collections.ConfigDict:
             embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), window_size=12,
             mlp_ratio=4.0, drop_path_rate=0.3, patch_size=4,
             ape=False,  # learned absolute position embedding (Swin's `ape`; not in Swin-B)
+            ape_init="trunc_normal",  # 'trunc_normal' (Swin's) | 'sine' (2-D sinusoidal start)
         )
     )
     c.model.bert = ml_collections.ConfigDict(

@@ -58,7 +58,7 @@ SWIN_CONFIGS: dict[str, dict[str, Any]] = {
 }
 _CONFIG_KEYS = frozenset(
     {"embed_dim", "depths", "num_heads", "window_size", "mlp_ratio", "drop_path_rate",
-     "patch_size", "always_partition", "layer_norm_eps", "remat", "dtype", "ape"}
+     "patch_size", "always_partition", "layer_norm_eps", "remat", "dtype", "ape", "ape_init"}
 )
 
 _SHIFT_MASK_VALUE = -100.0  # the official / HF additive value for cross-region pairs
@@ -130,13 +130,41 @@ class PatchEmbed(nn.Module):
         return nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype, name="norm")(x)
 
 
-class AbsolutePositionEmbedding(nn.Module):
-    """Swin's `ape`: x + a learned (1, h, w, C) table (trunc-normal 0.02) on the patch grid.
+APE_INITS = ("trunc_normal", "sine")
 
-    The table takes the grid of the first (init) call; other grids get it bilinearly resized.
+
+def sine_position_table(height: int, width: int, dim: int) -> np.ndarray:
+    """(1, h, w, C) 2-D sinusoidal code: C/2 channels encode the row, C/2 the column.
+
+    Each half holds sin/cos pairs of the normalized cell centre at frequencies spaced
+    geometrically from 1/2 to 5 cycles across the grid, so every entry is in [-1, 1], on the
+    scale of the LayerNorm-ed patch tokens it is added to.
+    """
+    if dim % 4:
+        raise ValueError(f"a sine position table needs embed_dim divisible by 4, got {dim}")
+    quarter = dim // 4
+
+    def axis_code(n: int) -> np.ndarray:  # (n, C/2)
+        pos = (np.arange(n) + 0.5) / n * 2 * np.pi
+        freqs = 0.5 * 10.0 ** (np.arange(quarter) / max(quarter - 1, 1))
+        angles = pos[:, None] * freqs[None]
+        return np.concatenate([np.sin(angles), np.cos(angles)], axis=-1)
+
+    rows = np.broadcast_to(axis_code(height)[:, None], (height, width, dim // 2))
+    cols = np.broadcast_to(axis_code(width)[None], (height, width, dim // 2))
+    return np.concatenate([rows, cols], axis=-1)[None].astype(np.float32)
+
+
+class AbsolutePositionEmbedding(nn.Module):
+    """Swin's `ape`: x + a learned (1, h, w, C) table on the patch grid.
+
+    `init`: 'trunc_normal' (Swin's, std 0.02) or 'sine' (`sine_position_table`: a learnable
+    table that carries absolute position from the first step). The table takes the grid of the
+    first (init) call; other grids get it bilinearly resized.
     """
 
     embed_dim: int
+    init: str = "trunc_normal"
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -144,8 +172,14 @@ class AbsolutePositionEmbedding(nn.Module):
         if self.has_variable("params", "table"):  # the grid it was created on may differ
             table = self.get_variable("params", "table")
         else:
-            table = self.param("table", nn.initializers.truncated_normal(0.02),
-                               (1, *grid, self.embed_dim))
+            if self.init == "trunc_normal":
+                init_fn = nn.initializers.truncated_normal(0.02)
+            elif self.init == "sine":
+                def init_fn(key: Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> Array:
+                    return jnp.asarray(sine_position_table(*shape[1:]), dtype)
+            else:
+                raise ValueError(f"swin.ape_init must be one of {APE_INITS}, got {self.init!r}")
+            table = self.param("table", init_fn, (1, *grid, self.embed_dim))
         if tuple(table.shape[1:3]) != grid:
             table = resize_bilinear_align_corners(table, grid, axes=(1, 2))
         return x + table.astype(x.dtype)
@@ -279,6 +313,7 @@ class SwinTransformer(nn.Module):
     remat: bool = False
     dtype: Dtype = jnp.float32  # compute dtype; params are float32
     ape: bool = False  # learned absolute position embedding on the patch grid (Swin's `ape`)
+    ape_init: str = "trunc_normal"  # or 'sine' (see AbsolutePositionEmbedding)
 
     @classmethod
     def from_config(
@@ -346,7 +381,7 @@ class SwinTransformer(nn.Module):
             nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype) for _ in range(self.num_stages)
         ]
         if self.ape:
-            self.absolute_pos_embed = AbsolutePositionEmbedding(self.embed_dim)
+            self.absolute_pos_embed = AbsolutePositionEmbedding(self.embed_dim, self.ape_init)
 
     def embed(self, images: Array) -> Array:
         """(B, H, W, 3) -> (B, ceil(H/p), ceil(W/p), C) patch tokens (+ APE when `ape`)."""

@@ -37,7 +37,11 @@ logger = logging.getLogger(__name__)
 
 Params = dict[str, Any]
 Path = tuple[str, ...]
-_OPTIONAL_RE = re.compile(r"^norm_\d+/")  # stage output norms may be absent (classification ckpt)
+# May be absent from a checkpoint: the stage output norms (classification checkpoints) and the
+# `ape` table (a checkpoint trained with ape=False loaded into a model with ape=True starts it
+# from init).
+_OPTIONAL_RE = re.compile(r"^(norm_\d+|absolute_pos_embed)/")
+_NORM_RE = re.compile(r"^norm_\d+/")
 
 
 @dataclasses.dataclass
@@ -350,9 +354,9 @@ def load_swin_params(
     """Checkpoint (official or HF) -> (params for `model`, LoadReport).
 
     `params` supplies the values of parameters the checkpoint lacks; by default missing stage
-    output norms get the LayerNorm init (ones/zeros) and, with `strict=False`, any other
-    missing parameter a fresh init from `rng`. With `strict`, only the per-stage output norms
-    may be missing; any other missing parameter raises. Shapes are checked against
+    output norms get the LayerNorm init (ones/zeros) and any other missing parameter a fresh
+    init from `rng`. With `strict`, only the per-stage output norms and the `ape` table may be
+    missing; any other missing parameter raises. Shapes are checked against
     `jax.eval_shape` of the model's init.
     """
     sd = read_state_dict(source)
@@ -396,7 +400,7 @@ def load_swin_params(
 
     if params is not None:
         fallback = given
-    elif all(_OPTIONAL_RE.match(p) for p in missing):
+    elif all(_NORM_RE.match(p) for p in missing):
         fallback = {p: _layernorm_init(p, target[p]) for p in missing}
     else:
         fallback = _flatten(init_params(model, rng))
