@@ -220,8 +220,10 @@ def loop_config(total_steps: int, every_steps: int, **data: Any) -> ml_collectio
 
 
 def run_steps(mesh: Any, fsdp: bool, steps: int, batch: int = 8, grad_accum: int = 1,
-              use_bn: bool = True, noise: bool = True, tx: Any = None) -> tuple[list, Any]:
-    """Train the stand-in for ``steps`` on fixed batches on ``mesh``; (losses, final state)."""
+              use_bn: bool = True, noise: bool = True, tx: Any = None,
+              rules: tuple[str, ...] = ()) -> tuple[list, Any]:
+    """Train the stand-in for ``steps`` on fixed batches on ``mesh``; (losses, final state).
+    ``rules``: logical-axis rules (config.sharding.logical_axis_rules)."""
     import functools
 
     from vipa_jax.train import optim, step
@@ -238,7 +240,7 @@ def run_steps(mesh: Any, fsdp: bool, steps: int, batch: int = 8, grad_accum: int
         sched = lambda s: jnp.zeros(())  # noqa: E731
     create = functools.partial(step.create_train_state, model, tx)
     abstract = jax.eval_shape(lambda: create(jax.random.PRNGKey(0), sample))
-    st_sh = shd.state_shardings(abstract, mesh, fsdp, fsdp_min_size=0)
+    st_sh = shd.state_shardings(abstract, mesh, fsdp, fsdp_min_size=0, rules=rules)
     state = jax.jit(lambda: create(jax.random.PRNGKey(0), sample), out_shardings=st_sh)()
     bsh, rep = shd.batch_sharding(mesh), shd.replicated(mesh)
     fn = step.jit_train_step(

@@ -26,17 +26,22 @@ import json, jax, numpy as np, _standin
 from vipa_jax.train import optim, sharding as shd
 out = {}
 n = jax.device_count()
-for name, shape, fsdp, devs in [("single", (1, 1), False, jax.devices()[:1]),
-                                ("fsdp", (n, 1), True, None), ("dp", (n, 1), False, None),
-                                ("fsdp_2d", (n // 2, 2), True, None)][:NUM_CASES]:
-    losses, state = _standin.run_steps(shd.make_mesh(shape, devs), fsdp, steps=3)
+TP = ("embed=data", "conv_out=data", "table=data", "conv_in=model", "heads=model",
+      "hidden=model")  # FSDP over data + tensor parallelism over model
+for name, shape, fsdp, devs, rules in [
+        ("single", (1, 1), False, jax.devices()[:1], ()), ("fsdp", (n, 1), True, None, ()),
+        ("tp", (n // 2, 2), False, None, TP), ("dp", (n, 1), False, None, ()),
+        ("fsdp_2d", (n // 2, 2), True, None, ())][:NUM_CASES]:
+    losses, state = _standin.run_steps(shd.make_mesh(shape, devs), fsdp, steps=3, rules=rules)
     mask = jax.tree.leaves(optim.trainable_mask(state.params, _standin.get_config().optim))
     specs = [any(a is not None for a in x.sharding.spec) for x in jax.tree.leaves(state.params)]
     sharded = sum(specs)
     trainable_sharded = sum(s and m for s, m in zip(specs, mask))
     mu_sharded = sum(any(a is not None for a in getattr(x.sharding, "spec", ()))
                      for x in jax.tree.leaves(state.opt_state))
+    on_model = sum("model" in x.sharding.spec for x in jax.tree.leaves(state.params))
     out[name] = {"losses": losses, "sharded": int(sharded), "mu_sharded": int(mu_sharded),
+                 "on_model": int(on_model),
                  "trainable_sharded": int(trainable_sharded),
                  "ndev": len(state.params["decoder_head"]["kernel"].sharding.device_set),
                  "w": np.asarray(state.params["decoder_conv"]["kernel"]).ravel().tolist()}
@@ -65,22 +70,28 @@ def _check_sharded(r: dict, names: tuple[str, ...], n: int) -> None:
     assert r["single"]["ndev"] == 1
     if "dp" in r:
         assert r["dp"]["sharded"] == 0
-    assert r["fsdp"]["sharded"] >= 3  # conv kernels, embedding, bias table are split
+    # FSDP_RULES split the 2 conv kernels, the head, the embedding, the dense kernel and the
+    # bias table over 'data' (min size 0 here); 1-D biases and norms stay replicated.
+    assert r["fsdp"]["sharded"] == 6 and r["fsdp"]["on_model"] == 0
     # Adam mu and nu of every sharded trainable param are sharded the same way
     assert r["fsdp"]["mu_sharded"] == 2 * r["fsdp"]["trainable_sharded"] > 0
+    if "tp" in r:  # decoder_conv (conv_in), head (conv_in), dense (hidden), table (heads)
+        assert r["tp"]["on_model"] == 4, r["tp"]
 
 
 def test_sharded_matches_single_device_2dev():
-    """FSDP on 2 simulated devices gives the 1-device loss curve (rel <= 1e-4)."""
-    r = run_with_devices(SHARDED_SCRIPT.replace("NUM_CASES", "2"), n=2)
-    _check_sharded(r, ("fsdp",), 2)
+    """FSDP and tensor-parallel logical-axis rules on 2 simulated devices give the 1-device loss
+    curve (rel <= 1e-4)."""
+    r = run_with_devices(SHARDED_SCRIPT.replace("NUM_CASES", "3"), n=2)
+    _check_sharded(r, ("fsdp", "tp"), 2)
 
 
 @pytest.mark.slow
 def test_sharded_matches_single_device_8dev():
-    """DP, FSDP and FSDP on a 4x2 mesh over 8 simulated devices == 1 device (rel <= 1e-4)."""
-    r = run_with_devices(SHARDED_SCRIPT.replace("NUM_CASES", "4"), n=8)
-    _check_sharded(r, ("dp", "fsdp", "fsdp_2d"), 8)
+    """DP, FSDP, FSDP + tensor parallel and FSDP on a 4x2 mesh over 8 simulated devices == 1
+    device (rel <= 1e-4)."""
+    r = run_with_devices(SHARDED_SCRIPT.replace("NUM_CASES", "5"), n=8)
+    _check_sharded(r, ("dp", "fsdp", "tp", "fsdp_2d"), 8)
 
 
 def _one_device_mesh():

@@ -126,7 +126,12 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.sharding = ml_collections.ConfigDict()
     c.sharding.mesh_shape = (-1, 1)  # (data, model); -1 = all remaining devices
     c.sharding.fsdp = False
-    c.sharding.fsdp_min_size = 4096  # smaller leaves stay replicated under FSDP
+    c.sharding.fsdp_min_size = 4096  # smaller leaves stay replicated under any rules
+    # Parameter sharding by logical axes (vipa_jax/train/sharding.py): () = replicated, or
+    # FSDP_RULES when fsdp=True; e.g. ("embed=data", "mlp=model", "heads=model") adds tensor
+    # parallelism over the 'model' mesh axis.
+    c.sharding.logical_axis_rules = ()
+    c.sharding.param_axes = ()  # ("regex=ax1,ax2", ...): logical axes of a fork's new params
 
     # --- checkpoints -----------------------------------------------------------------------
     c.ckpt = ml_collections.ConfigDict()

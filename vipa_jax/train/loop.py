@@ -320,9 +320,11 @@ def train_and_evaluate(
     tx, schedule = optim_lib.make_optimizer(config.optim, abstract_params, n_steps)
     create = functools.partial(step_lib.create_train_state, model, tx)
     abstract_state = jax.eval_shape(lambda: create(init_rng, sample))
-    state_sh = shd.state_shardings(abstract_state, mesh, bool(config.sharding.fsdp),
-                                   int(config.sharding.get("fsdp_min_size",
-                                                           shd.DEFAULT_FSDP_MIN_SIZE)))
+    sc = config.sharding
+    state_sh = shd.state_shardings(
+        abstract_state, mesh, bool(sc.fsdp),
+        int(sc.get("fsdp_min_size", shd.DEFAULT_FSDP_MIN_SIZE)),
+        rules=tuple(sc.get("logical_axis_rules", ())), param_axes=tuple(sc.get("param_axes", ())))
     rep, batch_sh = shd.replicated(mesh), shd.batch_sharding(mesh)
 
     ck = config.ckpt

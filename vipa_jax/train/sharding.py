@@ -1,19 +1,31 @@
-"""Mesh, parameter/batch shardings and multi-host helpers.
+"""Mesh, parameter/batch shardings (logical-axis rules) and multi-host helpers.
 
 Mesh axes are ``('data', 'model')`` with ``AxisType.Auto`` (Flax logical constraints fail on
 the Explicit default). The batch is sharded over ``data`` (replicated over ``model``).
 
-Parameters (and every optimizer-state leaf) are either replicated, or with
-``config.sharding.fsdp=True`` FSDP-sharded by a shape rule: a leaf with at least
-``config.sharding.fsdp_min_size`` elements (default 2**12) is split over ``data`` along its
-largest dimension divisible by the ``data`` axis size (first such dimension on ties); other
-leaves are replicated. Because the rule depends only on shapes, Adam moments get the same
-sharding as their parameters, and XLA inserts the all-gathers / reduce-scatters.
+Parameters are sharded through logical axes, as in maxtext / t5x:
+
+1. every parameter gets logical axis names from its path (`PARAM_LOGICAL_AXES`, regexes on the
+   '/'-joined path, first match wins; `config.sharding.param_axes` entries come first), or
+   from its rank when no pattern matches (`RANK_LOGICAL_AXES`: a 2-D kernel is
+   ``('embed', 'hidden')``, a 4-D conv kernel ``(None, None, 'conv_in', 'conv_out')``);
+2. rules map logical names to mesh axes (`config.sharding.logical_axis_rules`, e.g.
+   ``('embed=data', 'mlp=model')``); a dimension takes the first rule for its name whose mesh
+   axis is not used by another dimension of the same leaf and divides its size, else it is
+   replicated. Leaves under ``config.sharding.fsdp_min_size`` elements stay replicated.
+
+No rules: every parameter is replicated (data parallel). ``config.sharding.fsdp=True`` without
+rules uses `FSDP_RULES`: each large leaf is split over ``data`` along its first shardable
+dimension. Rules over ``model`` give tensor parallelism (``'mlp=model', 'heads=model'``).
+Optimizer-state leaves carry their parameter's path as a suffix (``.../mu/encoder/...``), so Adam
+moments are sharded like their parameters; XLA inserts the all-gathers / reduce-scatters.
 """
 
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import jax
@@ -81,32 +93,124 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(DATA))
 
 
-def fsdp_spec(shape: tuple[int, ...], data_size: int, min_size: int = DEFAULT_FSDP_MIN_SIZE) -> P:
-    """PartitionSpec sharding the largest dim divisible by ``data_size`` over 'data' (or P())."""
-    if data_size <= 1 or not shape or int(np.prod(shape)) < min_size:
-        return P()
-    best = None
-    for i, d in enumerate(shape):
-        if d % data_size == 0 and (best is None or d > shape[best]):
-            best = i
-    if best is None:
-        return P()
-    spec = [None] * len(shape)
-    spec[best] = DATA
+# Logical axes by path (regex searched in the '/'-joined path; first match wins).
+PARAM_LOGICAL_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
+    (r"(^|/)(query|key|value)/kernel$", ("embed", "heads")),
+    (r"(^|/)(query|key|value)/bias$", ("heads",)),
+    (r"(^|/)(out|attention/output/dense)/kernel$", ("heads", "embed")),
+    (r"(^|/)(fc1|intermediate/dense)/kernel$", ("embed", "mlp")),
+    (r"(^|/)(fc1|intermediate/dense)/bias$", ("mlp",)),
+    (r"(^|/)(fc2|output/dense)/kernel$", ("mlp", "embed")),
+    (r"(^|/)word_embeddings/embedding$", ("vocab", "embed")),
+    (r"(^|/)embedding$", ("table", "embed")),
+    (r"(^|/)relative_position_bias_table$", ("table", "heads")),
+    (r"(^|/)absolute_pos_embed/table$", (None, None, None, "embed")),
+)
+# ... and by rank for every other leaf (biases and norms are 'norm': never sharded by default).
+RANK_LOGICAL_AXES: dict[int, tuple[str | None, ...]] = {
+    0: (), 1: ("norm",), 2: ("embed", "hidden"), 4: (None, None, "conv_in", "conv_out"),
+}
+# config.sharding.fsdp=True without explicit rules: one dimension of each big leaf over 'data'.
+FSDP_RULES = ("embed=data", "vocab=data", "mlp=data", "heads=data", "hidden=data", "table=data",
+              "conv_out=data", "conv_in=data")
+
+
+def _parse_pairs(entries: Iterable[str], what: str) -> list[tuple[str, str]]:
+    """("lhs=rhs", ...) -> [(lhs, rhs)] with a clear error naming the bad entry."""
+    out = []
+    for e in entries:
+        lhs, sep, rhs = str(e).rpartition("=")
+        if not sep or not lhs.strip():
+            raise ValueError(f"config.sharding.{what}: expected 'name=value' entries, got {e!r}")
+        out.append((lhs.strip(), rhs.strip()))
+    return out
+
+
+def parse_axis_rules(rules: Iterable[str], mesh_axes: Sequence[str] = (DATA, MODEL)
+                     ) -> list[tuple[str, str | None]]:
+    """("embed=data", "mlp=model", "norm=") -> [(logical, mesh axis or None)]."""
+    out: list[tuple[str, str | None]] = []
+    for name, axis in _parse_pairs(rules, "logical_axis_rules"):
+        if axis and axis not in mesh_axes:
+            raise ValueError(f"config.sharding.logical_axis_rules: {name}={axis}: {axis!r} is "
+                             f"not a mesh axis {tuple(mesh_axes)}")
+        out.append((name, axis or None))
+    return out
+
+
+def parse_param_axes(entries: Iterable[str]) -> list[tuple[str, tuple[str | None, ...]]]:
+    """("regex=ax1,ax2", ...) -> [(regex, (ax1, ax2))]; an empty name means unsharded (None)."""
+    out = []
+    for pattern, axes in _parse_pairs(entries, "param_axes"):
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"config.sharding.param_axes: bad regex {pattern!r}: {e}") from e
+        out.append((pattern, tuple(a.strip() or None for a in axes.split(","))))
+    return out
+
+
+def logical_axes(path: str, ndim: int,
+                 extra: Sequence[tuple[str, tuple[str | None, ...]]] = ()
+                 ) -> tuple[str | None, ...]:
+    """Logical axis names of the leaf at `path` ('/'-joined) with `ndim` dimensions."""
+    for pattern, axes in (*extra, *PARAM_LOGICAL_AXES):
+        if re.search(pattern, path) and len(axes) == ndim:
+            return axes
+    return RANK_LOGICAL_AXES.get(ndim, (None,) * ndim)
+
+
+def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int],
+                    rules: Sequence[tuple[str, str | None]], mesh_shape: dict[str, int]) -> P:
+    """PartitionSpec from logical axes: each dim takes its first usable rule (free mesh axis of
+    size > 1 that divides the dim), else None."""
+    used: set[str] = set()
+    spec: list[str | None] = []
+    for name, size in zip(axes, shape, strict=True):
+        chosen = None
+        for logical, axis in rules:
+            if logical != name or axis is None or axis in used:
+                continue
+            n = mesh_shape.get(axis, 1)
+            if n > 1 and size % n == 0:
+                chosen = axis
+                break
+        if chosen is not None:
+            used.add(chosen)
+        spec.append(chosen)
+    while spec and spec[-1] is None:
+        spec.pop()
     return P(*spec)
 
 
+def _path_str(path: Sequence[Any]) -> str:
+    parts = []
+    for k in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+        else:
+            parts.append(str(k))
+    return "/".join(parts)
+
+
 def state_shardings(abstract_state: Any, mesh: Mesh, fsdp: bool = False,
-                    fsdp_min_size: int = DEFAULT_FSDP_MIN_SIZE) -> Any:
-    """NamedSharding for every array leaf of a (possibly abstract) train state."""
-    data_size = mesh.shape[DATA]
+                    fsdp_min_size: int = DEFAULT_FSDP_MIN_SIZE,
+                    rules: Sequence[str] = (), param_axes: Sequence[str] = ()) -> Any:
+    """NamedSharding for every array leaf of a (possibly abstract) train state (see module doc)."""
+    rule_list = parse_axis_rules(rules or (FSDP_RULES if fsdp else ()), mesh.axis_names)
+    extra = parse_param_axes(param_axes)
+    mesh_shape = dict(mesh.shape)
 
-    def one(x: Any) -> NamedSharding:
+    def one(path: Sequence[Any], x: Any) -> NamedSharding:
         shape = tuple(getattr(x, "shape", ()))
-        spec = fsdp_spec(shape, data_size, fsdp_min_size) if fsdp else P()
-        return NamedSharding(mesh, spec)
+        if not rule_list or not shape or int(np.prod(shape)) < fsdp_min_size:
+            return NamedSharding(mesh, P())
+        axes = logical_axes(_path_str(path), len(shape), extra)
+        return NamedSharding(mesh, logical_to_spec(axes, shape, rule_list, mesh_shape))
 
-    return jax.tree.map(one, abstract_state)
+    return jax.tree_util.tree_map_with_path(one, abstract_state)
 
 
 def check_global_batch(global_batch: int, mesh: Mesh) -> int:
