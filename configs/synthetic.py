@@ -20,8 +20,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = get_base_config()
     m = c.model
     m.image_size = 128
+    # Position words ("the leftmost shape", "the circle left of ...") need absolute position,
+    # which a Swin without `ape` barely has: a sine-initialized ape table (learned from there).
     m.swin.update(dict(embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), window_size=4,
-                       drop_path_rate=0.0))
+                       drop_path_rate=0.0, ape=True, ape_init="sine"))
     m.bert.update(dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
                        intermediate_size=1536, hidden_dropout_prob=0.0,
                        attention_probs_dropout_prob=0.0))

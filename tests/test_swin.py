@@ -551,3 +551,29 @@ def test_checkpoint_without_ape_loads_into_ape_model(tmp_path: Any) -> None:
     path2 = save_swin_params(no_block, tmp_path / "partial.safetensors")
     with pytest.raises(ValueError, match="missing from the checkpoint"):
         load_swin_params(path2, ape)
+
+
+def test_ape_table_of_another_grid_loads(tmp_path: Any) -> None:
+    """An ape table saved on a 16×16 grid loads into a model (kept: resized at apply time) and
+    into given params of an 8×8 grid (resized, corners kept, as train.init_swin does)."""
+    from vipa_jax.weights.swin import save_swin_params
+
+    model = SwinTransformer(embed_dim=8, depths=(1, 1), num_heads=(1, 1), window_size=4, ape=True)
+    big = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))["params"]
+    path = save_swin_params(big, tmp_path / "ape64.safetensors")
+    loaded, _ = load_swin_params(path, model)
+    np.testing.assert_array_equal(loaded["absolute_pos_embed"]["table"],
+                                  big["absolute_pos_embed"]["table"])
+    x = jax.random.normal(jax.random.PRNGKey(1), (1, 64, 64, 3))
+    np.testing.assert_allclose(model.apply({"params": loaded}, x)[-1],
+                               model.apply({"params": big}, x)[-1], atol=1e-6)
+    small = model.init(jax.random.PRNGKey(2), jnp.zeros((1, 32, 32, 3)))["params"]
+    sub, _ = load_swin_params(path, None, small)
+    table, src = sub["absolute_pos_embed"]["table"], big["absolute_pos_embed"]["table"]
+    assert table.shape == (1, 8, 8, 8)
+    np.testing.assert_allclose(table[0, 0, 0], src[0, 0, 0], atol=1e-6)
+    np.testing.assert_allclose(table[0, -1, -1], src[0, -1, -1], atol=1e-6)
+    wide = SwinTransformer(embed_dim=16, depths=(1, 1), num_heads=(1, 1), window_size=4,
+                           ape=True)
+    with pytest.raises(ValueError, match="absolute_pos_embed/table: expected shape"):
+        load_swin_params(path, wide)

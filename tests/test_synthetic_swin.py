@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs.synthetic import get_config
-from vipa_jax.models.swin import SwinTransformer
+from vipa_jax.models.swin import SwinTransformer, sine_position_table
 from vipa_jax.weights.swin import load_swin_params, save_swin_params
 from vipa_jax.weights.synthetic_swin import load_shape_data, pretrain_swin
 
@@ -36,13 +36,21 @@ def test_pretrain_swin_quick(tmp_path):
 
 
 def test_synthetic_config_ships_matching_pretrained_swin():
-    """configs/synthetic.py's init_swin exists in the repo and fits its Swin exactly."""
+    """configs/synthetic.py's init_swin exists in the repo and fits its Swin exactly, but for
+    the sine ape table that fine-tuning adds (the pretrained weights have none)."""
     config = get_config()
     path = ROOT / config.train.init_swin
     assert path.is_file(), path
-    model = SwinTransformer.from_config(config.model.swin.to_dict())
-    _, report = load_swin_params(path, model)
-    assert report.source_format == "vipa_jax" and not report.missing
+    swin = config.model.swin.to_dict()
+    assert swin["ape"] and swin["ape_init"] == "sine"
+    model = SwinTransformer.from_config(swin)
+    loaded, report = load_swin_params(path, model)
+    assert report.source_format == "vipa_jax"
+    assert report.missing == ["absolute_pos_embed/table"]
+    table = np.asarray(loaded["absolute_pos_embed"]["table"])
+    np.testing.assert_array_equal(table, sine_position_table(*table.shape[1:]))
+    _, report = load_swin_params(path, SwinTransformer.from_config({**swin, "ape": False}))
+    assert not report.missing
     assert get_config("test").train.init_swin == ""
 
 
@@ -60,6 +68,7 @@ def test_pretrain_cli_with_config_overrides(tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "wrote" in proc.stdout
-    swin = get_config("test").model.swin.to_dict()
-    _, report = load_swin_params(out, SwinTransformer.from_config({**swin, "embed_dim": 8}))
+    # Without --ape the weights have no ape table (fine-tuning adds the config's sine table).
+    swin = {**get_config("test").model.swin.to_dict(), "embed_dim": 8, "ape": False}
+    _, report = load_swin_params(out, SwinTransformer.from_config(swin))
     assert report.source_format == "vipa_jax" and not report.missing

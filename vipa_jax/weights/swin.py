@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vipa_jax.models.layers import resize_bilinear_align_corners
 from vipa_jax.models.swin import SwinTransformer
 
 logger = logging.getLogger(__name__)
@@ -343,6 +344,28 @@ def _layernorm_init(path: str, leaf: Any) -> jax.Array:
     return fill(leaf.shape, leaf.dtype)
 
 
+_APE_TABLE = "absolute_pos_embed/table"
+
+
+def _match_ape_grid(converted: dict[str, Any], target: dict[str, Any], *, resize: bool
+                    ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """An `ape` table made on another patch grid (same width): the model resizes it at apply
+    time anyway, so a model-only load keeps the checkpoint's grid, and a load into given params
+    (e.g. train.init_swin) resizes it (bilinear, align_corners) to theirs."""
+    if _APE_TABLE not in converted or _APE_TABLE not in target:
+        return converted, target
+    table = np.asarray(converted[_APE_TABLE])
+    want = tuple(target[_APE_TABLE].shape)
+    if table.ndim != 4 or table.shape[::3] != want[::3] or table.shape == want:
+        return converted, target  # other mismatches are reported by the shape check
+    if resize:
+        table = np.asarray(resize_bilinear_align_corners(jnp.asarray(table), want[1:3],
+                                                         axes=(1, 2)))
+        return {**converted, _APE_TABLE: table}, target
+    shape = jax.ShapeDtypeStruct(table.shape, target[_APE_TABLE].dtype)
+    return converted, {**target, _APE_TABLE: shape}
+
+
 def load_swin_params(
     source: str | os.PathLike | Mapping[str, Any],
     model: SwinTransformer | None,
@@ -376,6 +399,7 @@ def load_swin_params(
         ):
             raise ValueError("`params` does not match the model's param tree / shapes")
 
+    converted, target = _match_ape_grid(converted, target, resize=params is not None)
     errors = []
     unexpected = sorted(set(converted) - set(target))
     if unexpected:
