@@ -418,9 +418,10 @@ def load_swin_params(
                           f"{required[:8]}{' ...' if len(required) > 8 else ''}")
     if errors:
         raise ValueError(f"cannot load Swin {fmt} checkpoint: " + "; ".join(errors))
-    if missing:
-        logger.warning("Swin checkpoint lacks %d params, kept from init: %s", len(missing),
-                       missing)
+    if missing:  # expected for the optional ones (stage norms, ape table): info, else warn
+        level = logging.INFO if all(_OPTIONAL_RE.match(p) for p in missing) else logging.WARNING
+        logger.log(level, "Swin checkpoint lacks %d params, kept from init: %s", len(missing),
+                   missing)
 
     if params is not None:
         fallback = given
