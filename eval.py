@@ -5,7 +5,9 @@ DIR is an inference bundle (``python -m vipa_jax.export``) or a training workdir
 folder / step folder (detected). The model section always comes from the checkpoint (it must
 match the weights); ``--config`` (optional) supplies the data and eval sections, e.g. to point at
 another dataset root. Prints a markdown table; ``--out`` also writes results.json, results.md
-and with ``--per_sample_csv`` one CSV per split and protocol.
+and with ``--per_sample_csv`` one CSV per split and protocol. Multi-host: run it on every host
+with ``--distributed`` (as train.py); each process scores its shard and the metrics are
+all-reduced.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import logging
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from vipa_jax.train import sharding as shd
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file for data/eval settings.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Bundle or training checkpoint.")
@@ -25,6 +29,7 @@ _PER_SAMPLE = flags.DEFINE_bool("per_sample_csv", False, "Write per-expression I
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (training checkpoints only).")
 _BATCH = flags.DEFINE_integer("batch_size", None, "Global eval batch (default: config.eval).")
 _VOCAB = flags.DEFINE_string("vocab", None, "vocab.txt override.")
+_INIT_DISTRIBUTED = shd.define_distributed_flags()  # multi-host: every process runs eval.py
 flags.mark_flags_as_required(["checkpoint"])
 
 
@@ -32,9 +37,11 @@ def main(argv: list[str]) -> None:
     """Entry point."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    _INIT_DISTRIBUTED()  # before any JAX computation
+    import jax
+
     from vipa_jax.evaluate import evaluate_splits, results_markdown
     from vipa_jax.export import load_any
-    from vipa_jax.train import sharding as shd
 
     logging.getLogger().setLevel(logging.INFO)
     loaded = load_any(_CHECKPOINT.value, _STEP.value, _VOCAB.value)
@@ -57,7 +64,8 @@ def main(argv: list[str]) -> None:
         out_dir=_OUT.value, mesh=mesh, per_sample_csv=_PER_SAMPLE.value,
         checkpoint=loaded.path, step=loaded.step,
         num_workers=int(config.data.get("num_workers", 0)))
-    print(results_markdown(results, loaded.path, loaded.step))
+    if jax.process_index() == 0:  # every process holds the same all-reduced results
+        print(results_markdown(results, loaded.path, loaded.step))
 
 
 if __name__ == "__main__":

@@ -12,14 +12,12 @@ import logging
 from absl import app, flags
 from ml_collections import config_flags
 
+from vipa_jax.train import sharding
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (get_config()).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (checkpoints, logs).")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", None,
-                                 "Call jax.distributed.initialize() (default: $VIPA_DISTRIBUTED).")
-_COORD = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
-_NPROC = flags.DEFINE_integer("num_processes", None, "Number of processes.")
-_PID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_INIT_DISTRIBUTED = sharding.define_distributed_flags()
 _NO_EVAL = flags.DEFINE_bool("no_eval", False, "Skip periodic evaluation.")
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -40,10 +38,7 @@ def main(argv: list[str]) -> None:
     """Entry point."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from vipa_jax.train import sharding
-
-    sharding.maybe_initialize_distributed(_DISTRIBUTED.value, _COORD.value, _NPROC.value,
-                                          _PID.value)
+    _INIT_DISTRIBUTED()  # before any JAX computation
     import jax
 
     from vipa_jax.train.loop import train_and_evaluate

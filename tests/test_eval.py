@@ -131,3 +131,53 @@ def test_make_train_evaluator(tiny_model: dict[str, Any], synthetic_root: Path) 
     ref = _numpy_reference(tiny_model["model"], v, ds, Tokenizer(tiny_model["vocab"], 8))
     assert out[f"{SYN_SPLIT}_mIoU"] == pytest.approx(ref["mIoU"], abs=1e-6)
     assert out[f"{SYN_SPLIT}_oIoU"] == pytest.approx(ref["oIoU"], abs=1e-6)
+
+
+def _run_eval_py(args: list[str], env: dict[str, str], cwd: Path) -> Any:
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, str(cwd / "eval.py"), *args], env=env, cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+def test_eval_py_two_processes_match_one(bundle_dir: Path, synthetic_root: Path,  # noqa: F811
+                                         tmp_path: Path) -> None:
+    """eval.py on 2 processes × 2 CPU devices (jax.distributed on localhost, each scoring its
+    shard, a padded last batch) writes the same metrics, both protocols, as on 1 process."""
+    import os
+    import socket
+
+    root = Path(__file__).resolve().parents[1]
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(root),
+               XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    common = [f"--checkpoint={bundle_dir}", "--config=configs/synthetic.py:test",
+              f"--config.data.root={synthetic_root}", f"--splits={SYN_SPLIT}",
+              "--protocol=both", "--batch_size=8"]  # 12 expressions: 8 + 4 real / 4 padding
+    procs = [_run_eval_py([*common, f"--out={tmp_path / 'one'}"], env, root)]
+    procs += [_run_eval_py([*common, f"--out={tmp_path / 'two'}", "--distributed",
+                            f"--coordinator_address=localhost:{port}", "--num_processes=2",
+                            f"--process_id={i}"], env, root) for i in range(2)]
+    try:
+        outs = [p.communicate(timeout=400) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-4000:]
+    assert "oIoU" in outs[1][0] and "oIoU" not in outs[2][0]  # only process 0 prints
+    one = json.loads((tmp_path / "one" / "results.json").read_text())
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+
+    m1, m2 = ({(s, p): v for s, per in r["splits"].items() for p, v in per.items()}
+              for r in (one, two))
+    assert set(m1) == {(SYN_SPLIT, "lavt"), (SYN_SPLIT, "original")} == set(m2), m1.keys()
+    for key, r1 in m1.items():
+        assert r1["count"] == SYN_COUNT == m2[key]["count"], key
+        for k in ("oIoU", "mIoU", "P@0.5", "P@0.9"):
+            assert m2[key][k] == pytest.approx(r1[k], abs=1e-6), (key, k)

@@ -63,6 +63,19 @@ def maybe_initialize_distributed(
     return True
 
 
+def define_distributed_flags() -> Any:
+    """Define ``--distributed``, ``--coordinator_address``, ``--num_processes``, ``--process_id``
+    (absl) for an entry point; returns ``init()`` that calls `maybe_initialize_distributed`."""
+    from absl import flags
+
+    enable = flags.DEFINE_bool("distributed", None,
+                               "Call jax.distributed.initialize() (default: $VIPA_DISTRIBUTED).")
+    coord = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
+    nproc = flags.DEFINE_integer("num_processes", None, "Number of processes.")
+    pid = flags.DEFINE_integer("process_id", None, "This process's index.")
+    return lambda: maybe_initialize_distributed(enable.value, coord.value, nproc.value, pid.value)
+
+
 def make_mesh(mesh_shape: tuple[int, ...] | list[int] = (-1, 1),
               devices: list | None = None) -> Mesh:
     """('data', 'model') mesh over all (or the given) devices; one entry may be -1."""
