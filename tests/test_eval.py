@@ -147,12 +147,11 @@ def test_eval_py_two_processes_match_one(bundle_dir: Path, synthetic_root: Path,
     """eval.py on 2 processes × 2 CPU devices (jax.distributed on localhost, each scoring its
     shard, a padded last batch) writes the same metrics, both protocols, as on 1 process."""
     import os
-    import socket
+
+    from tests._procs import communicate_all, free_port
 
     root = Path(__file__).resolve().parents[1]
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(root),
                XLA_FLAGS="--xla_force_host_platform_device_count=2")
     common = [f"--checkpoint={bundle_dir}", "--config=configs/synthetic.py:test",
@@ -162,14 +161,7 @@ def test_eval_py_two_processes_match_one(bundle_dir: Path, synthetic_root: Path,
     procs += [_run_eval_py([*common, f"--out={tmp_path / 'two'}", "--distributed",
                             f"--coordinator_address=localhost:{port}", "--num_processes=2",
                             f"--process_id={i}"], env, root) for i in range(2)]
-    try:
-        outs = [p.communicate(timeout=400) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, (_, err) in zip(procs, outs, strict=True):
-        assert p.returncode == 0, err[-4000:]
+    outs = communicate_all(procs, timeout=400)
     assert "oIoU" in outs[1][0] and "oIoU" not in outs[2][0]  # only process 0 prints
     one = json.loads((tmp_path / "one" / "results.json").read_text())
     two = json.loads((tmp_path / "two" / "results.json").read_text())

@@ -2,23 +2,19 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))
+from _procs import communicate_all, free_port  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
 
 
 def test_two_process_training(tmp_path):
     """2 processes x 2 CPU devices: a (4,1) mesh trains 6 steps, checkpoints both data iterators."""
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS="--xla_force_host_platform_device_count=2",
                PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}")
@@ -32,16 +28,7 @@ def test_two_process_training(tmp_path):
                "--config.sharding.fsdp=True"]
         procs.append(subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))
-    outs = []
-    try:
-        for p in procs:
-            outs.append(p.communicate(timeout=400))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, (_, err) in zip(procs, outs, strict=True):
-        assert p.returncode == 0, err[-4000:]
+    outs = communicate_all(procs, timeout=400)
     assert "process 1/2, 2 local / 4 global devices" in outs[1][1]
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]  # only process 0 writes
