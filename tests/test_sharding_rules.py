@@ -11,6 +11,7 @@ from configs.synthetic import get_config
 from vipa_jax.train import loop
 from vipa_jax.train import sharding as shd
 from vipa_jax.train import step as step_lib
+from vipa_jax.train.optim import path_str
 
 
 def _vipa_params() -> Any:
@@ -25,14 +26,14 @@ def _specs(params: Any, data: int, model: int, rules: tuple[str, ...]) -> dict[s
     parsed, sizes = shd.parse_axis_rules(rules), {"data": data, "model": model}
     out = {}
     for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
-        p = shd._path_str(path)
+        p = path_str(path)
         out[p] = shd.logical_to_spec(shd.logical_axes(p, x.ndim), x.shape, parsed, sizes)
     return out
 
 
 def test_vipa_parameters_get_their_logical_axes() -> None:
     """Swin, BERT, fusion, VEG and decoder parameters are named by role, not by shape."""
-    flat = {shd._path_str(k): v for k, v in jax.tree_util.tree_flatten_with_path(_vipa_params())[0]}
+    flat = {path_str(k): v for k, v in jax.tree_util.tree_flatten_with_path(_vipa_params())[0]}
     axes = {p: shd.logical_axes(p, v.ndim) for p, v in flat.items()}
     swin = "encoder/backbone/layers_0/blocks_0"
     assert axes[f"{swin}/attn/query/kernel"] == ("embed", "heads")

@@ -25,13 +25,15 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from vipa_jax.train.optim import path_str
 
 DATA, MODEL = "data", "model"
 DEFAULT_FSDP_MIN_SIZE = 2**12
@@ -63,7 +65,7 @@ def maybe_initialize_distributed(
     return True
 
 
-def define_distributed_flags() -> Any:
+def define_distributed_flags() -> Callable[[], bool]:
     """Define ``--distributed``, ``--coordinator_address``, ``--num_processes``, ``--process_id``
     (absl) for an entry point; returns ``init()`` that calls `maybe_initialize_distributed`."""
     from absl import flags
@@ -196,18 +198,6 @@ def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int],
     return P(*spec)
 
 
-def _path_str(path: Sequence[Any]) -> str:
-    parts = []
-    for k in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-        else:
-            parts.append(str(k))
-    return "/".join(parts)
-
-
 def state_shardings(abstract_state: Any, mesh: Mesh, fsdp: bool = False,
                     fsdp_min_size: int = DEFAULT_FSDP_MIN_SIZE,
                     rules: Sequence[str] = (), param_axes: Sequence[str] = ()) -> Any:
@@ -220,7 +210,7 @@ def state_shardings(abstract_state: Any, mesh: Mesh, fsdp: bool = False,
         shape = tuple(getattr(x, "shape", ()))
         if not rule_list or not shape or int(np.prod(shape)) < fsdp_min_size:
             return NamedSharding(mesh, P())
-        axes = logical_axes(_path_str(path), len(shape), extra)
+        axes = logical_axes(path_str(path), len(shape), extra)
         return NamedSharding(mesh, logical_to_spec(axes, shape, rule_list, mesh_shape))
 
     return jax.tree_util.tree_map_with_path(one, abstract_state)

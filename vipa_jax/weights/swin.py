@@ -356,7 +356,8 @@ def _match_ape_grid(converted: dict[str, Any], target: dict[str, Any], *, resize
         return converted, target
     table = np.asarray(converted[_APE_TABLE])
     want = tuple(target[_APE_TABLE].shape)
-    if table.ndim != 4 or table.shape[::3] != want[::3] or table.shape == want:
+    same_width = table.ndim == 4 and (table.shape[0], table.shape[3]) == (want[0], want[3])
+    if not same_width or table.shape == want:
         return converted, target  # other mismatches are reported by the shape check
     if resize:
         table = np.asarray(resize_bilinear_align_corners(jnp.asarray(table), want[1:3],
