@@ -51,10 +51,10 @@ def test_count_macs_matmul_and_conv() -> None:
     assert common.count_macs(f, *args) == 2 * 5 * 7 * 3 + conv + 4 * (2 * 5 * 3 * 3)
 
 
-def _run_module(module: str, out_dir: Path) -> dict:
+def _run_module(module: str, out_dir: Path, *args: str) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", module, "--quick", "--out", str(out_dir)],
+        [sys.executable, "-m", module, "--quick", "--out", str(out_dir), *args],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -117,3 +117,43 @@ def test_shape_probe_foreground_accuracy_counts_only_foreground() -> None:
     labels = jnp.asarray([[[0, 1], [2, 2]]])  # 3 foreground pixels
     logits = jax.nn.one_hot(jnp.asarray([[[3, 1], [2, 4]]]), 5)  # background wrong: ignored
     assert float(foreground_accuracy(logits, labels)) == pytest.approx(2 / 3)
+
+
+def test_profile_module_groups() -> None:
+    from benchmarks.profile import hlo_op_names, module_group, op_kind, summarize_ops
+
+    fwd = "jit(fwd)/VIPA/encoder/backbone.run_stage/layers_0/blocks_1/attn/dot_general"
+    assert module_group(fwd, 2) == "encoder/backbone.run_stage"
+    assert module_group("jit(step)/transpose(jvp(VIPA))/decoder/up1_0/Conv_0/conv", 3) == (
+        "bwd: decoder/up1_0/Conv_0")
+    assert module_group("jit(step)/jvp(VIPA)/veg/jit(_where)/select_n", 2) == "veg/select_n"
+    assert module_group("jit(step)/mul", 2) == "mul"
+    assert op_kind("ynn_fusion.42") == "ynn_fusion" and op_kind("copy_bitcast_fusion") == (
+        "copy_bitcast_fusion")
+    hlo = ('  %fusion.3 = f32[2,8]{1,0} fusion(%p), kind=kLoop, metadata={op_type="add" '
+           'op_name="jit(f)/M/a/add" source_file="x.py"}\n'
+           '  ROOT dot.1 = f32[2,2]{1,0} dot(%a, %b), metadata={op_name="jit(f)/M/b/dot_general"}')
+    assert hlo_op_names(hlo) == {"fusion.3": ("f32[2,8]{1,0}", "jit(f)/M/a/add"),
+                                 "dot.1": ("f32[2,2]{1,0}", "jit(f)/M/b/dot_general")}
+    ops = {"fusion.3": {"ns": 3e6, "count": 1, "shape": "", "op_name": "jit(f)/M/a/add"},
+           "fusion.4": {"ns": 1e6, "count": 1, "shape": "", "op_name": "jit(f)/M/a/mul"},
+           "dot.1": {"ns": 4e6, "count": 1, "shape": "", "op_name": "jit(f)/M/b/dot_general"}}
+    s = summarize_ops(ops, depth=1)
+    assert s["op_time_ms"] == pytest.approx(8.0)
+    rows = [(r["name"], r["ms"], r["ops"]) for r in s["by_module"]]
+    assert rows == [("a", 4.0, 2), ("b", 4.0, 1)]
+    assert s["by_kind"][0] == {"name": "fusion", "ms": 4.0, "percent": 50.0, "ops": 2}
+    assert s["top_ops"][0]["name"] == "dot.1" and s["top_ops"][0]["module"] == "b/dot_general"
+
+
+def test_profile_quick(tmp_path: Path) -> None:
+    """The profiler on the tiny model: the trace is read back and the ops land in the modules."""
+    res = _run_module("benchmarks.profile", tmp_path, "--reps", "2")
+    _check_machine_info(res["machine_info"])
+    assert res["mode"] == "inference" and res["config"] == "synthetic:test"
+    assert res["op_time_ms"] > 0 and res["wall_median_ms"] > 0
+    groups = {r["name"].split("/")[0] for r in res["by_module"]}
+    assert {"encoder", "decoder", "veg"} <= groups, groups
+    assert sum(r["ms"] for r in res["by_module"]) == pytest.approx(res["op_time_ms"], rel=1e-6)
+    # the Swin stages do most of the encoder's work even in the tiny model
+    assert any(r["name"] == "encoder/backbone.run_stage" for r in res["by_module"])

@@ -1,0 +1,263 @@
+"""Where the time goes: a `jax.profiler` trace of the VIPA forward (or train step), per module.
+
+``python -m benchmarks.profile [--config refcoco|synthetic] [--quick] [--train] [--dtype D]
+[--batch N] [--reps 3] [--depth 2] [--trace-dir DIR]`` prints three tables and writes
+``benchmarks/results/profile-<machine>[-<gpu>]-<config>-<infer|train>-<dtype>.json``:
+
+- by module: the time of every XLA op, summed over the flax module path that produced it (the
+  op's `op_name` metadata, e.g. ``encoder/backbone.run_stage/layers_2/blocks_3/attn/...``), cut
+  to ``--depth`` levels below the model. In a train step the backward ops are their own groups
+  (``bwd: ...``) and ops outside the model (loss, optimizer) are grouped by their first name.
+- by op kind: the same time summed by XLA op kind (``ynn_fusion`` = a GEMM/conv library call on
+  CPU, ``*copy*``/``*transpose*`` = layout copies, ...): what to look at before optimizing.
+- top ops: the slowest single ops with their shapes and full module paths.
+
+Method: the function is jitted, compiled and run twice untraced; then ``--reps`` calls run under
+`jax.profiler.trace` and the trace (`*.xplane.pb`, readable by TensorBoard / XProf / Perfetto;
+kept with ``--trace-dir``) is read back with `jax.profiler.ProfileData`. An event counts when its
+name is an instruction of the compiled HLO; on a GPU only the device planes count (the host's
+launch events would count the same op twice). On CPU XLA may run independent ops concurrently,
+so the op times can add up to more than the wall time (both are reported).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import os
+import re
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from benchmarks import common
+
+# `%name = f32[1,2]{1,0} opcode(...), ..., metadata={op_name="jit(f)/VIPA/encoder/..."`
+_HLO_LINE = re.compile(
+    r'^\s*(?:ROOT\s+)?%?(?P<name>[\w.\-]+)\s*=\s*(?P<shape>\S+)\s.*?'
+    r'metadata=\{[^}]*?op_name="(?P<op>[^"]*)"')
+_TRANSFORM = re.compile(r"^(?:jit|pjit|jvp|transpose|vmap|remat|checkpoint|custom_jvp_call|"
+                        r"custom_vjp_call|rematted_computation)\((?P<inner>.*)\)$")
+
+
+def hlo_op_names(hlo_text: str) -> dict[str, tuple[str, str]]:
+    """{HLO instruction name: (result shape, op_name metadata)} from compiled HLO text."""
+    out = {}
+    for line in hlo_text.splitlines():
+        m = _HLO_LINE.match(line)
+        if m:
+            out[m.group("name")] = (m.group("shape"), m.group("op"))
+    return out
+
+
+def module_group(op_name: str, depth: int) -> str:
+    """'jit(step)/transpose(jvp(VIPA))/encoder/backbone.run_stage/layers_0/...' -> 'bwd: encoder/
+    backbone.run_stage' at depth 2.
+
+    `jit(...)` parts (the jitted function, inlined helpers) are dropped, other transform wrappers
+    (`jvp`, `transpose`, `remat`, ...) are peeled, a `transpose(...)` marks the op as backward,
+    and a leading CamelCase part (the root flax module, e.g. `VIPA`) is dropped.
+    """
+    backward = False
+    parts = []
+    for part in op_name.split("/"):
+        if part.startswith(("jit(", "pjit(")):
+            continue
+        while (m := _TRANSFORM.match(part)) is not None:
+            backward |= part.startswith("transpose(")
+            part = m.group("inner")
+        if part:
+            parts.append(part)
+    if parts and parts[0][:1].isupper():
+        parts = parts[1:]
+    group = "/".join(parts[:depth]) or "(top level)"
+    return f"bwd: {group}" if backward else group
+
+
+def op_kind(name: str) -> str:
+    """XLA instruction name -> its kind: 'ynn_fusion.42' -> 'ynn_fusion'."""
+    return re.sub(r"(\.\d+)+$", "", name)
+
+
+def trace_op_times(
+    compiled: Callable[..., Any], args: Sequence[Any], hlo_text: str, reps: int,
+    trace_dir: str | None = None,
+) -> dict[str, Any]:
+    """Run `compiled(*args)` `reps` times under the profiler -> per-instruction mean ns per call.
+
+    Returns {"ops": {name: {"ns": float, "count": int, "shape": str, "op_name": str}},
+    "planes": [names of the planes that counted], "trace": path of the .xplane.pb}.
+    """
+    import jax
+
+    names = hlo_op_names(hlo_text)
+    trace_dir = trace_dir or tempfile.mkdtemp(prefix="vipa_trace_")
+    with jax.profiler.trace(trace_dir):
+        for _ in range(reps):
+            jax.block_until_ready(compiled(*args))
+    files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True),
+                   key=os.path.getmtime)
+    if not files:
+        raise RuntimeError(f"the profiler wrote no *.xplane.pb under {trace_dir}")
+    data = jax.profiler.ProfileData.from_file(files[-1])
+    per_plane: dict[str, collections.Counter[str]] = {}
+    counts: dict[str, collections.Counter[str]] = {}
+    for plane in data.planes:
+        total: collections.Counter[str] = collections.Counter()
+        count: collections.Counter[str] = collections.Counter()
+        for line in plane.lines:
+            for ev in line.events:
+                name = ev.name.lstrip("%")
+                if name in names:
+                    total[name] += ev.duration_ns
+                    count[name] += 1
+        if total:
+            per_plane[plane.name], counts[plane.name] = total, count
+    device_planes = [p for p in per_plane if p.startswith("/device:") and "CPU" not in p]
+    use = device_planes or list(per_plane)
+    ops: dict[str, dict[str, Any]] = {}
+    for p in use:
+        for name, ns in per_plane[p].items():
+            shape, op = names[name]
+            e = ops.setdefault(name, {"ns": 0.0, "count": 0, "shape": shape, "op_name": op})
+            e["ns"] += ns / reps
+            e["count"] += counts[p][name]
+    return {"ops": ops, "planes": use, "trace": files[-1]}
+
+
+def summarize_ops(ops: dict[str, dict[str, Any]], depth: int) -> dict[str, Any]:
+    """Per-module and per-kind sums (ms per call) and the op list sorted by time."""
+    by_module: dict[str, dict[str, float]] = {}
+    by_kind: dict[str, dict[str, float]] = {}
+    for name, e in ops.items():
+        for table, key in ((by_module, module_group(e["op_name"], depth)),
+                           (by_kind, op_kind(name))):
+            row = table.setdefault(key, {"ms": 0.0, "ops": 0})
+            row["ms"] += e["ns"] / 1e6
+            row["ops"] += 1
+    total = sum(e["ns"] for e in ops.values()) / 1e6
+
+    def ranked(table: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
+        rows = sorted(table.items(), key=lambda kv: -kv[1]["ms"])
+        return [{"name": k, "ms": v["ms"], "percent": 100 * v["ms"] / total if total else 0.0,
+                 "ops": int(v["ops"])} for k, v in rows]
+
+    top = sorted(ops.items(), key=lambda kv: -kv[1]["ns"])
+    return {
+        "op_time_ms": total,
+        "by_module": ranked(by_module),
+        "by_kind": ranked(by_kind),
+        "top_ops": [{"name": n, "ms": e["ns"] / 1e6, "shape": e["shape"],
+                     "module": module_group(e["op_name"], 99)} for n, e in top],
+    }
+
+
+def _forward(cfg: Any, batch: int) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+    import jax
+
+    from benchmarks.input_pipeline import random_batch
+    from benchmarks.model import random_variables
+    from vipa_jax.models.vipa import build_model, init_variables
+
+    m = cfg.model
+    model = build_model(m)
+    shapes = jax.eval_shape(lambda k: init_variables(model, k, m.image_size, m.max_tokens),
+                            jax.random.key(0))
+    data = random_batch(batch, m.image_size, m.max_tokens)
+
+    def fwd(v: Any, im: Any, ids: Any, mask: Any) -> Any:
+        return model.apply(v, im, ids, mask, train=False)["logits"]
+
+    args = (random_variables(shapes),
+            *jax.device_put((data["image"], data["input_ids"], data["attention_mask"])))
+    return fwd, args
+
+
+def profile(
+    cfg: Any, *, train: bool, batch: int, reps: int, depth: int, trace_dir: str | None = None,
+) -> dict[str, Any]:
+    """Compile the forward (or train step), time it, trace it -> the JSON result (no machine)."""
+    import jax
+
+    if train:
+        from benchmarks.input_pipeline import train_step_setup
+
+        step_fn, state, data = train_step_setup(cfg, batch)
+        args: tuple[Any, ...] = (state, jax.device_put(data), jax.random.key(1))
+        # No donation: the same state is fed to every call.
+        compiled, info = common.compile_jax(step_fn, *args)
+    else:
+        fn, args = _forward(cfg, batch)
+        compiled, info = common.compile_jax(fn, *args)
+    timing = common.time_call(lambda: compiled(*args), iters=max(reps, 2), warmup=1)
+    traced = trace_op_times(compiled, args, compiled.as_text(), reps, trace_dir)
+    summary = summarize_ops(traced["ops"], depth)
+    return {
+        "mode": "train" if train else "inference", "batch": batch,
+        "image_size": cfg.model.image_size, "tokens": cfg.model.max_tokens,
+        "dtype": cfg.model.dtype, "remat": bool(cfg.model.remat), "reps": reps, "depth": depth,
+        "compile_s": info["lower_s"] + info["compile_s"], "xla_flops": info["flops"],
+        "wall_median_ms": timing["median_s"] * 1e3, "wall_min_ms": timing["min_s"] * 1e3,
+        "planes": traced["planes"], "trace_file": traced["trace"] if trace_dir else None,
+        **summary,
+    }
+
+
+def print_profile(r: dict[str, Any], top: int) -> None:
+    print(f"{r['mode']}, batch {r['batch']}, {r['image_size']}x{r['image_size']}, "
+          f"{r['dtype']}{', remat' if r['remat'] else ''}: wall median "
+          f"{r['wall_median_ms']:.1f} ms; traced op time {r['op_time_ms']:.1f} ms per call "
+          f"({len(r['top_ops'])} ops; planes: {', '.join(r['planes'])})")
+    for title, key in (("by module", "by_module"), ("by op kind", "by_kind")):
+        rows = [[x["name"], f"{x['ms']:.2f}", f"{x['percent']:.1f}", x["ops"]]
+                for x in r[key][:top]]
+        common.print_table(rows, [title, "ms/call", "%", "ops"])
+    rows = [[x["name"], f"{x['ms']:.2f}", x["shape"][:40], x["module"][-80:]]
+            for x in r["top_ops"][:top]]
+    common.print_table(rows, ["op", "ms/call", "shape", "module"], title="top ops")
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", choices=("refcoco", "synthetic"), default="refcoco")
+    p.add_argument("--quick", action="store_true", help="the tiny synthetic:test model")
+    p.add_argument("--train", action="store_true", help="profile the train step, not the forward")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--remat", action="store_true")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--reps", type=int, default=3, help="traced calls (times are per call)")
+    p.add_argument("--depth", type=int, default=2, help="module path levels per group")
+    p.add_argument("--top", type=int, default=25, help="rows per printed table")
+    p.add_argument("--trace-dir", default=None, help="keep the trace here (TensorBoard/XProf)")
+    p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
+    p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    a = p.parse_args(argv)
+    if a.device == "cpu":
+        os.environ["JAX_PLATFORMS"] = "cpu"  # before jax is imported
+    import jax
+
+    from benchmarks.run import load_config
+
+    cfg = load_config(a.config, a.quick)
+    cfg.model.dtype, cfg.model.remat = a.dtype, a.remat
+    if a.image_size:
+        cfg.model.image_size = a.image_size
+    t0 = time.perf_counter()
+    r = profile(cfg, train=a.train, batch=a.batch, reps=a.reps, depth=a.depth,
+                trace_dir=a.trace_dir)
+    r.update(config="synthetic:test" if a.quick else a.config, backend=jax.default_backend(),
+             device_kind=jax.devices()[0].device_kind, total_s=time.perf_counter() - t0,
+             load=common.load_snapshot())
+    print_profile(r, a.top)
+    gpu = "" if r["backend"] == "cpu" else "-" + re.sub(r"\W+", "_", r["device_kind"].lower())
+    tag = f"{r['config'].replace(':', '_')}-{'train' if a.train else 'infer'}-{a.dtype}"
+    r["path"] = common.write_result("profile", r, a.out, tag=(gpu + "-" + tag).lstrip("-"))
+    print("wrote", r["path"])
+    return r
+
+
+if __name__ == "__main__":
+    main()
