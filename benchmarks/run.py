@@ -22,14 +22,22 @@ Sections (every figure carries dtype, batch, image size and device kind, and the
   tensor-core peak, which XLA uses for float32 matmuls by default). Model FLOPs = XLA's
   `cost_analysis()` flops of the step without remat (per image × batch, so the recomputation of
   remat does not count); HFU uses the step's own count (recomputation included).
+- memory: does the train step of the paper's recipe fit one 80 GB GPU without accumulation, at
+  global batch 16 and at batch 64 with remat (`MEMORY_TARGETS`), per dtype? XLA's
+  `memory_analysis()` estimate of the compiled step (compile only), and on a GPU one real step
+  (out of memory = misses). On CPU the estimate comes from XLA:CPU's buffer assignment, which
+  ignores `jax.checkpoint` (jax#19822: its scheduler hoists the recomputation), so there the
+  remat rows say nothing about remat. `--no-memory` skips it (on CPU it costs ~1 min of
+  compile per row). The GPU run sets `XLA_PYTHON_CLIENT_MEM_FRACTION=0.95` unless set.
 - cpu_vs_torch (CPU, needs torch): `benchmarks.backbones.run` (our Swin-B and BERT-base vs
   transformers' PyTorch models, same weights and inputs, alternating blocks) and
   `benchmarks.model.time_forward` (the full VIPA forward vs PyTorch Swin-B + BERT-base). The
   ratios are the figures that count; absolute CPU times depend on the load (recorded).
 
 ``--quick`` = the tiny `configs/synthetic.py:test` model, 2 iterations, batch 1 inference, train
-step at batch 2 for (bfloat16, remat) only (each train-step compile costs ~20 s on 2 CPUs even
-for the tiny model): the smoke test; its timings mean nothing.
+step at batch 2 for (bfloat16, remat) only, memory check at batch 2 (bfloat16, remat) only
+(each train-step compile costs ~20 s on 2 CPUs even for the tiny model): the smoke test; its
+timings mean nothing.
 """
 
 from __future__ import annotations
@@ -53,7 +61,11 @@ TARGETS = {
     "gpu_compile_s": 60.0,
     "cpu_full_forward_over_torch_backbones": 1.2,
     "cpu_backbones_over_torch": 0.8,
+    "gpu_memory_bytes": 80e9,  # one 80 GB GPU
 }
+# (global batch, remat) that must train on one 80 GB GPU without gradient accumulation (issue 8).
+MEMORY_TARGETS: tuple[tuple[int, bool], ...] = ((16, False), (64, True))
+MEMORY_TARGETS_QUICK: tuple[tuple[int, bool], ...] = ((2, True),)
 
 # Dense peak FLOP/s per device kind (NVIDIA datasheets, no sparsity). First substring match
 # of `jax.devices()[0].device_kind` wins, so the more specific names come first.
@@ -244,6 +256,50 @@ def _add_mfu(entries: list[dict[str, Any]], device_kind: str) -> None:
         e["achieved_tflops"] = model_flops / seconds / 1e12
 
 
+def memory_section(
+    cfg: Any, dtypes: Sequence[str], targets: Sequence[tuple[int, bool]], gpu: bool,
+) -> list[dict[str, Any]]:
+    """Does the train step fit one 80 GB GPU at the target (batch, remat)s? Per dtype: XLA's
+    `memory_analysis()` of the compiled step (compile only; every backend) and, on a GPU, one
+    real step (an out-of-memory error is a result, not a crash)."""
+    import jax
+
+    from benchmarks.input_pipeline import train_step_setup
+
+    entries = []
+    for dtype in dtypes:
+        for batch, remat in targets:
+            step_fn, state, data = train_step_setup(_with(cfg, dtype=dtype, remat=remat), batch)
+            data = jax.device_put(data)
+            key = jax.random.key(1)
+            compiled, info = common.compile_jax(step_fn, state, data, key, donate_argnums=(0,))
+            xm = common.memory_of(compiled)
+            entry: dict[str, Any] = {
+                "dtype": dtype, "batch": batch, "remat": remat,
+                "image_size": cfg.model.image_size,
+                "compile_s": info["lower_s"] + info["compile_s"],
+                "xla_memory": xm, "estimate_bytes": xm["estimate_bytes"] if xm else None,
+                "limit_bytes": TARGETS["gpu_memory_bytes"],
+            }
+            if gpu:
+                try:
+                    jax.block_until_ready(compiled(state, data, key))
+                    entry["ran"], entry["device_memory"] = True, common.device_memory()
+                except Exception as err:  # noqa: BLE001 - only out-of-memory is a result
+                    if not _is_oom(err):
+                        raise
+                    entry["ran"], entry["error"] = False, "out of memory"
+            del state, compiled
+            gc.collect()
+            entries.append(entry)
+            est = entry["estimate_bytes"]
+            print(f"  memory  {dtype:8s} remat={remat!s:5s} batch {batch}: XLA estimate "
+                  f"{est / 2**30 if est else float('nan'):.1f} GiB"
+                  + (f", step {'ran' if entry['ran'] else 'out of memory'}" if gpu else ""),
+                  flush=True)
+    return entries
+
+
 # ------------------------------------------------------------------------------------------
 # CPU: ours vs PyTorch
 # ------------------------------------------------------------------------------------------
@@ -291,6 +347,10 @@ def cpu_vs_torch(
 
 def _ms(x: float) -> str:
     return f"{x:.0f}" if x >= 100 else f"{x:.1f}" if x >= 1 else f"{x:.3f}"
+
+
+def _bytes(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
 def _status(value: float | None, target: float | None, higher_is_better: bool, gpu: bool,
@@ -346,6 +406,20 @@ def figures(result: dict[str, Any]) -> list[dict[str, Any]]:
             f"HFU {100 * e['hfu']:.1f}%" if e.get("hfu") is not None else "",
             f">= {100 * mfu_target:.0f}% (GPU)" if mfu_target else "",
             _status(e.get("mfu"), mfu_target, True, gpu, True))
+    limit = TARGETS["gpu_memory_bytes"]
+    for e in result.get("memory", []):
+        est = e.get("estimate_bytes")
+        if gpu:
+            fits = e.get("ran", False) and est is not None and est <= limit
+            status = "meets" if fits else "misses"
+            note = "step ran" if e.get("ran") else "step out of memory"
+        else:
+            status = "n/a (GPU target)"
+            note = ("XLA:CPU estimate; jax.checkpoint does not lower it (jax#19822)"
+                    if e["remat"] else "XLA:CPU estimate")
+        add(f"train memory, remat {'on' if e['remat'] else 'off'} (XLA estimate)", e["dtype"],
+            e["batch"], e["image_size"], _bytes(est) if est is not None else "n/a",
+            note, f"<= {limit / 1e9:g} GB (one GPU)", status)
     cvt = result.get("cpu_vs_torch") or {}
     busy = (result.get("load_start") or {}).get("busy_other_processes", 0) > 0
     caveat = " (machine busy: unreliable)" if busy else ""
@@ -510,6 +584,14 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
             notes.append("CPU: fixed train batch (no search); peak device memory n/a because "
                          "the CPU backend has no memory_stats(); the XLA estimate is "
                          "memory_analysis() of the step; MFU n/a on CPU.")
+    if not a.no_memory:
+        targets = MEMORY_TARGETS_QUICK if a.quick else MEMORY_TARGETS
+        mem_dtypes = ["bfloat16"] if a.quick else a.dtypes
+        result["memory"] = memory_section(cfg, mem_dtypes, targets, gpu)
+        if not gpu:
+            notes.append("Train memory on CPU: XLA:CPU's buffer assignment of the compiled step, "
+                         "an estimate of what a GPU needs; XLA:CPU also ignores jax.checkpoint "
+                         "for memory (jax#19822), so the remat rows only count on a GPU.")
     if gpu:
         result["cpu_vs_torch"] = {"skipped": "CPU-only section"}
     elif a.no_torch:
@@ -556,6 +638,8 @@ def main(argv: list[str] | None = None) -> None:
                         "(default: every --dtypes with remat off and on)")
     p.add_argument("--no-infer", action="store_true")
     p.add_argument("--no-train", action="store_true")
+    p.add_argument("--no-memory", action="store_true",
+                   help="skip the train-memory check (batch 16, and 64 with remat)")
     p.add_argument("--no-torch", action="store_true", help="skip the CPU PyTorch comparison")
     p.add_argument("--threads", type=int, default=None, help="pin to this many CPUs")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
@@ -570,6 +654,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     if a.device == "cpu":
         os.environ["JAX_PLATFORMS"] = "cpu"  # before jax is imported
+    # JAX preallocates 75% of GPU memory by default; the memory figures need (nearly) all of it.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if a.threads:
         common.pin_cpus(a.threads)

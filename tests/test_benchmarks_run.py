@@ -54,6 +54,9 @@ def test_quick_json_sections(quick_run: tuple[dict, Path]) -> None:
     assert tr["images_per_s"] == pytest.approx(2 / (tr["step_median_ms"] / 1e3))
     assert tr["xla_memory"]["estimate_bytes"] > 0
     assert tr["device_memory"] is None and tr["mfu"] is None  # CPU: n/a
+    (mem,) = res["memory"]  # the same step compiled again: the same buffer assignment
+    assert (mem["dtype"], mem["remat"], mem["batch"]) == ("bfloat16", True, 2)
+    assert mem["estimate_bytes"] == tr["xla_memory"]["estimate_bytes"] and "ran" not in mem
 
     cvt = res["cpu_vs_torch"]
     if "skipped" in cvt:  # no torch in this environment
@@ -78,6 +81,10 @@ def test_quick_figures_labelled(quick_run: tuple[dict, Path]) -> None:
     assert by_fig[("inference latency (median)", "bfloat16")]["target"] == "<= 15 ms (H100)"
     assert by_fig[("train, remat on: MFU", "bfloat16")]["value"] == "n/a (CPU)"
     assert by_fig[("train, remat on: peak device memory", "bfloat16")]["value"].startswith("n/a")
+    mem = by_fig[("train memory, remat on (XLA estimate)", "bfloat16")]
+    assert mem["batch"] == 2 and mem["value"].endswith(" MiB") and float(mem["value"][:-4]) > 0
+    assert mem["target"] == "<= 80 GB (one GPU)" and mem["status"] == "n/a (GPU target)"
+    assert "jax#19822" in mem["p90"]
     # the quick run is not a result: RESULTS.md from that folder says there is no run yet
     text = md.read_text()
     assert "No GPU run yet" in text and "No CPU run yet" in text
@@ -112,6 +119,10 @@ def test_markdown_and_mfu_from_results(tmp_path: Path) -> None:
            "device_kind": "NVIDIA H100 80GB HBM3", "iters": 20, "command": "c",
            "load_start": {"busy_other_processes": 0}, "inference_image_size": 480,
            "machine_info": machine, "train": entries,
+           "memory": [{"dtype": "bfloat16", "batch": 16, "remat": False, "image_size": 480,
+                       "estimate_bytes": 60e9, "ran": True},
+                      {"dtype": "bfloat16", "batch": 64, "remat": True, "image_size": 480,
+                       "estimate_bytes": 70e9, "ran": False, "error": "out of memory"}],
            "inference": [{"dtype": "float32", "batch": 1, "image_size": 480, "median_ms": 50.0,
                           "p90_ms": 52.0, "compile_s": 70.0}]}
     (tmp_path / "run-box-nvidia_h100-2026-01-01.json").write_text(json.dumps(gpu))
@@ -121,3 +132,7 @@ def test_markdown_and_mfu_from_results(tmp_path: Path) -> None:
     assert "misses" in text  # 50 ms > 41 ms and 70 s > 60 s
     assert "| train, remat off: MFU | bfloat16 | 8 | 480 | 40.4% |" in text
     assert "meets" in text  # 40.4% >= 40%
+    assert ("| train memory, remat off (XLA estimate) | bfloat16 | 16 | 480 | 55.9 GiB "
+            "| step ran | <= 80 GB (one GPU) | meets |") in text
+    assert ("| train memory, remat on (XLA estimate) | bfloat16 | 64 | 480 | 65.2 GiB "
+            "| step out of memory | <= 80 GB (one GPU) | misses |") in text
