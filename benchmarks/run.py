@@ -500,6 +500,9 @@ def _md_section(r: dict[str, Any]) -> list[str]:
         *_md_table(figures(r)),
     ]
     notes = list(r.get("notes") or [])
+    if r.get("partial"):
+        notes.insert(0, f"Partial run: it stopped after the {r['partial']} section (e.g. a time "
+                        "limit); the sections after it are missing.")
     if r["load_start"].get("busy_other_processes", 0) > 0:
         notes.append("Other processes were busy during this run: absolute times are inflated, and "
                      "PyTorch's thread pool suffers far more from contention than XLA's, so the "
@@ -568,10 +571,28 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         "targets": TARGETS, "load_start": common.load_snapshot(),
         "inference_image_size": cfg.model.image_size,
     }
+    date = time.strftime("%Y-%m-%d", time.gmtime())
+    tag = date if not gpu else f"{_slug(device_kind)}-{date}"
+
+    def checkpoint(section: str) -> None:
+        # A partial result after every section: a run cut short (a device's time limit) keeps
+        # what it measured. `partial` names the last finished section; the final write drops it.
+        common.write_result("run", {**result, "partial": section, "notes": notes}, a.out, tag=tag)
+
     compiled, shapes = {}, None
     if not a.no_infer:
         result["inference"], compiled, shapes = inference_section(
             cfg, a.dtypes, infer_batches, iters)
+        checkpoint("inference")
+    if not a.no_memory:
+        targets = MEMORY_TARGETS_QUICK if a.quick else MEMORY_TARGETS
+        mem_dtypes = ["bfloat16"] if a.quick else (a.memory_dtypes or a.dtypes)
+        result["memory"] = memory_section(cfg, mem_dtypes, targets, gpu)
+        if not gpu:
+            notes.append("Train memory on CPU: XLA:CPU's buffer assignment of the compiled step, "
+                         "an estimate of what a GPU needs; XLA:CPU also ignores jax.checkpoint "
+                         "for memory (jax#19822), so the remat rows only count on a GPU.")
+        checkpoint("memory")
     if not a.no_train:
         tcfg = copy.deepcopy(cfg)
         if a.train_image_size:
@@ -580,18 +601,11 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
                          f"config's {cfg.model.image_size}x{cfg.model.image_size}.")
         result["train"] = train_section(tcfg, train_configs, train_batch, iters, search,
                                         a.max_train_batch, device_kind)
+        checkpoint("train")
         if not gpu:
             notes.append("CPU: fixed train batch (no search); peak device memory n/a because "
                          "the CPU backend has no memory_stats(); the XLA estimate is "
                          "memory_analysis() of the step; MFU n/a on CPU.")
-    if not a.no_memory:
-        targets = MEMORY_TARGETS_QUICK if a.quick else MEMORY_TARGETS
-        mem_dtypes = ["bfloat16"] if a.quick else a.dtypes
-        result["memory"] = memory_section(cfg, mem_dtypes, targets, gpu)
-        if not gpu:
-            notes.append("Train memory on CPU: XLA:CPU's buffer assignment of the compiled step, "
-                         "an estimate of what a GPU needs; XLA:CPU also ignores jax.checkpoint "
-                         "for memory (jax#19822), so the remat rows only count on a GPU.")
     if gpu:
         result["cpu_vs_torch"] = {"skipped": "CPU-only section"}
     elif a.no_torch:
@@ -606,8 +620,6 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     print_figures({**result, "machine_info": common.machine_info()})
     for n in notes:
         print("note:", n)
-    date = time.strftime("%Y-%m-%d", time.gmtime())
-    tag = date if not gpu else f"{_slug(device_kind)}-{date}"
     result["path"] = common.write_result("run", result, a.out, tag=tag)
     print("wrote", result["path"])
     return result
@@ -638,6 +650,8 @@ def main(argv: list[str] | None = None) -> None:
                         "(default: every --dtypes with remat off and on)")
     p.add_argument("--no-infer", action="store_true")
     p.add_argument("--no-train", action="store_true")
+    p.add_argument("--memory-dtypes", nargs="+", choices=DTYPES, default=None,
+                   help="dtypes of the train-memory check (default: --dtypes)")
     p.add_argument("--no-memory", action="store_true",
                    help="skip the train-memory check (batch 16, and 64 with remat)")
     p.add_argument("--no-torch", action="store_true", help="skip the CPU PyTorch comparison")

@@ -116,6 +116,7 @@ def test_markdown_and_mfu_from_results(tmp_path: Path) -> None:
                "python": "3.11", "jax": "0.10.2", "git_commit": "abc1234",
                "time_utc": "2026-01-01T00:00:00Z", "loadavg_1_5_15": [0.5, 0.5, 0.5]}
     gpu = {"benchmark": "run", "quick": False, "backend": "gpu", "config": "refcoco",
+           "partial": "memory",
            "device_kind": "NVIDIA H100 80GB HBM3", "iters": 20, "command": "c",
            "load_start": {"busy_other_processes": 0}, "inference_image_size": 480,
            "machine_info": machine, "train": entries,
@@ -128,6 +129,7 @@ def test_markdown_and_mfu_from_results(tmp_path: Path) -> None:
     (tmp_path / "run-box-nvidia_h100-2026-01-01.json").write_text(json.dumps(gpu))
     text = Path(write_markdown(str(tmp_path), str(tmp_path / "R.md"))).read_text()
     assert "No CPU run yet" in text and "No GPU run yet" not in text
+    assert "Partial run: it stopped after the memory section" in text
     assert "| inference latency (median) | float32 | 1 | 480 | 50.0 ms |" in text
     assert "misses" in text  # 50 ms > 41 ms and 70 s > 60 s
     assert "| train, remat off: MFU | bfloat16 | 8 | 480 | 40.4% |" in text
