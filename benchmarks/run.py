@@ -269,27 +269,29 @@ def memory_section(
     entries = []
     for dtype in dtypes:
         for batch, remat in targets:
-            step_fn, state, data = train_step_setup(_with(cfg, dtype=dtype, remat=remat), batch)
-            data = jax.device_put(data)
-            key = jax.random.key(1)
-            compiled, info = common.compile_jax(step_fn, state, data, key, donate_argnums=(0,))
-            xm = common.memory_of(compiled)
             entry: dict[str, Any] = {
                 "dtype": dtype, "batch": batch, "remat": remat,
-                "image_size": cfg.model.image_size,
-                "compile_s": info["lower_s"] + info["compile_s"],
-                "xla_memory": xm, "estimate_bytes": xm["estimate_bytes"] if xm else None,
-                "limit_bytes": TARGETS["gpu_memory_bytes"],
+                "image_size": cfg.model.image_size, "limit_bytes": TARGETS["gpu_memory_bytes"],
+                "xla_memory": None, "estimate_bytes": None,
             }
-            if gpu:
-                try:
+            step_fn, state, data = train_step_setup(_with(cfg, dtype=dtype, remat=remat), batch)
+            try:  # on a GPU, running out of memory (compile, transfer or step) is a result
+                data = jax.device_put(data)
+                key = jax.random.key(1)
+                compiled, info = common.compile_jax(step_fn, state, data, key,
+                                                    donate_argnums=(0,))
+                xm = common.memory_of(compiled)
+                entry.update(compile_s=info["lower_s"] + info["compile_s"], xla_memory=xm,
+                             estimate_bytes=xm["estimate_bytes"] if xm else None)
+                if gpu:
                     jax.block_until_ready(compiled(state, data, key))
                     entry["ran"], entry["device_memory"] = True, common.device_memory()
-                except Exception as err:  # noqa: BLE001 - only out-of-memory is a result
-                    if not _is_oom(err):
-                        raise
-                    entry["ran"], entry["error"] = False, "out of memory"
-            del state, compiled
+                del compiled
+            except Exception as err:  # noqa: BLE001 - only out-of-memory is a result
+                if not (gpu and _is_oom(err)):
+                    raise
+                entry["ran"], entry["error"] = False, "out of memory"
+            del state, data
             gc.collect()
             entries.append(entry)
             est = entry["estimate_bytes"]
