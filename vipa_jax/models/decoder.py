@@ -30,7 +30,7 @@ class ConvNormReLU(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array, *, train: bool) -> Array:  # (B, H, W, C) → (B, H, W, F)
+    def __call__(self, x: Array, train: bool = False) -> Array:  # (B, H, W, C) → (B, H, W, F)
         x = nn.Conv(self.features, (3, 3), padding=1, use_bias=False, dtype=self.dtype)(x)
         if self.norm == "batch":
             x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
@@ -53,7 +53,7 @@ class StageCrossAttention(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, feat: Array, kv: Array, kv_mask: Array, *, train: bool) -> Array:
+    def __call__(self, feat: Array, kv: Array, kv_mask: Array, train: bool = False) -> Array:
         b, h, w, c = feat.shape
         heads = max(1, c // self.head_dim)
         t = feat.reshape(b, h * w, c)  # (B, HW, C)
@@ -74,6 +74,7 @@ class Decoder(nn.Module):
     mlp_ratio: float = 4.0
     norm: str = "batch"
     dropout_rate: float = 0.0
+    remat: bool = False  # keep only each stage block's / conv block's input for the backward
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -85,10 +86,14 @@ class Decoder(nn.Module):
         *,
         train: bool,
     ) -> Array:
+        # static_argnums counts `self` as 0: `train` is argument 4 / 2.
+        stage_cls = nn.remat(StageCrossAttention, static_argnums=(4,)) if self.remat else (
+            StageCrossAttention)
+        conv_cls = nn.remat(ConvNormReLU, static_argnums=(2,)) if self.remat else ConvNormReLU
         refined = [
-            StageCrossAttention(
+            stage_cls(
                 self.head_dim, self.mlp_ratio, self.dropout_rate, self.dtype, name=f"stage{i + 1}"
-            )(f, kv, kv_mask, train=train)
+            )(f, kv, kv_mask, train)
             for i, f in enumerate(feats)
         ]
         x = refined[-1]
@@ -97,8 +102,8 @@ class Decoder(nn.Module):
             x = resize_bilinear_align_corners(x, skip.shape[1:3], axes=(1, 2))
             x = jnp.concatenate([x, skip.astype(x.dtype)], axis=-1)
             for j in range(2):
-                x = ConvNormReLU(self.hidden_dim, self.norm, self.dtype, name=f"up{i + 1}_{j}")(
-                    x, train=train
+                x = conv_cls(self.hidden_dim, self.norm, self.dtype, name=f"up{i + 1}_{j}")(
+                    x, train
                 )
         logits = nn.Conv(1, (1, 1), dtype=self.dtype, name="head")(x)[..., 0]  # (B, H1, W1)
         return logits.astype(jnp.float32)

@@ -96,8 +96,9 @@ class LanguageCrossLayer(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, lang: Array, vis: Array, *, deterministic: bool) -> Array:
+    def __call__(self, lang: Array, vis: Array, deterministic: bool = True) -> Array:
         # lang (B, L, C_l); vis (B, N, kv_dim); every vision token is a valid key.
+        # `deterministic` is positional too, so nn.remat can mark it static.
         attn = BertAttention(self.config, kv_dim=self.kv_dim, dtype=self.dtype, name="attention")(
             lang, None, vis, deterministic=deterministic
         )
@@ -132,28 +133,32 @@ class FusionEncoder(nn.Module):
         self.text_encoder = BertModel(first, dtype=self.dtype, add_pooling_layer=False,
                                       remat=self.remat)
         dims = self.backbone.num_features  # (C, 2C, 4C, 8C)
+        # remat: every fusion, cross layer and BERT layer keeps only its inputs for the backward
+        # pass (static_argnums counts `self` as 0: 3 is `deterministic`).
+        cross_cls = nn.remat(LanguageCrossLayer, static_argnums=(3,)) if self.remat else (
+            LanguageCrossLayer)
+        layer_cls = nn.remat(BertLayer, static_argnums=(3,)) if self.remat else BertLayer
         if self.fusion != "none":
             self.fuse = [self._fusion(c) for c in dims]
             self.fuse_down = [self._fusion(c) for c in dims[1:]]
         if self.fusion == "early":
-            self.lang_cross = [
-                LanguageCrossLayer(self.bert, kv_dim=c, dtype=self.dtype) for c in dims[1:]
-            ]
+            self.lang_cross = [cross_cls(self.bert, kv_dim=c, dtype=self.dtype) for c in dims[1:]]
         self.lang_layers = [
-            [BertLayer(self.bert, dtype=self.dtype) for _ in range(n)]
+            [layer_cls(self.bert, dtype=self.dtype) for _ in range(n)]
             for n in self.stage_layers[1:]
         ]
 
     def _fusion(self, c: int) -> GatedFusion:
         dim = max(c, self.fusion_min_dim)
-        return GatedFusion(dim, max(1, dim // self.fusion_head_dim), op=self.fusion_op,
-                           dtype=self.dtype)
+        fusion_cls = nn.remat(GatedFusion) if self.remat else GatedFusion
+        return fusion_cls(dim, max(1, dim // self.fusion_head_dim), op=self.fusion_op,
+                          dtype=self.dtype)
 
     def _lang_stage(self, i: int, lang: Array, mask: Array, vis: Array | None, det: bool) -> Array:
         """Language stage i+2 (i = 0..2): optional cross-attention over vis, then BERT layers."""
         if vis is not None:
             b, h, w, c = vis.shape
-            lang = self.lang_cross[i](lang, vis.reshape(b, h * w, c), deterministic=det)
+            lang = self.lang_cross[i](lang, vis.reshape(b, h * w, c), det)
         for layer in self.lang_layers[i]:
             lang = layer(lang, mask, det)
         return lang
