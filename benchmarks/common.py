@@ -259,6 +259,18 @@ def memory_of(compiled: Any) -> dict[str, int] | None:
     return out
 
 
+def saved_residual_bytes(fn: Callable[..., Any], *args: Any) -> int:
+    """Bytes that reverse-mode autodiff of `fn` saves for the backward pass (JAX's own count,
+    before XLA; `jax.ad_checkpoint.print_saved_residuals` lists them). Function arguments are
+    not counted (they live anyway). Backend-independent: it shows what `jax.checkpoint` removes
+    even where XLA:CPU then undoes it (jax#19822)."""
+    import numpy as np
+    from jax._src.ad_checkpoint import saved_residuals
+
+    return sum(int(np.prod(aval.shape)) * aval.dtype.itemsize
+               for aval, where in saved_residuals(fn, *args) if "from the argument" not in where)
+
+
 def device_memory() -> dict[str, int] | None:
     """`jax.devices()[0].memory_stats()` (bytes in use, peak, limit); None where the backend has
     none (the CPU backend returns None)."""

@@ -83,6 +83,29 @@ def train_step_setup(cfg: Any, batch: int) -> tuple[Callable[..., Any], Any, dic
     return step.make_train_step(model, loss, tx, sched, trainable), state, data
 
 
+def saved_per_image(cfg: Any) -> int:
+    """Bytes saved for the backward pass per image: the train loss of one image (JAX's count)."""
+    import jax
+
+    from benchmarks import common
+    from benchmarks.model import random_variables
+    from vipa_jax.losses import vipa_loss
+    from vipa_jax.models.vipa import build_model
+    from vipa_jax.train import step
+
+    model = build_model(cfg.model)
+    data = random_batch(1, cfg.model.image_size, cfg.model.max_tokens)
+    variables = random_variables(jax.eval_shape(lambda k: step.init_variables(model, k, data),
+                                                jax.random.key(0)))
+
+    def loss(params: Any) -> Any:
+        out, _ = step.forward(model, params, variables.get("batch_stats", {}), data,
+                              jax.random.key(1), train=True)
+        return vipa_loss(out, data, cfg.loss)[0]
+
+    return common.saved_residual_bytes(loss, variables["params"])
+
+
 def train_step_rate(batch: int, image_size: int, config: str = "refcoco", steps: int = 3) -> float:
     """Train steps/s of VIPA (paper config unless ``config='synthetic'``) at this batch and size."""
     import jax

@@ -26,9 +26,12 @@ Sections (every figure carries dtype, batch, image size and device kind, and the
   global batch 16 and at batch 64 with remat (`MEMORY_TARGETS`), per dtype? XLA's
   `memory_analysis()` estimate of the compiled step (compile only), and on a GPU one real step
   (out of memory = misses). On CPU the estimate comes from XLA:CPU's buffer assignment, which
-  ignores `jax.checkpoint` (jax#19822: its scheduler hoists the recomputation), so there the
-  remat rows say nothing about remat. `--no-memory` skips it (on CPU it costs ~1 min of
-  compile per row). The GPU run sets `XLA_PYTHON_CLIENT_MEM_FRACTION=0.95` unless set.
+  ignores `jax.checkpoint` (jax#19822: XLA:CPU drops the optimization barriers that keep the
+  recomputation apart, so it is CSE'd with the forward), so there the remat rows say nothing
+  about remat. Next to it, JAX's own count of the bytes saved for the backward pass (one image,
+  × batch; `common.saved_residual_bytes`), which is backend-independent. `--no-memory` skips
+  it (on CPU it costs ~1 min of compile per row). The GPU run sets
+  `XLA_PYTHON_CLIENT_MEM_FRACTION=0.95` unless set.
 - cpu_vs_torch (CPU, needs torch): `benchmarks.backbones.run` (our Swin-B and BERT-base vs
   transformers' PyTorch models, same weights and inputs, alternating blocks) and
   `benchmarks.model.time_forward` (the full VIPA forward vs PyTorch Swin-B + BERT-base). The
@@ -264,15 +267,19 @@ def memory_section(
     real step (an out-of-memory error is a result, not a crash)."""
     import jax
 
-    from benchmarks.input_pipeline import train_step_setup
+    from benchmarks.input_pipeline import saved_per_image, train_step_setup
 
     entries = []
+    saved: dict[tuple[str, bool], int] = {}
     for dtype in dtypes:
         for batch, remat in targets:
+            if (dtype, remat) not in saved:
+                saved[dtype, remat] = saved_per_image(_with(cfg, dtype=dtype, remat=remat))
             entry: dict[str, Any] = {
                 "dtype": dtype, "batch": batch, "remat": remat,
                 "image_size": cfg.model.image_size, "limit_bytes": TARGETS["gpu_memory_bytes"],
                 "xla_memory": None, "estimate_bytes": None,
+                "saved_for_backward_per_image_bytes": saved[dtype, remat],
             }
             step_fn, state, data = train_step_setup(_with(cfg, dtype=dtype, remat=remat), batch)
             try:  # on a GPU, running out of memory (compile, transfer or step) is a result
@@ -296,7 +303,8 @@ def memory_section(
             entries.append(entry)
             est = entry["estimate_bytes"]
             print(f"  memory  {dtype:8s} remat={remat!s:5s} batch {batch}: XLA estimate "
-                  f"{est / 2**30 if est else float('nan'):.1f} GiB"
+                  f"{est / 2**30 if est else float('nan'):.1f} GiB; saved for the backward "
+                  f"{saved[dtype, remat] / 2**30:.3f} GiB per image"
                   + (f", step {'ran' if entry['ran'] else 'out of memory'}" if gpu else ""),
                   flush=True)
     return entries
@@ -422,6 +430,12 @@ def figures(result: dict[str, Any]) -> list[dict[str, Any]]:
         add(f"train memory, remat {'on' if e['remat'] else 'off'} (XLA estimate)", e["dtype"],
             e["batch"], e["image_size"], _bytes(est) if est is not None else "n/a",
             note, f"<= {limit / 1e9:g} GB (one GPU)", status)
+        per_image = e.get("saved_for_backward_per_image_bytes")
+        if per_image is not None:
+            add(f"saved for backward, remat {'on' if e['remat'] else 'off'} (JAX count)",
+                e["dtype"], e["batch"], e["image_size"],
+                f"{_bytes(per_image * e['batch'])} ({_bytes(per_image)} per image)",
+                "before XLA; every backend")
     cvt = result.get("cpu_vs_torch") or {}
     busy = (result.get("load_start") or {}).get("busy_other_processes", 0) > 0
     caveat = " (machine busy: unreliable)" if busy else ""

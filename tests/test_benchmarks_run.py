@@ -57,6 +57,7 @@ def test_quick_json_sections(quick_run: tuple[dict, Path]) -> None:
     (mem,) = res["memory"]  # the same step compiled again: the same buffer assignment
     assert (mem["dtype"], mem["remat"], mem["batch"]) == ("bfloat16", True, 2)
     assert mem["estimate_bytes"] == tr["xla_memory"]["estimate_bytes"] and "ran" not in mem
+    assert mem["saved_for_backward_per_image_bytes"] > 0
 
     cvt = res["cpu_vs_torch"]
     if "skipped" in cvt:  # no torch in this environment
@@ -85,6 +86,8 @@ def test_quick_figures_labelled(quick_run: tuple[dict, Path]) -> None:
     assert mem["batch"] == 2 and mem["value"].endswith(" MiB") and float(mem["value"][:-4]) > 0
     assert mem["target"] == "<= 80 GB (one GPU)" and mem["status"] == "n/a (GPU target)"
     assert "jax#19822" in mem["p90"]
+    saved = by_fig[("saved for backward, remat on (JAX count)", "bfloat16")]
+    assert saved["batch"] == 2 and "per image)" in saved["value"]
     # the quick run is not a result: RESULTS.md from that folder says there is no run yet
     text = md.read_text()
     assert "No GPU run yet" in text and "No CPU run yet" in text
