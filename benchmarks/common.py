@@ -283,6 +283,12 @@ def device_memory() -> dict[str, int] | None:
     return {k: int(stats[k]) for k in keys if k in stats}
 
 
+def result_path(name: str, out_dir: str | None = None, tag: str = "") -> str:
+    """`<out_dir>/<name>-<machine>[-<tag>].json`, where `write_result` writes."""
+    return os.path.join(out_dir or RESULTS_DIR,
+                        f"{name}-{machine_name()}{'-' + tag if tag else ''}.json")
+
+
 def write_result(
     name: str, result: Mapping[str, Any], out_dir: str | None = None, tag: str = "",
 ) -> str:
@@ -290,10 +296,9 @@ def write_result(
 
     A non-empty `tag` is appended: `<name>-<machine>-<tag>.json`.
     """
-    out_dir = out_dir or RESULTS_DIR
-    os.makedirs(out_dir, exist_ok=True)
+    path = result_path(name, out_dir, tag)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     payload = {"benchmark": name, "machine_info": machine_info(), **result}
-    path = os.path.join(out_dir, f"{name}-{machine_name()}{'-' + tag if tag else ''}.json")
     with open(path, "w") as f:
         json.dump(payload, f, indent=2, sort_keys=False, default=_json_default)
         f.write("\n")

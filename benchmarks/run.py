@@ -37,6 +37,11 @@ Sections (every figure carries dtype, batch, image size and device kind, and the
   `benchmarks.model.time_forward` (the full VIPA forward vs PyTorch Swin-B + BERT-base). The
   ratios are the figures that count; absolute CPU times depend on the load (recorded).
 
+A run that skips sections (`--no-infer`, `--no-memory`, `--no-train`, `--no-torch`) takes them
+from today's earlier result in the same file when it is the same commit, config and device, and
+notes it: a GPU session can split the suite over calls that each fit a per-call time limit, e.g.
+``--no-train --out $OUT`` then ``--no-infer --no-memory --out $OUT``, and still get one result.
+
 ``--quick`` = the tiny `configs/synthetic.py:test` model, 2 iterations, batch 1 inference, train
 step at batch 2 for (bfloat16, remat) only, memory check at batch 2 (bfloat16, remat) only
 (each train-step compile costs ~20 s on 2 CPUs even for the tiny model): the smoke test; its
@@ -590,10 +595,13 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     date = time.strftime("%Y-%m-%d", time.gmtime())
     tag = date if not gpu else f"{_slug(device_kind)}-{date}"
 
+    earlier = earlier_result(common.result_path("run", a.out, tag), result)
+
     def checkpoint(section: str) -> None:
         # A partial result after every section: a run cut short (a device's time limit) keeps
         # what it measured. `partial` names the last finished section; the final write drops it.
-        common.write_result("run", {**result, "partial": section, "notes": notes}, a.out, tag=tag)
+        common.write_result("run", {**merge_earlier(result, earlier, []), "partial": section,
+                                    "notes": notes}, a.out, tag=tag)
 
     compiled, shapes = {}, None
     if not a.no_infer:
@@ -629,6 +637,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     else:
         result["cpu_vs_torch"] = cpu_vs_torch(cfg, a.config, a.quick, iters,
                                               compiled.get(("float32", 1)), shapes)
+    result = merge_earlier(result, earlier, notes)
     if "skipped" in result["cpu_vs_torch"]:
         notes.append(f"ours vs PyTorch: {result['cpu_vs_torch']['skipped']}.")
     result["notes"] = notes
@@ -639,6 +648,46 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     result["path"] = common.write_result("run", result, a.out, tag=tag)
     print("wrote", result["path"])
     return result
+
+
+MERGED_SECTIONS = ("inference", "memory", "train", "cpu_vs_torch")
+
+
+def earlier_result(path: str, result: dict[str, Any]) -> dict[str, Any] | None:
+    """Today's earlier result in the file this run will write, if it is the same commit, config
+    and device (so a run split over calls, e.g. `--no-train` then `--no-infer --no-memory`
+    within a device's per-call time limit, ends as one result); else None."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        return None
+    same = (old.get("benchmark") == "run" and not old.get("quick")
+            and not old.get("machine_info", {}).get("git_dirty")
+            and old.get("machine_info", {}).get("git_commit") == common.machine_info()["git_commit"]
+            and all(old.get(k) == result[k] for k in ("config", "backend", "device_kind")))
+    return old if same else None
+
+
+def merge_earlier(result: dict[str, Any], earlier: dict[str, Any] | None,
+                  notes: list[str]) -> dict[str, Any]:
+    """`result` plus the sections it skipped that `earlier` has (noted in `notes`)."""
+    if earlier is None:
+        return result
+    out = dict(result)
+    taken = []
+    for sec in MERGED_SECTIONS:
+        mine, theirs = out.get(sec), earlier.get(sec)
+        skipped = mine is None or (isinstance(mine, dict) and "skipped" in mine)
+        if skipped and theirs and not (isinstance(theirs, dict) and "skipped" in theirs):
+            out[sec] = theirs
+            taken.append(sec)
+    if taken:
+        notes.append(f"{', '.join(taken)}: from the earlier run of the same commit at "
+                     f"{earlier['machine_info'].get('time_utc')} ({earlier.get('command')}).")
+    return out
 
 
 def _slug(text: str) -> str:

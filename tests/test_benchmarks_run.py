@@ -141,3 +141,33 @@ def test_markdown_and_mfu_from_results(tmp_path: Path) -> None:
             "| step ran | <= 80 GB (one GPU) | meets |") in text
     assert ("| train memory, remat on (XLA estimate) | bfloat16 | 64 | 480 | 65.2 GiB "
             "| step out of memory | <= 80 GB (one GPU) | misses |") in text
+
+
+def test_split_runs_merge(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run that skips sections takes them from today's earlier run of the same commit and
+    device (a GPU session split over calls), and says so; other commits are never mixed in."""
+    from benchmarks import common
+    from benchmarks.run import earlier_result, merge_earlier
+
+    info = {**common.machine_info(), "git_dirty": False}
+    monkeypatch.setattr(common, "machine_info", lambda: info)
+    first = {"benchmark": "run", "quick": False, "config": "refcoco", "backend": "gpu",
+             "device_kind": "H100", "command": "run --no-train", "machine_info": info,
+             "inference": [{"dtype": "float32"}], "memory": [{"batch": 16}],
+             "cpu_vs_torch": {"skipped": "CPU-only section"}}
+    path = tmp_path / "run-x.json"
+    path.write_text(json.dumps(first))
+    second = {"config": "refcoco", "backend": "gpu", "device_kind": "H100",
+              "train": [{"batch": 8}], "cpu_vs_torch": {"skipped": "CPU-only section"}}
+    earlier = earlier_result(str(path), second)
+    assert earlier is not None
+    notes: list[str] = []
+    merged = merge_earlier(second, earlier, notes)
+    assert merged["inference"] == first["inference"] and merged["memory"] == first["memory"]
+    assert merged["train"] == [{"batch": 8}] and "skipped" in merged["cpu_vs_torch"]
+    assert len(notes) == 1 and notes[0].startswith("inference, memory: from the earlier run")
+    # another commit, device or config: nothing is taken
+    for key, value in (("device_kind", "A100"), ("config", "synthetic")):
+        assert earlier_result(str(path), {**second, key: value}) is None
+    path.write_text(json.dumps({**first, "machine_info": {**info, "git_commit": "0000000"}}))
+    assert earlier_result(str(path), second) is None
