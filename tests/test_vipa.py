@@ -164,14 +164,19 @@ def test_contrastive_switch_changes_loss(tiny):
 
 def test_remat_same_loss_and_grads_fewer_saved_residuals(tiny):
     """model.remat recomputes every Swin/BERT block, fusion, cross layer and decoder block in the
-    backward pass: the same loss and gradients, and far fewer values saved for the backward pass
-    (counted by JAX before XLA, so this holds on every backend; XLA:CPU itself drops the
-    rematerialization, jax#19822)."""
+    backward pass: the same loss, gradients and BatchNorm statistics, and far fewer values saved
+    for the backward pass (counted by JAX before XLA, so this holds on every backend; XLA:CPU
+    itself drops the rematerialization, jax#19822). BatchNorm (the paper's decoder norm) runs
+    inside the rematerialized conv blocks."""
     from jax._src.ad_checkpoint import saved_residuals
 
-    cfg, _, variables = tiny
+    cfg = tiny[0].copy_and_resolve_references()
+    cfg.model.decoder.norm = "batch"
     images, ids, mask, gt = _batch(cfg)
     rngs = {"gumbel": jax.random.key(3), "dropout": jax.random.key(4)}
+    variables = jax.jit(lambda k: init_variables(build_model(cfg.model), k, cfg.model.image_size,
+                                                 cfg.model.max_tokens))(jax.random.key(0))
+    assert jax.tree.leaves(variables["batch_stats"])
 
     def loss_for(remat):
         model_cfg = cfg.model.copy_and_resolve_references()
@@ -179,23 +184,29 @@ def test_remat_same_loss_and_grads_fewer_saved_residuals(tiny):
         model = build_model(model_cfg)
 
         def loss_fn(params):
-            out = model.apply({**variables, "params": params}, images, ids, mask, train=True,
-                              rngs=rngs)
-            return vipa_loss(out, {"mask": gt}, cfg.loss)[0]
+            out, updates = model.apply({**variables, "params": params}, images, ids, mask,
+                                       train=True, rngs=rngs, mutable=["batch_stats"])
+            return vipa_loss(out, {"mask": gt}, cfg.loss)[0], updates["batch_stats"]
 
         return loss_fn
 
     params = variables["params"]
     plain, remat = loss_for(False), loss_for(True)
-    l0, g0 = jax.jit(jax.value_and_grad(plain))(params)
-    l1, g1 = jax.jit(jax.value_and_grad(remat))(params)
+    (l0, bs0), g0 = jax.jit(jax.value_and_grad(plain, has_aux=True))(params)
+    (l1, bs1), g1 = jax.jit(jax.value_and_grad(remat, has_aux=True))(params)
     np.testing.assert_allclose(float(l1), float(l0), rtol=1e-6)
     for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1), strict=True):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
+    changed = 0
+    for old, a, b in zip(jax.tree.leaves(variables["batch_stats"]), jax.tree.leaves(bs0),
+                         jax.tree.leaves(bs1), strict=True):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7)
+        changed += int(not np.allclose(np.asarray(a), np.asarray(old)))
+    assert changed > 0  # the statistics were updated, under remat too
 
     def saved_bytes(fn):
         return sum(int(np.prod(aval.shape)) * aval.dtype.itemsize
-                   for aval, where in saved_residuals(fn, params)
+                   for aval, where in saved_residuals(lambda p: fn(p)[0], params)
                    if "from the argument" not in where)
 
     saved_plain, saved_remat = saved_bytes(plain), saved_bytes(remat)
