@@ -127,6 +127,9 @@ def trace_op_times(
     return {"ops": ops, "planes": use, "trace": files[-1]}
 
 
+TOP_OPS_KEPT = 100  # slowest single ops kept in the JSON
+
+
 def summarize_ops(ops: dict[str, dict[str, Any]], depth: int) -> dict[str, Any]:
     """Per-module and per-kind sums (ms per call) and the op list sorted by time."""
     by_module: dict[str, dict[str, float]] = {}
@@ -144,9 +147,10 @@ def summarize_ops(ops: dict[str, dict[str, Any]], depth: int) -> dict[str, Any]:
         return [{"name": k, "ms": v["ms"], "percent": 100 * v["ms"] / total if total else 0.0,
                  "ops": int(v["ops"])} for k, v in rows]
 
-    top = sorted(ops.items(), key=lambda kv: -kv[1]["ns"])
+    top = sorted(ops.items(), key=lambda kv: -kv[1]["ns"])[:TOP_OPS_KEPT]
     return {
         "op_time_ms": total,
+        "ops_traced": len(ops),
         "by_module": ranked(by_module),
         "by_kind": ranked(by_kind),
         "top_ops": [{"name": n, "ms": e["ns"] / 1e6, "shape": e["shape"],
@@ -209,7 +213,7 @@ def print_profile(r: dict[str, Any], top: int) -> None:
     print(f"{r['mode']}, batch {r['batch']}, {r['image_size']}x{r['image_size']}, "
           f"{r['dtype']}{', remat' if r['remat'] else ''}: wall median "
           f"{r['wall_median_ms']:.1f} ms; traced op time {r['op_time_ms']:.1f} ms per call "
-          f"({len(r['top_ops'])} ops; planes: {', '.join(r['planes'])})")
+          f"({r['ops_traced']} ops; planes: {', '.join(r['planes'])})")
     for title, key in (("by module", "by_module"), ("by op kind", "by_kind")):
         rows = [[x["name"], f"{x['ms']:.2f}", f"{x['percent']:.1f}", x["ops"]]
                 for x in r[key][:top]]
@@ -248,7 +252,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     r = profile(cfg, train=a.train, batch=a.batch, reps=a.reps, depth=a.depth,
                 trace_dir=a.trace_dir)
-    r.update(config="synthetic:test" if a.quick else a.config, backend=jax.default_backend(),
+    r.update(quick=a.quick, config="synthetic:test" if a.quick else a.config,
+             backend=jax.default_backend(),
              device_kind=jax.devices()[0].device_kind, total_s=time.perf_counter() - t0,
              load=common.load_snapshot())
     print_profile(r, a.top)

@@ -533,9 +533,41 @@ def _md_section(r: dict[str, Any]) -> list[str]:
     return lines
 
 
+def latest_profiles(results_dir: str) -> dict[str, dict[str, Any]]:
+    """{backend: the newest non-quick profile-*.json (`benchmarks.profile`)} in a folder."""
+    latest: dict[str, dict[str, Any]] = {}
+    for path in glob.glob(os.path.join(results_dir, "profile-*.json")):
+        with open(path) as f:
+            r = json.load(f)
+        if r.get("benchmark") != "profile" or r.get("quick", True):
+            continue
+        r["_file"] = os.path.basename(path)
+        b = r.get("backend", "cpu")
+        if b not in latest or r["machine_info"]["time_utc"] > latest[b]["machine_info"]["time_utc"]:
+            latest[b] = r
+    return latest
+
+
+def _md_profile(p: dict[str, Any], rows: int = 8) -> list[str]:
+    mi = p["machine_info"]
+    lines = [
+        f"Where the time goes (`python -m benchmarks.profile`, file `benchmarks/results/"
+        f"{p['_file']}`): {p['mode']}, batch {p['batch']}, {p['image_size']}x{p['image_size']}, "
+        f"{p['dtype']}, on {p['device_kind']}, commit `{mi['git_commit']}`; wall median "
+        f"{p['wall_median_ms']:.1f} ms, traced op time {p['op_time_ms']:.1f} ms per call.",
+        "",
+        "| module | ms per call | share |", "|---|---|---|",
+        *[f"| {x['name']} | {x['ms']:.1f} | {x['percent']:.1f}% |" for x in p["by_module"][:rows]],
+        "", "| op kind | ms per call | share |", "|---|---|---|",
+        *[f"| {x['name']} | {x['ms']:.1f} | {x['percent']:.1f}% |" for x in p["by_kind"][:5]],
+    ]
+    return lines
+
+
 def write_markdown(results_dir: str, path: str) -> str:
     """Regenerate RESULTS.md from the newest CPU and GPU results in `results_dir`."""
     latest = latest_results(results_dir)
+    profiles = latest_profiles(results_dir)
     lines = [
         "# VIPA benchmark results",
         "",
@@ -552,6 +584,8 @@ def write_markdown(results_dir: str, path: str) -> str:
             lines += _md_section(latest[backend])
         else:
             lines.append(f"No {title} run yet: `python -m benchmarks.run --device {backend}`.")
+        if backend in profiles:
+            lines += ["", *_md_profile(profiles[backend])]
         lines.append("")
     with open(path, "w") as f:
         f.write("\n".join(lines))

@@ -150,7 +150,8 @@ def test_profile_quick(tmp_path: Path) -> None:
     """The profiler on the tiny model: the trace is read back and the ops land in the modules."""
     res = _run_module("benchmarks.profile", tmp_path, "--reps", "2")
     _check_machine_info(res["machine_info"])
-    assert res["mode"] == "inference" and res["config"] == "synthetic:test"
+    assert res["mode"] == "inference" and res["config"] == "synthetic:test" and res["quick"]
+    assert res["ops_traced"] >= len(res["top_ops"]) > 0
     assert res["op_time_ms"] > 0 and res["wall_median_ms"] > 0
     groups = {r["name"].split("/")[0] for r in res["by_module"]}
     assert {"encoder", "decoder", "veg"} <= groups, groups

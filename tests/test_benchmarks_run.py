@@ -130,9 +130,18 @@ def test_markdown_and_mfu_from_results(tmp_path: Path) -> None:
            "inference": [{"dtype": "float32", "batch": 1, "image_size": 480, "median_ms": 50.0,
                           "p90_ms": 52.0, "compile_s": 70.0}]}
     (tmp_path / "run-box-nvidia_h100-2026-01-01.json").write_text(json.dumps(gpu))
+    profile = {"benchmark": "profile", "quick": False, "backend": "gpu", "machine_info": machine,
+               "mode": "inference", "batch": 1, "image_size": 480, "dtype": "bfloat16",
+               "device_kind": "NVIDIA H100 80GB HBM3", "wall_median_ms": 12.0, "op_time_ms": 10.0,
+               "by_module": [{"name": "encoder/backbone.run_stage", "ms": 6.0, "percent": 60.0}],
+               "by_kind": [{"name": "gemm_fusion", "ms": 7.0, "percent": 70.0}]}
+    (tmp_path / "profile-box-gpu.json").write_text(json.dumps(profile))
+    (tmp_path / "profile-box-quick.json").write_text(json.dumps({**profile, "quick": True}))
     text = Path(write_markdown(str(tmp_path), str(tmp_path / "R.md"))).read_text()
     assert "No CPU run yet" in text and "No GPU run yet" not in text
     assert "Partial run: it stopped after the memory section" in text
+    assert "| encoder/backbone.run_stage | 6.0 | 60.0% |" in text  # the GPU profile's breakdown
+    assert text.count("Where the time goes") == 1  # the quick profile is not a result
     assert "| inference latency (median) | float32 | 1 | 480 | 50.0 ms |" in text
     assert "misses" in text  # 50 ms > 41 ms and 70 s > 60 s
     assert "| train, remat off: MFU | bfloat16 | 8 | 480 | 40.4% |" in text
