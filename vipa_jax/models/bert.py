@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from vipa_jax.models.layers import (
     MultiHeadAttention,
     exact_gelu,
+    maybe_remat,
     padding_mask_to_attention_mask,
 )
 
@@ -274,7 +275,7 @@ class BertLayerCollection(nn.Module):
     remat: bool = False
 
     def setup(self) -> None:
-        layer_cls = nn.remat(BertLayer, static_argnums=(3,)) if self.remat else BertLayer
+        layer_cls = maybe_remat(BertLayer, self.remat, static_argnums=(3,))
         self.layers = [
             layer_cls(self.config, dtype=self.dtype, name=str(i))
             for i in range(self.config.num_hidden_layers)

@@ -16,7 +16,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vipa_jax.models.layers import AttentionBlock, FeedForwardBlock, resize_bilinear_align_corners
+from vipa_jax.models.layers import (
+    AttentionBlock,
+    FeedForwardBlock,
+    maybe_remat,
+    resize_bilinear_align_corners,
+)
 
 Array = jax.Array
 NORMS = ("batch", "group", "layer")
@@ -87,9 +92,8 @@ class Decoder(nn.Module):
         train: bool,
     ) -> Array:
         # static_argnums counts `self` as 0: `train` is argument 4 / 2.
-        stage_cls = nn.remat(StageCrossAttention, static_argnums=(4,)) if self.remat else (
-            StageCrossAttention)
-        conv_cls = nn.remat(ConvNormReLU, static_argnums=(2,)) if self.remat else ConvNormReLU
+        stage_cls = maybe_remat(StageCrossAttention, self.remat, static_argnums=(4,))
+        conv_cls = maybe_remat(ConvNormReLU, self.remat, static_argnums=(2,))
         refined = [
             stage_cls(
                 self.head_dim, self.mlp_ratio, self.dropout_rate, self.dtype, name=f"stage{i + 1}"

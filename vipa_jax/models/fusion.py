@@ -33,7 +33,7 @@ from vipa_jax.models.bert import (
     BertModel,
     BertOutput,
 )
-from vipa_jax.models.layers import MultiHeadAttention, exact_gelu
+from vipa_jax.models.layers import MultiHeadAttention, exact_gelu, maybe_remat
 from vipa_jax.models.swin import SwinTransformer
 
 Array = jax.Array
@@ -135,9 +135,8 @@ class FusionEncoder(nn.Module):
         dims = self.backbone.num_features  # (C, 2C, 4C, 8C)
         # remat: every fusion, cross layer and BERT layer keeps only its inputs for the backward
         # pass (static_argnums counts `self` as 0: 3 is `deterministic`).
-        cross_cls = nn.remat(LanguageCrossLayer, static_argnums=(3,)) if self.remat else (
-            LanguageCrossLayer)
-        layer_cls = nn.remat(BertLayer, static_argnums=(3,)) if self.remat else BertLayer
+        cross_cls = maybe_remat(LanguageCrossLayer, self.remat, static_argnums=(3,))
+        layer_cls = maybe_remat(BertLayer, self.remat, static_argnums=(3,))
         if self.fusion != "none":
             self.fuse = [self._fusion(c) for c in dims]
             self.fuse_down = [self._fusion(c) for c in dims[1:]]
@@ -150,7 +149,7 @@ class FusionEncoder(nn.Module):
 
     def _fusion(self, c: int) -> GatedFusion:
         dim = max(c, self.fusion_min_dim)
-        fusion_cls = nn.remat(GatedFusion) if self.remat else GatedFusion
+        fusion_cls = maybe_remat(GatedFusion, self.remat)
         return fusion_cls(dim, max(1, dim // self.fusion_head_dim), op=self.fusion_op,
                           dtype=self.dtype)
 

@@ -37,6 +37,17 @@ def exact_gelu(x: Array) -> Array:
     return nn.gelu(x, approximate=False)
 
 
+def maybe_remat(module_cls: type[nn.Module], enabled: bool,
+                static_argnums: tuple[int, ...] = ()) -> type[nn.Module]:
+    """`nn.remat(module_cls)` when `enabled` (`model.remat`), else the class itself.
+
+    `static_argnums` count `self` as 0 (as `nn.remat` does): mark the Python-bool flags
+    (`deterministic` / `train`) static, passing them positionally. The parameter tree is the same
+    either way.
+    """
+    return nn.remat(module_cls, static_argnums=static_argnums) if enabled else module_cls
+
+
 def padding_mask_to_attention_mask(key_mask: Array) -> Array:
     """(B, Lk) {0,1} padding mask -> (B, 1, 1, Lk) boolean attention mask."""
     return key_mask.astype(bool)[:, None, None, :]

@@ -44,7 +44,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vipa_jax.models.layers import DropPath, Mlp, MultiHeadAttention, resize_bilinear_align_corners
+from vipa_jax.models.layers import (
+    DropPath,
+    Mlp,
+    MultiHeadAttention,
+    maybe_remat,
+    resize_bilinear_align_corners,
+)
 
 Array = jax.Array
 Dtype = Any
@@ -262,7 +268,7 @@ class SwinStage(nn.Module):
         if len(rates) != self.depth:
             raise ValueError(f"{len(rates)} drop_path_rates for a stage of depth {self.depth}")
         # static_argnums counts `self` as 0, so 2 is `deterministic`.
-        block_cls = nn.remat(SwinBlock, static_argnums=(2,)) if self.remat else SwinBlock
+        block_cls = maybe_remat(SwinBlock, self.remat, static_argnums=(2,))
         for j in range(self.depth):
             x = block_cls(
                 num_heads=self.num_heads,
