@@ -56,6 +56,32 @@ def random_batch(batch: int, image_size: int, length: int, seed: int = 0) -> dic
     }
 
 
+def forward_setup(
+    cfg: Any, batch: int, variables: Any = None,
+) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+    """The VIPA inference forward for a full config -> (fn, args): `fn(*args)` gives the
+    (B, H, W) logits. `args` = (variables, image, input_ids, attention_mask), the inputs already
+    on the device (no transfer in timings); `variables` default to random ones of this config.
+    """
+    import jax
+
+    from benchmarks.model import random_variables
+    from vipa_jax.models.vipa import build_model, init_variables
+
+    m = cfg.model
+    model = build_model(m)
+    if variables is None:
+        variables = random_variables(jax.eval_shape(
+            lambda k: init_variables(model, k, m.image_size, m.max_tokens), jax.random.key(0)))
+    data = random_batch(batch, m.image_size, m.max_tokens)
+
+    def fwd(v: Any, im: Any, ids: Any, mask: Any) -> Any:
+        return model.apply(v, im, ids, mask, train=False)["logits"]
+
+    return fwd, (variables, *jax.device_put(
+        (data["image"], data["input_ids"], data["attention_mask"])))
+
+
 def train_step_setup(cfg: Any, batch: int) -> tuple[Callable[..., Any], Any, dict[str, Any]]:
     """The real VIPA train step for a full config -> (un-jitted step fn, fresh state, batch).
 

@@ -158,27 +158,6 @@ def summarize_ops(ops: dict[str, dict[str, Any]], depth: int) -> dict[str, Any]:
     }
 
 
-def _forward(cfg: Any, batch: int) -> tuple[Callable[..., Any], tuple[Any, ...]]:
-    import jax
-
-    from benchmarks.input_pipeline import random_batch
-    from benchmarks.model import random_variables
-    from vipa_jax.models.vipa import build_model, init_variables
-
-    m = cfg.model
-    model = build_model(m)
-    shapes = jax.eval_shape(lambda k: init_variables(model, k, m.image_size, m.max_tokens),
-                            jax.random.key(0))
-    data = random_batch(batch, m.image_size, m.max_tokens)
-
-    def fwd(v: Any, im: Any, ids: Any, mask: Any) -> Any:
-        return model.apply(v, im, ids, mask, train=False)["logits"]
-
-    args = (random_variables(shapes),
-            *jax.device_put((data["image"], data["input_ids"], data["attention_mask"])))
-    return fwd, args
-
-
 def profile(
     cfg: Any, *, train: bool, batch: int, reps: int, depth: int, trace_dir: str | None = None,
 ) -> dict[str, Any]:
@@ -193,7 +172,9 @@ def profile(
         # No donation: the same state is fed to every call.
         compiled, info = common.compile_jax(step_fn, *args)
     else:
-        fn, args = _forward(cfg, batch)
+        from benchmarks.input_pipeline import forward_setup
+
+        fn, args = forward_setup(cfg, batch)
         compiled, info = common.compile_jax(fn, *args)
     timing = common.time_call(lambda: compiled(*args), iters=max(reps, 2), warmup=1)
     traced = trace_op_times(compiled, args, compiled.as_text(), reps, trace_dir)

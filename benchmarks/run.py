@@ -131,7 +131,7 @@ def inference_section(
     """Compile + time the full forward per (dtype, batch) -> (entries, compiled fns, variables)."""
     import jax
 
-    from benchmarks.input_pipeline import random_batch
+    from benchmarks.input_pipeline import forward_setup
     from benchmarks.model import random_variables
     from vipa_jax.models.vipa import build_model, init_variables
 
@@ -142,15 +142,8 @@ def inference_section(
     variables = random_variables(shapes)
     entries, compiled_fns = [], {}
     for dtype in dtypes:
-        model = build_model(_with(cfg, dtype=dtype).model)
-
-        def fwd(v: Any, im: Any, ids: Any, mask: Any, model: Any = model) -> Any:
-            return model.apply(v, im, ids, mask, train=False)["logits"]
-
         for batch in batches:
-            data = random_batch(batch, m.image_size, m.max_tokens)
-            args = (variables, *jax.device_put(  # on the device: no transfer in the timings
-                (data["image"], data["input_ids"], data["attention_mask"])))
+            fwd, args = forward_setup(_with(cfg, dtype=dtype), batch, variables)
             compiled, info = common.compile_jax(fwd, *args)
             load = common.load_snapshot()
             t = common.time_call(lambda c=compiled, a=args: c(*a), iters=iters, warmup=1)
@@ -278,15 +271,16 @@ def memory_section(
     saved: dict[tuple[str, bool], int] = {}
     for dtype in dtypes:
         for batch, remat in targets:
+            row_cfg = _with(cfg, dtype=dtype, remat=remat)
             if (dtype, remat) not in saved:
-                saved[dtype, remat] = saved_per_image(_with(cfg, dtype=dtype, remat=remat))
+                saved[dtype, remat] = saved_per_image(row_cfg)
             entry: dict[str, Any] = {
                 "dtype": dtype, "batch": batch, "remat": remat,
                 "image_size": cfg.model.image_size, "limit_bytes": TARGETS["gpu_memory_bytes"],
                 "xla_memory": None, "estimate_bytes": None,
                 "saved_for_backward_per_image_bytes": saved[dtype, remat],
             }
-            step_fn, state, data = train_step_setup(_with(cfg, dtype=dtype, remat=remat), batch)
+            step_fn, state, data = train_step_setup(row_cfg, batch)
             try:  # on a GPU, running out of memory (compile, transfer or step) is a result
                 data = jax.device_put(data)
                 key = jax.random.key(1)
@@ -479,13 +473,14 @@ def print_figures(result: dict[str, Any]) -> None:
 # ------------------------------------------------------------------------------------------
 
 
-def latest_results(results_dir: str) -> dict[str, dict[str, Any]]:
-    """{backend: the newest non-quick run-*.json result} in a folder."""
+def latest_results(results_dir: str, benchmark: str = "run") -> dict[str, dict[str, Any]]:
+    """{backend: the newest non-quick `<benchmark>-*.json` result} in a folder (`run` results of
+    this suite, or `profile` results of `benchmarks.profile`)."""
     latest: dict[str, dict[str, Any]] = {}
-    for path in glob.glob(os.path.join(results_dir, "run-*.json")):
+    for path in glob.glob(os.path.join(results_dir, f"{benchmark}-*.json")):
         with open(path) as f:
             r = json.load(f)
-        if r.get("benchmark") != "run" or r.get("quick"):
+        if r.get("benchmark") != benchmark or r.get("quick"):
             continue
         r["_file"] = os.path.basename(path)
         b = r["backend"]
@@ -533,21 +528,6 @@ def _md_section(r: dict[str, Any]) -> list[str]:
     return lines
 
 
-def latest_profiles(results_dir: str) -> dict[str, dict[str, Any]]:
-    """{backend: the newest non-quick profile-*.json (`benchmarks.profile`)} in a folder."""
-    latest: dict[str, dict[str, Any]] = {}
-    for path in glob.glob(os.path.join(results_dir, "profile-*.json")):
-        with open(path) as f:
-            r = json.load(f)
-        if r.get("benchmark") != "profile" or r.get("quick", True):
-            continue
-        r["_file"] = os.path.basename(path)
-        b = r.get("backend", "cpu")
-        if b not in latest or r["machine_info"]["time_utc"] > latest[b]["machine_info"]["time_utc"]:
-            latest[b] = r
-    return latest
-
-
 def _md_profile(p: dict[str, Any], rows: int = 8) -> list[str]:
     mi = p["machine_info"]
     lines = [
@@ -567,7 +547,7 @@ def _md_profile(p: dict[str, Any], rows: int = 8) -> list[str]:
 def write_markdown(results_dir: str, path: str) -> str:
     """Regenerate RESULTS.md from the newest CPU and GPU results in `results_dir`."""
     latest = latest_results(results_dir)
-    profiles = latest_profiles(results_dir)
+    profiles = latest_results(results_dir, "profile")
     lines = [
         "# VIPA benchmark results",
         "",
