@@ -168,7 +168,7 @@ def test_remat_same_loss_and_grads_fewer_saved_residuals(tiny):
     for the backward pass (counted by JAX before XLA, so this holds on every backend; XLA:CPU
     itself drops the rematerialization, jax#19822). BatchNorm (the paper's decoder norm) runs
     inside the rematerialized conv blocks."""
-    from jax._src.ad_checkpoint import saved_residuals
+    from benchmarks.common import saved_residual_bytes
 
     cfg = tiny[0].copy_and_resolve_references()
     cfg.model.decoder.norm = "batch"
@@ -204,12 +204,8 @@ def test_remat_same_loss_and_grads_fewer_saved_residuals(tiny):
         changed += int(not np.allclose(np.asarray(a), np.asarray(old)))
     assert changed > 0  # the statistics were updated, under remat too
 
-    def saved_bytes(fn):
-        return sum(int(np.prod(aval.shape)) * aval.dtype.itemsize
-                   for aval, where in saved_residuals(lambda p: fn(p)[0], params)
-                   if "from the argument" not in where)
-
-    saved_plain, saved_remat = saved_bytes(plain), saved_bytes(remat)
+    saved_plain, saved_remat = (saved_residual_bytes(lambda p, f=f: f(p)[0], params)
+                                for f in (plain, remat))
     print(f"saved for backward: {saved_plain / 2**20:.2f} MiB plain, "
           f"{saved_remat / 2**20:.2f} MiB remat")
     assert saved_remat < 0.3 * saved_plain, (saved_plain, saved_remat)
