@@ -22,6 +22,10 @@ RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"
 
 
 def _git_commit() -> str:
+    """`git rev-parse --short HEAD`; `VIPA_GIT_COMMIT` where the code travels without its .git
+    (a device machine gets a copy of the working tree)."""
+    if os.environ.get("VIPA_GIT_COMMIT"):
+        return os.environ["VIPA_GIT_COMMIT"]
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
@@ -33,7 +37,10 @@ def _git_commit() -> str:
 
 
 def _git_dirty() -> bool | None:
-    """Uncommitted changes to the code a benchmark measures (None if git is unavailable)."""
+    """Uncommitted changes to the code a benchmark measures (None if git is unavailable;
+    `VIPA_GIT_DIRTY=0|1` where the code travels without its .git)."""
+    if os.environ.get("VIPA_GIT_DIRTY") in ("0", "1"):
+        return os.environ["VIPA_GIT_DIRTY"] == "1"
     try:
         out = subprocess.run(
             ["git", "status", "--porcelain", "--", "vipa_jax", "benchmarks/*.py", "configs"],

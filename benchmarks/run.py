@@ -41,6 +41,10 @@ A run that skips sections (`--no-infer`, `--no-memory`, `--no-train`, `--no-torc
 from today's earlier result in the same file when it is the same commit, config and device, and
 notes it: a GPU session can split the suite over calls that each fit a per-call time limit, e.g.
 ``--no-train --out $OUT`` then ``--no-infer --no-memory --out $OUT``, and still get one result.
+Train rows merge per (dtype, remat): a later call can add float32 rows to earlier bfloat16 ones.
+``--train-at-memory-targets`` times the memory check's steps and reports them as the train
+section (no batch search, no second compile of the same step): the short-lease GPU recipe is
+``benchmarks/device_suite.sh``.
 
 ``--quick`` = the tiny `configs/synthetic.py:test` model, 2 iterations, batch 1 inference, train
 step at batch 2 for (bfloat16, remat) only, memory check at batch 2 (bfloat16, remat) only
@@ -259,10 +263,13 @@ def _add_mfu(entries: list[dict[str, Any]], device_kind: str) -> None:
 
 def memory_section(
     cfg: Any, dtypes: Sequence[str], targets: Sequence[tuple[int, bool]], gpu: bool,
+    time_iters: int | None = None,
 ) -> list[dict[str, Any]]:
     """Does the train step fit one 80 GB GPU at the target (batch, remat)s? Per dtype: XLA's
     `memory_analysis()` of the compiled step (compile only; every backend) and, on a GPU, one
-    real step (an out-of-memory error is a result, not a crash)."""
+    real step (an out-of-memory error is a result, not a crash). With `time_iters`, each row
+    also runs and times the step (`train_one`; on any backend) and keeps it under `"step"`, so
+    the train section can reuse it without compiling the step again."""
     import jax
 
     from benchmarks.input_pipeline import saved_per_image, train_step_setup
@@ -280,33 +287,50 @@ def memory_section(
                 "xla_memory": None, "estimate_bytes": None,
                 "saved_for_backward_per_image_bytes": saved[dtype, remat],
             }
-            step_fn, state, data = train_step_setup(row_cfg, batch)
             try:  # on a GPU, running out of memory (compile, transfer or step) is a result
-                data = jax.device_put(data)
-                key = jax.random.key(1)
-                compiled, info = common.compile_jax(step_fn, state, data, key,
-                                                    donate_argnums=(0,))
-                xm = common.memory_of(compiled)
-                entry.update(compile_s=info["lower_s"] + info["compile_s"], xla_memory=xm,
-                             estimate_bytes=xm["estimate_bytes"] if xm else None)
-                if gpu:
-                    jax.block_until_ready(compiled(state, data, key))
-                    entry["ran"], entry["device_memory"] = True, common.device_memory()
-                del compiled
+                if time_iters is not None:
+                    step = train_one(row_cfg, batch, time_iters)
+                    xm = step["xla_memory"]
+                    entry.update(compile_s=step["compile_s"], xla_memory=xm,
+                                 estimate_bytes=xm["estimate_bytes"] if xm else None,
+                                 ran=True, device_memory=step["device_memory"], step=step)
+                else:
+                    step_fn, state, data = train_step_setup(row_cfg, batch)
+                    data = jax.device_put(data)
+                    key = jax.random.key(1)
+                    compiled, info = common.compile_jax(step_fn, state, data, key,
+                                                        donate_argnums=(0,))
+                    xm = common.memory_of(compiled)
+                    entry.update(compile_s=info["lower_s"] + info["compile_s"], xla_memory=xm,
+                                 estimate_bytes=xm["estimate_bytes"] if xm else None)
+                    if gpu:
+                        jax.block_until_ready(compiled(state, data, key))
+                        entry["ran"], entry["device_memory"] = True, common.device_memory()
+                    del compiled, state, data
             except Exception as err:  # noqa: BLE001 - only out-of-memory is a result
                 if not (gpu and _is_oom(err)):
                     raise
                 entry["ran"], entry["error"] = False, "out of memory"
-            del state, data
             gc.collect()
             entries.append(entry)
             est = entry["estimate_bytes"]
             print(f"  memory  {dtype:8s} remat={remat!s:5s} batch {batch}: XLA estimate "
                   f"{est / 2**30 if est else float('nan'):.1f} GiB; saved for the backward "
                   f"{saved[dtype, remat] / 2**30:.3f} GiB per image"
-                  + (f", step {'ran' if entry['ran'] else 'out of memory'}" if gpu else ""),
+                  + (f", step {'ran' if entry['ran'] else 'out of memory'}" if "ran" in entry
+                     else "")
+                  + (f", {entry['step']['images_per_s']:.2f} img/s" if "step" in entry else ""),
                   flush=True)
     return entries
+
+
+def train_from_memory(memory: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Train-section entries from the memory rows whose step was timed (`time_iters`): the
+    throughput at the memory targets' batches, with no second compile of the same step."""
+    return [{"dtype": e["dtype"], "remat": e["remat"], "batch_search": False,
+             "batches_tried": [{"batch": e["batch"], "images_per_s": e["step"]["images_per_s"]}],
+             "source": "memory section (--train-at-memory-targets)", **e["step"]}
+            for e in memory if "step" in e]
 
 
 # ------------------------------------------------------------------------------------------
@@ -625,13 +649,19 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     if not a.no_memory:
         targets = MEMORY_TARGETS_QUICK if a.quick else MEMORY_TARGETS
         mem_dtypes = ["bfloat16"] if a.quick else (a.memory_dtypes or a.dtypes)
-        result["memory"] = memory_section(cfg, mem_dtypes, targets, gpu)
+        result["memory"] = memory_section(cfg, mem_dtypes, targets, gpu,
+                                          iters if a.train_at_memory_targets else None)
+        if a.train_at_memory_targets:
+            result["train"] = train_from_memory(result["memory"])
+            for e in result["memory"]:
+                e.pop("step", None)
+            _add_mfu(result["train"], device_kind)
         if not gpu:
             notes.append("Train memory on CPU: XLA:CPU's buffer assignment of the compiled step, "
                          "an estimate of what a GPU needs; XLA:CPU also ignores jax.checkpoint "
                          "for memory (jax#19822), so the remat rows only count on a GPU.")
         checkpoint("memory")
-    if not a.no_train:
+    if not a.no_train and not a.train_at_memory_targets:
         tcfg = copy.deepcopy(cfg)
         if a.train_image_size:
             tcfg.model.image_size = a.train_image_size
@@ -652,6 +682,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         result["cpu_vs_torch"] = cpu_vs_torch(cfg, a.config, a.quick, iters,
                                               compiled.get(("float32", 1)), shapes)
     result = merge_earlier(result, earlier, notes)
+    if result.get("train"):
+        _add_mfu(result["train"], device_kind)  # again: merged rows may add a no-remat step
     if "skipped" in result["cpu_vs_torch"]:
         notes.append(f"ours vs PyTorch: {result['cpu_vs_torch']['skipped']}.")
     result["notes"] = notes
@@ -694,6 +726,14 @@ def merge_earlier(result: dict[str, Any], earlier: dict[str, Any] | None,
     taken = []
     for sec in MERGED_SECTIONS:
         mine, theirs = out.get(sec), earlier.get(sec)
+        if sec == "train" and mine and theirs:  # both timed steps: keep every (dtype, remat)
+            have = {(e["dtype"], e["remat"]) for e in mine}
+            extra = [e for e in theirs if (e["dtype"], e["remat"]) not in have]
+            if extra:
+                out[sec] = [*mine, *extra]
+                taken.append("train (" + ", ".join(
+                    f"{e['dtype']} remat {'on' if e['remat'] else 'off'}" for e in extra) + ")")
+            continue
         skipped = mine is None or (isinstance(mine, dict) and "skipped" in mine)
         if skipped and theirs and not (isinstance(theirs, dict) and "skipped" in theirs):
             out[sec] = theirs
@@ -727,6 +767,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--train-configs", nargs="+", default=None, metavar="DTYPE:on|off",
                    help="train (dtype, remat) pairs, e.g. float32:off bfloat16:on "
                         "(default: every --dtypes with remat off and on)")
+    p.add_argument("--train-at-memory-targets", action="store_true",
+                   help="time the memory check's steps (batch 16, and 64 with remat) and report "
+                        "them as the train section instead of a separate batch search: one "
+                        "compile per step, for a short device lease")
     p.add_argument("--no-infer", action="store_true")
     p.add_argument("--no-train", action="store_true")
     p.add_argument("--memory-dtypes", nargs="+", choices=DTYPES, default=None,

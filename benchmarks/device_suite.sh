@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# The GPU benchmark suite in one call of a short device lease (issue 8): a fixed time budget,
+# split over processes that each write their result before the next starts, so a step that runs
+# out of time costs only itself.
+#
+#   OUT=<results dir> SUITE_BUDGET_S=540 bash benchmarks/device_suite.sh
+#
+# 1. inference: full VIPA forward, float32 / bfloat16, batch 1 and 8 (compile + latency);
+# 2. memory + train: the paper's train step in bfloat16 at batch 16 (no remat) and batch 64
+#    (remat) - does it fit 80 GB, and its throughput / MFU at those batches
+#    (`--train-at-memory-targets`: one compile per step, no batch search);
+# 3. profile: where the bfloat16 batch-1 forward spends its time;
+# 4. if time is left: the float32 train step at batch 16 (no remat), merged into the result.
+# Steps 1, 2 and 4 write one `run-*.json` (the later ones merge the earlier sections), step 3 a
+# `profile-*.json`; the log is `device_suite.log`. Python packages the machine lacks travel as
+# wheels in `.whl/` (installed to /tmp/site). Set `VIPA_GIT_COMMIT` (and `VIPA_GIT_DIRTY=0`) where
+# the tree travels without .git, so the results name their commit.
+# `SUITE_QUICK=1` runs the same steps on the tiny model on the CPU (to check this script).
+set -u
+OUT=${OUT:-benchmarks/results}
+BUDGET=${SUITE_BUDGET_S:-540}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+LOG="$OUT/device_suite.log"
+START=$(date +%s)
+export PYTHONUNBUFFERED=1
+left() { echo $((BUDGET - ($(date +%s) - START))); }
+
+if [[ ${SUITE_QUICK:-0} == 1 ]]; then
+  DEV=(--device cpu --quick)
+  PROFILE_DEV=(--device cpu --quick)
+else
+  DEV=(--device gpu)
+  PROFILE_DEV=(--device gpu)
+fi
+
+# step NAME MAX_SECONDS RESERVE_SECONDS CMD...: run CMD for at most MAX_SECONDS, and never into
+# the last RESERVE_SECONDS of the budget (kept for the steps after it).
+step() {
+  local name=$1 max=$2 reserve=$3
+  shift 3
+  local t=$(($(left) - reserve))
+  ((t < max)) && max=$t
+  if ((max < 20)); then
+    echo "== $name: skipped, $(left) s of the budget left"
+    return
+  fi
+  echo "== $name: up to $max s ($(left) s of the budget left)"
+  local t0=$(date +%s)
+  timeout -k 10 "$max" "$@"
+  echo "== $name: exit $? after $(($(date +%s) - t0)) s"
+}
+
+{
+  echo "== device_suite $(date -u +%FT%TZ), budget $BUDGET s, commit ${VIPA_GIT_COMMIT:-from git}"
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 || true
+  if compgen -G ".whl/*.whl" >/dev/null; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  fi
+  $PY -c "import sys, jax, flax, optax; print(sys.version.split()[0], 'jax', jax.__version__, \
+'flax', flax.__version__, 'optax', optax.__version__, jax.devices())" 2>&1
+  step inference 200 330 $PY -m benchmarks.run "${DEV[@]}" --no-memory --no-train --out "$OUT"
+  step memory+train 300 70 $PY -m benchmarks.run "${DEV[@]}" --no-infer --memory-dtypes bfloat16 \
+    --train-at-memory-targets --out "$OUT"
+  step profile 90 5 $PY -m benchmarks.profile "${PROFILE_DEV[@]}" --dtype bfloat16 --out "$OUT"
+  if (($(left) > 150)); then
+    step train-float32 400 5 $PY -m benchmarks.run "${DEV[@]}" --no-infer --no-memory \
+      --train-configs float32:off --no-search --train-batch 16 --out "$OUT"
+  fi
+  echo "== done after $(($(date +%s) - START)) s"
+} 2>&1 | tee "$LOG"
