@@ -81,6 +81,16 @@ def op_kind(name: str) -> str:
     return re.sub(r"(\.\d+)+$", "", name)
 
 
+def _event_op(ev: Any) -> str:
+    """The HLO instruction a trace event ran: its `hlo_op` stat (a GPU kernel event is named
+    after the kernel, e.g. a cuBLAS or cuDNN one, and carries the instruction there), else its
+    name (XLA:CPU names thunks after the instruction)."""
+    for key, value in ev.stats:
+        if key == "hlo_op":
+            return str(value).lstrip("%")
+    return ev.name.lstrip("%")
+
+
 def trace_op_times(
     compiled: Callable[..., Any], args: Sequence[Any], hlo_text: str, reps: int,
     trace_dir: str | None = None,
@@ -109,7 +119,7 @@ def trace_op_times(
         count: collections.Counter[str] = collections.Counter()
         for line in plane.lines:
             for ev in line.events:
-                name = ev.name.lstrip("%")
+                name = _event_op(ev)
                 if name in names:
                     total[name] += ev.duration_ns
                     count[name] += 1
@@ -195,6 +205,9 @@ def print_profile(r: dict[str, Any], top: int) -> None:
           f"{r['dtype']}{', remat' if r['remat'] else ''}: wall median "
           f"{r['wall_median_ms']:.1f} ms; traced op time {r['op_time_ms']:.1f} ms per call "
           f"({r['ops_traced']} ops; planes: {', '.join(r['planes'])})")
+    if r.get("xla_flops"):
+        print(f"XLA FLOPs {r['xla_flops'] / 1e12:.2f} T per call: "
+              f"{r['xla_flops'] / r['wall_median_ms'] / 1e9:.1f} TFLOP/s at the wall median")
     for title, key in (("by module", "by_module"), ("by op kind", "by_kind")):
         rows = [[x["name"], f"{x['ms']:.2f}", f"{x['percent']:.1f}", x["ops"]]
                 for x in r[key][:top]]
