@@ -15,9 +15,13 @@
 Method: the function is jitted, compiled and run twice untraced; then ``--reps`` calls run under
 `jax.profiler.trace` and the trace (`*.xplane.pb`, readable by TensorBoard / XProf / Perfetto;
 kept with ``--trace-dir``) is read back with `jax.profiler.ProfileData`. An event counts when its
-name is an instruction of the compiled HLO; on a GPU only the device planes count (the host's
-launch events would count the same op twice). On CPU XLA may run independent ops concurrently,
-so the op times can add up to more than the wall time (both are reported).
+`hlo_op` stat or its name (a GPU kernel is named after its instruction with `.` -> `_`) is an
+instruction of the compiled HLO; on a GPU only the device planes count (the host's launch events
+would count the same op twice), and device time that matches no instruction is reported as
+``unattributed_device_ms`` with its largest events. On a GPU XLA's command buffers are turned off
+(`--keep-command-buffers` keeps them): kernels replayed from a CUDA graph carry no instruction.
+On CPU XLA may run independent ops concurrently, so the op times can add up to more than the
+wall time (both are reported).
 """
 
 from __future__ import annotations
@@ -81,6 +85,11 @@ def op_kind(name: str) -> str:
     return re.sub(r"(\.\d+)+$", "", name)
 
 
+def _sanitized(name: str) -> str:
+    """A GPU kernel name from its instruction's: 'loop_add_fusion.12' -> 'loop_add_fusion_12'."""
+    return re.sub(r"\W", "_", name)
+
+
 def _event_op(ev: Any) -> str:
     """The HLO instruction a trace event ran: its `hlo_op` stat (a GPU kernel event is named
     after the kernel, e.g. a cuBLAS or cuDNN one, and carries the instruction there), else its
@@ -103,6 +112,7 @@ def trace_op_times(
     import jax
 
     names = hlo_op_names(hlo_text)
+    alias = {_sanitized(n): n for n in names}
     trace_dir = trace_dir or tempfile.mkdtemp(prefix="vipa_trace_")
     with jax.profiler.trace(trace_dir):
         for _ in range(reps):
@@ -114,19 +124,28 @@ def trace_op_times(
     data = jax.profiler.ProfileData.from_file(files[-1])
     per_plane: dict[str, collections.Counter[str]] = {}
     counts: dict[str, collections.Counter[str]] = {}
+    missed: dict[str, collections.Counter[str]] = {}  # device events matching no instruction
     for plane in data.planes:
         total: collections.Counter[str] = collections.Counter()
         count: collections.Counter[str] = collections.Counter()
+        miss: collections.Counter[str] = collections.Counter()
         for line in plane.lines:
             for ev in line.events:
                 name = _event_op(ev)
+                name = name if name in names else alias.get(_sanitized(name), name)
                 if name in names:
                     total[name] += ev.duration_ns
                     count[name] += 1
+                elif not line.name.startswith(("XLA Modules", "XLA Ops", "Steps")):
+                    miss[f"{line.name}: {ev.name}"] += ev.duration_ns
         if total:
             per_plane[plane.name], counts[plane.name] = total, count
+        missed[plane.name] = miss
     device_planes = [p for p in per_plane if p.startswith("/device:") and "CPU" not in p]
     use = device_planes or list(per_plane)
+    unattributed: collections.Counter[str] = collections.Counter()
+    for p in device_planes:  # on a CPU the host plane is mostly Python, not kernels
+        unattributed.update(missed[p])
     ops: dict[str, dict[str, Any]] = {}
     for p in use:
         for name, ns in per_plane[p].items():
@@ -134,7 +153,10 @@ def trace_op_times(
             e = ops.setdefault(name, {"ns": 0.0, "count": 0, "shape": shape, "op_name": op})
             e["ns"] += ns / reps
             e["count"] += counts[p][name]
-    return {"ops": ops, "planes": use, "trace": files[-1]}
+    return {"ops": ops, "planes": use, "trace": files[-1],
+            "unattributed_ms": sum(unattributed.values()) / reps / 1e6,
+            "unattributed_top": [{"event": k, "ms": v / reps / 1e6}
+                                 for k, v in unattributed.most_common(20)]}
 
 
 TOP_OPS_KEPT = 100  # slowest single ops kept in the JSON
@@ -194,8 +216,12 @@ def profile(
         "image_size": cfg.model.image_size, "tokens": cfg.model.max_tokens,
         "dtype": cfg.model.dtype, "remat": bool(cfg.model.remat), "reps": reps, "depth": depth,
         "compile_s": info["lower_s"] + info["compile_s"], "xla_flops": info["flops"],
+        "hlo_flops": info["hlo_flops"],
         "wall_median_ms": timing["median_s"] * 1e3, "wall_min_ms": timing["min_s"] * 1e3,
         "planes": traced["planes"], "trace_file": traced["trace"] if trace_dir else None,
+        "unattributed_device_ms": traced["unattributed_ms"],
+        "unattributed_top": traced["unattributed_top"],
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
         **summary,
     }
 
@@ -205,9 +231,14 @@ def print_profile(r: dict[str, Any], top: int) -> None:
           f"{r['dtype']}{', remat' if r['remat'] else ''}: wall median "
           f"{r['wall_median_ms']:.1f} ms; traced op time {r['op_time_ms']:.1f} ms per call "
           f"({r['ops_traced']} ops; planes: {', '.join(r['planes'])})")
-    if r.get("xla_flops"):
-        print(f"XLA FLOPs {r['xla_flops'] / 1e12:.2f} T per call: "
-              f"{r['xla_flops'] / r['wall_median_ms'] / 1e9:.1f} TFLOP/s at the wall median")
+    if r.get("unattributed_device_ms"):
+        print(f"device time matched to no HLO instruction: {r['unattributed_device_ms']:.2f} ms "
+              "per call; largest:", ", ".join(f"{u['event']} ({u['ms']:.3f} ms)"
+                                             for u in r["unattributed_top"][:5]))
+    flops = r.get("hlo_flops") or r.get("xla_flops")
+    if flops:
+        print(f"{flops / 1e12:.2f} TFLOPs per call (XLA count before optimization): "
+              f"{flops / r['wall_median_ms'] / 1e9:.1f} TFLOP/s at the wall median")
     for title, key in (("by module", "by_module"), ("by op kind", "by_kind")):
         rows = [[x["name"], f"{x['ms']:.2f}", f"{x['percent']:.1f}", x["ops"]]
                 for x in r[key][:top]]
@@ -232,9 +263,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--trace-dir", default=None, help="keep the trace here (TensorBoard/XProf)")
     p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    p.add_argument("--keep-command-buffers", action="store_true",
+                   help="GPU: keep XLA's command buffers (CUDA graphs); by default they are off "
+                        "so that each kernel carries its HLO instruction in the trace")
     a = p.parse_args(argv)
     if a.device == "cpu":
         os.environ["JAX_PLATFORMS"] = "cpu"  # before jax is imported
+    elif not a.keep_command_buffers:
+        # Kernels replayed from a CUDA graph carry no HLO annotation: on an H200 (jax 0.11.2)
+        # only the cuDNN / cuBLAS calls outside the graphs, 6% of the forward's time, were
+        # attributed with them on. Harmless on a CPU (the flag is XLA:GPU's).
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                                   + " --xla_gpu_enable_command_buffer=").strip()
     import jax
 
     from benchmarks.run import load_config

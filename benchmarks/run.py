@@ -20,8 +20,9 @@ Sections (every figure carries dtype, batch, image size and device kind, and the
 - MFU (GPU): model FLOPs per step / median step time / the device's peak FLOP/s for the
   compute dtype (`PEAK_FLOPS`, keyed by `device_kind`; float32 is compared with the TF32
   tensor-core peak, which XLA uses for float32 matmuls by default). Model FLOPs = XLA's
-  `cost_analysis()` flops of the step without remat (per image × batch, so the recomputation of
-  remat does not count); HFU uses the step's own count (recomputation included).
+  `cost_analysis()` flops of the step without remat, counted on the HLO before optimization
+  (`hlo_flops`: XLA:GPU's compiled count omits cuDNN / cuBLAS calls), per image × batch, so the
+  recomputation of remat does not count; HFU uses the step's own count (recomputation included).
 - memory: does the train step of the paper's recipe fit one 80 GB GPU without accumulation, at
   global batch 16 and at batch 64 with remat (`MEMORY_TARGETS`), per dtype? XLA's
   `memory_analysis()` estimate of the compiled step (compile only), and on a GPU one real step
@@ -62,7 +63,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from benchmarks import common
@@ -155,7 +156,8 @@ def inference_section(
                 "dtype": dtype, "batch": batch, "image_size": m.image_size,
                 "tokens": m.max_tokens, "compile_s": info["lower_s"] + info["compile_s"],
                 "lower_s": info["lower_s"], "xla_compile_s": info["compile_s"],
-                "xla_flops": info["flops"], "median_ms": t["median_s"] * 1e3,
+                "xla_flops": info["flops"], "hlo_flops": info["hlo_flops"],
+                "median_ms": t["median_s"] * 1e3,
                 "p90_ms": t["p90_s"] * 1e3, "min_ms": t["min_s"] * 1e3, "n": t["n"],
                 "first_call_s": t["first_call_s"], "xla_memory": common.memory_of(compiled),
                 "load_before": load,
@@ -199,6 +201,7 @@ def train_one(cfg: Any, batch: int, iters: int) -> dict[str, Any]:
         "batch": batch, "image_size": cfg.model.image_size, "tokens": cfg.model.max_tokens,
         "compile_s": info["lower_s"] + info["compile_s"], "lower_s": info["lower_s"],
         "xla_compile_s": info["compile_s"], "xla_flops_per_step": info["flops"],
+        "hlo_flops_per_step": info["hlo_flops"],
         "first_step_s": first, "step_median_ms": s["median_s"] * 1e3,
         "step_p90_ms": s["p90_s"] * 1e3, "step_min_ms": s["min_s"] * 1e3, "n": s["n"],
         "images_per_s": batch / s["median_s"], "loss": loss,
@@ -243,12 +246,17 @@ def train_section(
 
 
 def _add_mfu(entries: list[dict[str, Any]], device_kind: str) -> None:
-    """MFU (model FLOPs: the no-remat step's, per image) and HFU (the step's own count)."""
+    """MFU (model FLOPs: the no-remat step's, per image) and HFU (the step's own count), from
+    the FLOPs of the HLO before optimization (`common.compile_jax`: XLA:GPU's compiled count
+    leaves out the cuDNN / cuBLAS calls)."""
     gpu = device_kind.lower() != "cpu"
-    per_image = {e["dtype"]: e["xla_flops_per_step"] / e["batch"]
-                 for e in entries if not e["remat"]}
+
+    def flops(e: dict[str, Any]) -> float:
+        return e.get("hlo_flops_per_step") or e["xla_flops_per_step"]
+
+    per_image = {e["dtype"]: flops(e) / e["batch"] for e in entries if not e["remat"]}
     for e in entries:
-        own = e["xla_flops_per_step"]
+        own = flops(e)
         model_flops = per_image.get(e["dtype"], own / e["batch"]) * e["batch"]
         e["model_flops_per_step"] = model_flops
         e["model_flops_source"] = ("no-remat step of this dtype, per image x batch"
@@ -264,12 +272,14 @@ def _add_mfu(entries: list[dict[str, Any]], device_kind: str) -> None:
 def memory_section(
     cfg: Any, dtypes: Sequence[str], targets: Sequence[tuple[int, bool]], gpu: bool,
     time_iters: int | None = None,
+    on_row: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Does the train step fit one 80 GB GPU at the target (batch, remat)s? Per dtype: XLA's
     `memory_analysis()` of the compiled step (compile only; every backend) and, on a GPU, one
     real step (an out-of-memory error is a result, not a crash). With `time_iters`, each row
     also runs and times the step (`train_one`; on any backend) and keeps it under `"step"`, so
-    the train section can reuse it without compiling the step again."""
+    the train section can reuse it without compiling the step again. `on_row(rows so far)` runs
+    after each row (the caller writes a partial result: a train step compile can take minutes)."""
     import jax
 
     from benchmarks.input_pipeline import saved_per_image, train_step_setup
@@ -321,16 +331,24 @@ def memory_section(
                      else "")
                   + (f", {entry['step']['images_per_s']:.2f} img/s" if "step" in entry else ""),
                   flush=True)
+            if on_row is not None:
+                on_row(entries)
     return entries
 
 
-def train_from_memory(memory: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Train-section entries from the memory rows whose step was timed (`time_iters`): the
-    throughput at the memory targets' batches, with no second compile of the same step."""
-    return [{"dtype": e["dtype"], "remat": e["remat"], "batch_search": False,
-             "batches_tried": [{"batch": e["batch"], "images_per_s": e["step"]["images_per_s"]}],
-             "source": "memory section (--train-at-memory-targets)", **e["step"]}
-            for e in memory if "step" in e]
+def split_memory_rows(
+    rows: Sequence[dict[str, Any]], device_kind: str,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(memory rows without their timed steps, train-section entries made of those steps, with
+    MFU): the throughput at the memory targets' batches, with no second compile of the step."""
+    memory = [{k: v for k, v in e.items() if k != "step"} for e in rows]
+    train = [{"dtype": e["dtype"], "remat": e["remat"], "batch_search": False,
+              "batches_tried": [{"batch": e["batch"],
+                                 "images_per_s": e["step"]["images_per_s"]}],
+              "source": "memory section (--train-at-memory-targets)", **e["step"]}
+             for e in rows if "step" in e]
+    _add_mfu(train, device_kind)
+    return memory, train
 
 
 # ------------------------------------------------------------------------------------------
@@ -541,8 +559,9 @@ def _md_section(r: dict[str, Any]) -> list[str]:
     ]
     notes = list(r.get("notes") or [])
     if r.get("partial"):
-        notes.insert(0, f"Partial run: it stopped after the {r['partial']} section (e.g. a time "
-                        "limit); the sections after it are missing.")
+        done = r["partial"] if " " in r["partial"] else f"the {r['partial']} section"
+        notes.insert(0, f"Partial run: it stopped after {done} (e.g. a time limit); what came "
+                        "after it is missing.")
     if r["load_start"].get("busy_other_processes", 0) > 0:
         notes.append("Other processes were busy during this run: absolute times are inflated, and "
                      "PyTorch's thread pool suffers far more from contention than XLA's, so the "
@@ -552,18 +571,33 @@ def _md_section(r: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _ms3(ms: float) -> str:
+    """Three significant digits below 100 ms, whole milliseconds above."""
+    return f"{ms:.3g}" if ms < 100 else f"{ms:.0f}"
+
+
 def _md_profile(p: dict[str, Any], rows: int = 8) -> list[str]:
     mi = p["machine_info"]
     lines = [
         f"Where the time goes (`python -m benchmarks.profile`, file `benchmarks/results/"
         f"{p['_file']}`): {p['mode']}, batch {p['batch']}, {p['image_size']}x{p['image_size']}, "
         f"{p['dtype']}, on {p['device_kind']}, commit `{mi['git_commit']}`; wall median "
-        f"{p['wall_median_ms']:.1f} ms, traced op time {p['op_time_ms']:.1f} ms per call.",
+        f"{p['wall_median_ms']:.1f} ms, traced op time {p['op_time_ms']:.2f} ms per call.",
+    ]
+    if p["op_time_ms"] < 0.5 * p["wall_median_ms"]:
+        lines += ["", f"Only {100 * p['op_time_ms'] / p['wall_median_ms']:.0f}% of the wall time "
+                  "is attributed to HLO instructions (the shares below are of that part): "
+                  + ("XLA's command buffers were on, and kernels replayed from a CUDA graph "
+                     "most likely carry no instruction (`benchmarks.profile` now turns them off "
+                     "on a GPU)."
+                     if p["backend"] == "gpu" and "command_buffer" not in p.get("xla_flags", "")
+                     else "see `unattributed_top` in the JSON.")]
+    lines += [
         "",
         "| module | ms per call | share |", "|---|---|---|",
-        *[f"| {x['name']} | {x['ms']:.1f} | {x['percent']:.1f}% |" for x in p["by_module"][:rows]],
+        *[f"| {x['name']} | {_ms3(x['ms'])} | {x['percent']:.1f}% |" for x in p["by_module"][:rows]],
         "", "| op kind | ms per call | share |", "|---|---|---|",
-        *[f"| {x['name']} | {x['ms']:.1f} | {x['percent']:.1f}% |" for x in p["by_kind"][:5]],
+        *[f"| {x['name']} | {_ms3(x['ms'])} | {x['percent']:.1f}% |" for x in p["by_kind"][:5]],
     ]
     return lines
 
@@ -647,15 +681,18 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
             cfg, a.dtypes, infer_batches, iters)
         checkpoint("inference")
     if not a.no_memory:
-        targets = MEMORY_TARGETS_QUICK if a.quick else MEMORY_TARGETS
+        targets = (MEMORY_TARGETS_QUICK if a.quick else MEMORY_TARGETS) if not a.memory_targets \
+            else [(int(b), r == "on") for b, r in (t.split(":") for t in a.memory_targets)]
         mem_dtypes = ["bfloat16"] if a.quick else (a.memory_dtypes or a.dtypes)
-        result["memory"] = memory_section(cfg, mem_dtypes, targets, gpu,
-                                          iters if a.train_at_memory_targets else None)
-        if a.train_at_memory_targets:
-            result["train"] = train_from_memory(result["memory"])
-            for e in result["memory"]:
-                e.pop("step", None)
-            _add_mfu(result["train"], device_kind)
+
+        def memory_rows(rows: list[dict[str, Any]]) -> None:
+            result["memory"], train = split_memory_rows(rows, device_kind)
+            if a.train_at_memory_targets:
+                result["train"] = train
+            checkpoint(f"memory row {len(rows)} of {len(targets) * len(mem_dtypes)}")
+
+        memory_section(cfg, mem_dtypes, targets, gpu,
+                       iters if a.train_at_memory_targets else None, memory_rows)
         if not gpu:
             notes.append("Train memory on CPU: XLA:CPU's buffer assignment of the compiled step, "
                          "an estimate of what a GPU needs; XLA:CPU also ignores jax.checkpoint "
@@ -775,6 +812,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-train", action="store_true")
     p.add_argument("--memory-dtypes", nargs="+", choices=DTYPES, default=None,
                    help="dtypes of the train-memory check (default: --dtypes)")
+    p.add_argument("--memory-targets", nargs="+", default=None, metavar="BATCH:on|off",
+                   help="(batch, remat) rows of the train-memory check (default 16:off 64:on, "
+                        "the issue's targets)")
     p.add_argument("--no-memory", action="store_true",
                    help="skip the train-memory check (batch 16, and 64 with remat)")
     p.add_argument("--no-torch", action="store_true", help="skip the CPU PyTorch comparison")
