@@ -571,9 +571,10 @@ def _md_section(r: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _ms3(ms: float) -> str:
-    """Three significant digits below 100 ms, whole milliseconds above."""
-    return f"{ms:.3g}" if ms < 100 else f"{ms:.0f}"
+def _md_profile_row(x: dict[str, Any]) -> str:
+    """A profile table row; ms to three significant digits below 100, whole ms above."""
+    ms = f"{x['ms']:.3g}" if x["ms"] < 100 else f"{x['ms']:.0f}"
+    return f"| {x['name']} | {ms} | {x['percent']:.1f}% |"
 
 
 def _md_profile(p: dict[str, Any], rows: int = 8) -> list[str]:
@@ -595,9 +596,9 @@ def _md_profile(p: dict[str, Any], rows: int = 8) -> list[str]:
     lines += [
         "",
         "| module | ms per call | share |", "|---|---|---|",
-        *[f"| {x['name']} | {_ms3(x['ms'])} | {x['percent']:.1f}% |" for x in p["by_module"][:rows]],
+        *[_md_profile_row(x) for x in p["by_module"][:rows]],
         "", "| op kind | ms per call | share |", "|---|---|---|",
-        *[f"| {x['name']} | {_ms3(x['ms'])} | {x['percent']:.1f}% |" for x in p["by_kind"][:5]],
+        *[_md_profile_row(x) for x in p["by_kind"][:5]],
     ]
     return lines
 
