@@ -146,6 +146,25 @@ def test_profile_module_groups() -> None:
     assert s["top_ops"][0]["name"] == "dot.1" and s["top_ops"][0]["module"] == "b/dot_general"
 
 
+def test_profile_event_to_instruction() -> None:
+    """A trace event names its instruction by its `hlo_op` stat (GPU: cuDNN / cuBLAS kernels
+    are named after the library kernel), else by its name, which on a GPU is the instruction's
+    with `.` -> `_`."""
+    from types import SimpleNamespace
+
+    from benchmarks.profile import _event_op, _sanitized
+
+    cudnn = SimpleNamespace(name="sm90_xmma_fprop_implicit_gemm_bf16",
+                            stats=[("correlation_id", 7), ("hlo_op", "cudnn-conv.14")])
+    assert _event_op(cudnn) == "cudnn-conv.14"
+    assert _event_op(SimpleNamespace(name="%ynn_fusion.3", stats=[])) == "ynn_fusion.3"
+    names = ["loop_add_fusion.12", "cudnn-conv.14", "gemm_fusion_dot.857"]
+    alias = {_sanitized(n): n for n in names}
+    assert alias["loop_add_fusion_12"] == "loop_add_fusion.12"
+    assert alias["cudnn_conv_14"] == "cudnn-conv.14"
+    assert "loop_add_fusion_1" not in alias  # no prefix matches
+
+
 def test_profile_quick(tmp_path: Path) -> None:
     """The profiler on the tiny model: the trace is read back and the ops land in the modules."""
     res = _run_module("benchmarks.profile", tmp_path, "--reps", "2")

@@ -108,6 +108,11 @@ def test_markdown_and_mfu_from_results(tmp_path: Path) -> None:
                 "images_per_s": 8 / (ms / 1e3), "compile_s": 30.0,
                 "device_memory": {"peak_bytes_in_use": 2**34}, "xla_memory": None}
 
+    # XLA:GPU's compiled count leaves the cuDNN / cuBLAS calls out: MFU uses the HLO count
+    # before optimization where the entry has it
+    hlo = {**train("bfloat16", False, 1e13, 1000.0), "hlo_flops_per_step": 4e14}
+    _add_mfu([hlo], "NVIDIA H100 80GB HBM3")
+    assert hlo["mfu"] == pytest.approx(4e14 / 989.4e12)
     entries = [train("bfloat16", False, 4e14, 1000.0), train("bfloat16", True, 5e14, 1000.0)]
     _add_mfu(entries, "NVIDIA H100 80GB HBM3")
     assert entries[0]["mfu"] == pytest.approx(4e14 / 989.4e12)
@@ -140,7 +145,8 @@ def test_markdown_and_mfu_from_results(tmp_path: Path) -> None:
     text = Path(write_markdown(str(tmp_path), str(tmp_path / "R.md"))).read_text()
     assert "No CPU run yet" in text and "No GPU run yet" not in text
     assert "Partial run: it stopped after the memory section" in text
-    assert "| encoder/backbone.run_stage | 6.0 | 60.0% |" in text  # the GPU profile's breakdown
+    assert "Only 83% of the wall time" not in text  # 10 of 12 ms attributed: no warning
+    assert "| encoder/backbone.run_stage | 6 | 60.0% |" in text  # the GPU profile's breakdown
     assert text.count("Where the time goes") == 1  # the quick profile is not a result
     assert "| inference latency (median) | float32 | 1 | 480 | 50.0 ms |" in text
     assert "misses" in text  # 50 ms > 41 ms and 70 s > 60 s
@@ -178,5 +184,61 @@ def test_split_runs_merge(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     # another commit, device or config: nothing is taken
     for key, value in (("device_kind", "A100"), ("config", "synthetic")):
         assert earlier_result(str(path), {**second, key: value}) is None
+    # train rows merge per (dtype, remat): a later call adds float32 rows to bfloat16 ones
+    bf16 = [{"dtype": "bfloat16", "remat": False, "batch": 16},
+            {"dtype": "bfloat16", "remat": True, "batch": 64}]
+    path.write_text(json.dumps({**first, "train": bf16}))
+    third = {**second, "train": [{"dtype": "float32", "remat": False, "batch": 16},
+                                 {"dtype": "bfloat16", "remat": True, "batch": 128}]}
+    notes = []
+    merged = merge_earlier(third, earlier_result(str(path), third), notes)
+    assert [(e["dtype"], e["remat"], e["batch"]) for e in merged["train"]] == [
+        ("float32", False, 16), ("bfloat16", True, 128), ("bfloat16", False, 16)]
+    assert "train (bfloat16 remat off)" in notes[0]
     path.write_text(json.dumps({**first, "machine_info": {**info, "git_commit": "0000000"}}))
     assert earlier_result(str(path), second) is None
+
+
+def test_memory_rows_become_train_rows() -> None:
+    """`--train-at-memory-targets`: the memory rows' timed steps are the train section (with
+    MFU against the no-remat step's FLOPs per image); an out-of-memory row has no train row."""
+    from benchmarks.run import split_memory_rows
+
+    def step(batch: int, flops: float) -> dict:
+        return {"batch": batch, "image_size": 480, "hlo_flops_per_step": flops,
+                "xla_flops_per_step": 1.0, "step_median_ms": 100.0, "images_per_s": batch / 0.1,
+                "compile_s": 50.0}
+
+    rows = [{"dtype": "bfloat16", "batch": 16, "remat": False, "estimate_bytes": 3e10,
+             "ran": True, "step": step(16, 2e13)},
+            {"dtype": "bfloat16", "batch": 64, "remat": True, "estimate_bytes": None,
+             "ran": False, "error": "out of memory"}]
+    memory, train = split_memory_rows(rows, "NVIDIA H200")
+    assert [("step" in m) for m in memory] == [False, False] and memory[1]["ran"] is False
+    assert len(train) == 1 and train[0]["batch"] == 16 and train[0]["remat"] is False
+    assert train[0]["batches_tried"] == [{"batch": 16, "images_per_s": 160.0}]
+    assert train[0]["mfu"] == pytest.approx(2e13 / 0.1 / 989.4e12)
+    rows[1].update(ran=True, step=step(64, 1e14))  # remat recomputes: model FLOPs stay 4 x 2e13
+    _, train = split_memory_rows(rows, "NVIDIA H200")
+    assert train[1]["model_flops_per_step"] == pytest.approx(8e13)
+    assert train[1]["hfu"] == pytest.approx(1e14 / 0.1 / 989.4e12)
+
+
+def test_device_suite_quick(tmp_path: Path) -> None:
+    """`benchmarks/device_suite.sh` (the GPU suite in one short lease) on the tiny model on the
+    CPU: every step runs inside its budget and leaves its result."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "SUITE_QUICK": "1",
+           "OUT": str(tmp_path), "PYTHON": sys.executable, "SUITE_BUDGET_S": "400",
+           "XLA_FLAGS": "--xla_backend_optimization_level=0"}
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "device_suite.sh")], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=480)
+    log = (tmp_path / "device_suite.log").read_text()
+    assert proc.returncode == 0, log[-3000:]
+    for name in ("inference", "memory+train", "profile", "train-float32"):
+        assert f"== {name}: exit 0 after" in log, log[-3000:]
+    assert "== done after" in log
+    # the memory row's step was timed (the train section at the memory targets)
+    assert "memory  bfloat16 remat=True  batch 2:" in log and "step ran," in log
+    assert "train float32  remat=False batch 16:" in log
+    assert len(list(tmp_path.glob("profile-*.json"))) == 1
+    assert len(list(tmp_path.glob("run-*.json"))) == 1
