@@ -10,13 +10,16 @@
 #    (remat) - does it fit 80 GB, and its throughput / MFU at those batches
 #    (`--train-at-memory-targets`: one compile per step, no batch search);
 # 3. profile: where the bfloat16 batch-1 forward spends its time;
-# 4. if time is left: the float32 train step at batch 16 (no remat), merged into the result.
-# Steps 1, 2 and 4 write one `run-*.json` (the later ones merge the earlier sections), step 3 a
-# `profile-*.json`; the log is `device_suite.log`. Python packages the machine lacks travel as
+# 4. profile-train: where the bfloat16 train step at batch 16 spends its time (MFU's profile);
+# 5. if time is left: the float32 train step at batch 16 (no remat), merged into the result.
+# `SUITE_STEPS` picks and orders the steps (default "inference memory+train profile
+# profile-train train-float32"), so a later lease can measure what an earlier one did not.
+# Steps 1, 2 and 5 write one `run-*.json` (the later ones merge the earlier sections), steps 3
+# and 4 a `profile-*.json` each; the log is `device_suite.log`. Python packages the machine lacks travel as
 # wheels in `.whl/` (installed to /tmp/site). Set `VIPA_GIT_COMMIT` (and `VIPA_GIT_DIRTY=0`) where
 # the tree travels without .git, so the results name their commit.
 # `SUITE_QUICK=1` runs the same steps on the tiny model on the CPU (to check this script).
-set -u
+set -u -o pipefail
 OUT=${OUT:-benchmarks/results}
 BUDGET=${SUITE_BUDGET_S:-540}
 PY=${PYTHON:-python3}
@@ -29,9 +32,11 @@ left() { echo $((BUDGET - ($(date +%s) - START))); }
 if [[ ${SUITE_QUICK:-0} == 1 ]]; then
   DEV=(--device cpu --quick)
   PROFILE_DEV=(--device cpu --quick)
+  TRAIN_BATCH=2
 else
   DEV=(--device gpu)
   PROFILE_DEV=(--device gpu)
+  TRAIN_BATCH=16
 fi
 
 # step NAME MAX_SECONDS RESERVE_SECONDS CMD...: run CMD for at most MAX_SECONDS, and never into
@@ -60,13 +65,36 @@ step() {
   fi
   $PY -c "import sys, jax, flax, optax; print(sys.version.split()[0], 'jax', jax.__version__, \
 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())" 2>&1
-  step inference 200 330 $PY -m benchmarks.run "${DEV[@]}" --no-memory --no-train --out "$OUT"
-  step memory+train 300 70 $PY -m benchmarks.run "${DEV[@]}" --no-infer --memory-dtypes bfloat16 \
-    --train-at-memory-targets --out "$OUT"
-  step profile 90 5 $PY -m benchmarks.profile "${PROFILE_DEV[@]}" --dtype bfloat16 --out "$OUT"
-  if (($(left) > 150)); then
-    step train-float32 400 5 $PY -m benchmarks.run "${DEV[@]}" --no-infer --no-memory \
-      --train-configs float32:off --no-search --train-batch 16 --out "$OUT"
-  fi
+  # H200 (2026-11-26): the four inference compiles took 181 s, one bfloat16 train-step compile
+  # (batch 16) about 2 min, the batch-1 forward profile 60 s. MAX and RESERVE below follow.
+  for name in ${SUITE_STEPS:-inference memory+train profile profile-train train-float32}; do
+    case $name in
+      inference)
+        step inference 200 330 $PY -m benchmarks.run "${DEV[@]}" --no-memory --no-train \
+          --out "$OUT" ;;
+      memory+train)
+        step memory+train 300 70 $PY -m benchmarks.run "${DEV[@]}" --no-infer \
+          --memory-dtypes bfloat16 --train-at-memory-targets --out "$OUT" ;;
+      memory-remat)  # the batch-64 remat row alone
+        step memory-remat 400 70 $PY -m benchmarks.run "${DEV[@]}" --no-infer \
+          --memory-dtypes bfloat16 --memory-targets 64:on --train-at-memory-targets \
+          --out "$OUT" ;;
+      profile)
+        step profile 90 5 $PY -m benchmarks.profile "${PROFILE_DEV[@]}" --dtype bfloat16 \
+          --out "$OUT" ;;
+      profile-train)
+        step profile-train 240 5 $PY -m benchmarks.profile "${PROFILE_DEV[@]}" --train \
+          --dtype bfloat16 --batch "$TRAIN_BATCH" --out "$OUT" ;;
+      train-float32)
+        if (($(left) > 150)); then
+          step train-float32 400 5 $PY -m benchmarks.run "${DEV[@]}" --no-infer --no-memory \
+            --train-configs float32:off --no-search --train-batch 16 --out "$OUT"
+        else
+          echo "== train-float32: skipped, $(left) s of the budget left"
+        fi ;;
+      *) echo "== $name: unknown step (inference memory+train memory-remat profile" \
+           "profile-train train-float32)"; exit 2 ;;
+    esac
+  done
   echo "== done after $(($(date +%s) - START)) s"
 } 2>&1 | tee "$LOG"

@@ -234,11 +234,17 @@ def test_device_suite_quick(tmp_path: Path) -> None:
                           env=env, capture_output=True, text=True, timeout=480)
     log = (tmp_path / "device_suite.log").read_text()
     assert proc.returncode == 0, log[-3000:]
-    for name in ("inference", "memory+train", "profile", "train-float32"):
+    for name in ("inference", "memory+train", "profile", "profile-train", "train-float32"):
         assert f"== {name}: exit 0 after" in log, log[-3000:]
     assert "== done after" in log
     # the memory row's step was timed (the train section at the memory targets)
     assert "memory  bfloat16 remat=True  batch 2:" in log and "step ran," in log
     assert "train float32  remat=False batch 16:" in log
-    assert len(list(tmp_path.glob("profile-*.json"))) == 1
+    profiles = sorted(p.name for p in tmp_path.glob("profile-*.json"))
+    assert len(profiles) == 2 and "-train-bfloat16" in profiles[1], profiles
     assert len(list(tmp_path.glob("run-*.json"))) == 1
+    # a misspelt step stops the suite with an error instead of being skipped
+    bad = subprocess.run(["bash", str(ROOT / "benchmarks" / "device_suite.sh")], cwd=ROOT,
+                         env={**env, "SUITE_STEPS": "inference-b1"}, capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 2 and "unknown step" in bad.stdout
