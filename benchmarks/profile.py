@@ -90,14 +90,21 @@ def _sanitized(name: str) -> str:
     return re.sub(r"\W", "_", name)
 
 
+_ANNOTATION_OP = re.compile(r"hlo_op=([^,#]+)")
+
+
 def _event_op(ev: Any) -> str:
-    """The HLO instruction a trace event ran: its `hlo_op` stat (a GPU kernel event is named
-    after the kernel, e.g. a cuBLAS or cuDNN one, and carries the instruction there), else its
-    name (XLA:CPU names thunks after the instruction)."""
+    """The HLO instruction a trace event ran: its `hlo_op` stat, or the `hlo_op=` field of its
+    kernel `annotation` (`name:#hlo_op=fusion.3,hlo_module=...#`; a GPU kernel event is named
+    after the kernel, e.g. a cuBLAS or cuDNN one), else its name (XLA:CPU names thunks after
+    the instruction)."""
+    annotation = None
     for key, value in ev.stats:
         if key == "hlo_op":
             return str(value).lstrip("%")
-    return ev.name.lstrip("%")
+        if key == "annotation":
+            annotation = _ANNOTATION_OP.search(str(value))
+    return (annotation.group(1) if annotation else ev.name).lstrip("%")
 
 
 def trace_op_times(

@@ -158,6 +158,9 @@ def test_profile_event_to_instruction() -> None:
                             stats=[("correlation_id", 7), ("hlo_op", "cudnn-conv.14")])
     assert _event_op(cudnn) == "cudnn-conv.14"
     assert _event_op(SimpleNamespace(name="%ynn_fusion.3", stats=[])) == "ynn_fusion.3"
+    annotated = SimpleNamespace(name="cutlass_80_tensorop_bf16_s16816gemm", stats=[
+        ("annotation", "jit_fwd/dot:#hlo_op=custom-call.24,hlo_module=jit_fwd,program_id=3#")])
+    assert _event_op(annotated) == "custom-call.24"
     names = ["loop_add_fusion.12", "cudnn-conv.14", "gemm_fusion_dot.857"]
     alias = {_sanitized(n): n for n in names}
     assert alias["loop_add_fusion_12"] == "loop_add_fusion.12"
