@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from vipa_jax.models.layers import (
+    LayerNorm,
     MultiHeadAttention,
     exact_gelu,
     maybe_remat,
@@ -162,7 +163,7 @@ class BertEmbeddings(nn.Module):
         x = embed(cfg.vocab_size, "word_embeddings")(input_ids.astype("i4"))
         x = x + embed(cfg.max_position_embeddings, "position_embeddings")(position_ids.astype("i4"))
         x = x + embed(cfg.type_vocab_size, "token_type_embeddings")(token_type_ids.astype("i4"))
-        x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype, name="LayerNorm")(x)
+        x = LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype, name="LayerNorm")(x)
         return nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
 
 
@@ -183,7 +184,7 @@ class BertSelfOutput(nn.Module):
         cfg = self.config
         x = _dense(cfg, cfg.hidden_size, self.dtype)(hidden)
         x = nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
-        return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype, name="LayerNorm")(
+        return LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype, name="LayerNorm")(
             x + residual
         )
 

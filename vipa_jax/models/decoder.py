@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from vipa_jax.models.layers import (
     AttentionBlock,
     FeedForwardBlock,
+    LayerNorm,
     maybe_remat,
     resize_bilinear_align_corners,
 )
@@ -43,7 +44,7 @@ class ConvNormReLU(nn.Module):
         elif self.norm == "group":
             x = nn.GroupNorm(num_groups=min(32, self.features), epsilon=1e-5, dtype=self.dtype)(x)
         elif self.norm == "layer":
-            x = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype)(x)
+            x = LayerNorm(epsilon=1e-5, dtype=self.dtype)(x)
         else:
             raise ValueError(f"decoder.norm must be one of {NORMS}, got {self.norm!r}")
         return nn.relu(x)

@@ -33,7 +33,7 @@ from vipa_jax.models.bert import (
     BertModel,
     BertOutput,
 )
-from vipa_jax.models.layers import MultiHeadAttention, exact_gelu, maybe_remat
+from vipa_jax.models.layers import LayerNorm, MultiHeadAttention, exact_gelu, maybe_remat
 from vipa_jax.models.swin import SwinTransformer
 
 Array = jax.Array
@@ -71,7 +71,7 @@ class GatedFusion(nn.Module):
             num_heads=self.num_heads, qkv_features=self.dim, out_features=c, dtype=self.dtype,
             name="attn",
         )(t, lang, mask=lang_mask.astype(bool)[:, None, None, :])  # (B, HW, C)
-        attn = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="attn_norm")(attn)
+        attn = LayerNorm(epsilon=1e-5, dtype=self.dtype, name="attn_norm")(attn)
         if self.op == "add":
             mixed = attn + t
         elif self.op == "mul":

@@ -32,9 +32,82 @@ Initializer = Callable[..., Array]
 _MASK_VALUE = -1e9
 
 
+@jax.custom_jvp
 def exact_gelu(x: Array) -> Array:
-    """GELU with the exact erf form (BERT, Swin and PyTorch's nn.GELU default)."""
+    """GELU with the exact erf form, x·Φ(x) (BERT, Swin and PyTorch's nn.GELU default).
+
+    Same forward as `nn.gelu(x, approximate=False)`; the derivative Φ(x) + x·φ(x) is computed
+    in float32 in the forward and is the one array kept for the backward pass (autodiff through
+    `erfc` keeps four arrays the size of the MLP's hidden layer).
+    """
     return nn.gelu(x, approximate=False)
+
+
+@exact_gelu.defjvp
+def _exact_gelu_jvp(primals: tuple[Array], tangents: tuple[Array]) -> tuple[Array, Array]:
+    (x,), (t,) = primals, tangents
+    x = jnp.asarray(x)
+    xf = x.astype(jnp.float32)
+    cdf = 0.5 * jax.lax.erfc(-xf * np.float32(1 / np.sqrt(2)))  # Φ(x)
+    pdf = jnp.exp(-0.5 * xf * xf) * np.float32(1 / np.sqrt(2 * np.pi))  # φ(x)
+    return exact_gelu(x), (cdf + xf * pdf).astype(x.dtype) * t
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def layer_norm(x: Array, scale: Array, bias: Array, epsilon: float) -> Array:
+    """LayerNorm over the last axis, exactly flax's `nn.LayerNorm` forward (float32 statistics,
+    Var = E[x²] − E[x]²), in float32 or wider; the caller casts the result.
+
+    Its backward keeps only x (in its own dtype) and the per-token mean and 1/σ, where autodiff
+    of flax's version keeps three float32 arrays the size of x.
+    """
+    return _layer_norm_fwd(x, scale, bias, epsilon)[0]
+
+
+def _layer_norm_fwd(
+    x: Array, scale: Array, bias: Array, epsilon: float,
+) -> tuple[Array, tuple[Array, Array, Array, Array]]:
+    xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    mean = xf.mean(-1, keepdims=True)  # (..., 1)
+    var = jnp.maximum(0.0, (xf * xf).mean(-1, keepdims=True) - mean * mean)
+    rstd = jax.lax.rsqrt(var + epsilon)
+    y = (x - mean) * (rstd * scale) + bias
+    return y, (x, mean, rstd, scale)
+
+
+def _layer_norm_bwd(
+    epsilon: float, res: tuple[Array, Array, Array, Array], g: Array,
+) -> tuple[Array, Array, Array]:
+    del epsilon
+    x, mean, rstd, scale = res
+    g = g.astype(rstd.dtype)
+    xhat = (x - mean) * rstd
+    lead = tuple(range(x.ndim - 1))
+    gs = g * scale
+    dx = rstd * (gs - gs.mean(-1, keepdims=True) - xhat * (gs * xhat).mean(-1, keepdims=True))
+    return (dx.astype(x.dtype), (g * xhat).sum(lead).astype(scale.dtype),
+            g.sum(lead).astype(scale.dtype))
+
+
+layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+class LayerNorm(nn.Module):
+    """`nn.LayerNorm` over the last axis (same parameters `scale`/`bias`, same forward) with the
+    compact backward of `layer_norm`: ~1/6 of the bytes kept per normalized activation in
+    bfloat16 training."""
+
+    epsilon: float = 1e-6
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        features = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (features,), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (features,), self.param_dtype)
+        dtype = self.dtype or jnp.result_type(x, scale, bias)
+        return layer_norm(x, scale, bias, self.epsilon).astype(dtype)
 
 
 def maybe_remat(module_cls: type[nn.Module], enabled: bool,
@@ -284,7 +357,7 @@ class AttentionBlock(nn.Module):
             name="attn",
         )(x, kv, mask=mask, deterministic=deterministic)
         y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
-        return nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="norm")(x + y)
+        return LayerNorm(epsilon=1e-5, dtype=self.dtype, name="norm")(x + y)
 
 
 class FeedForwardBlock(nn.Module):
@@ -302,4 +375,4 @@ class FeedForwardBlock(nn.Module):
             dtype=self.dtype,
             name="mlp",
         )(x, deterministic=deterministic)
-        return nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="norm")(x + y)
+        return LayerNorm(epsilon=1e-5, dtype=self.dtype, name="norm")(x + y)

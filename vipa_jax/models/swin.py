@@ -46,6 +46,7 @@ import numpy as np
 
 from vipa_jax.models.layers import (
     DropPath,
+    LayerNorm,
     Mlp,
     MultiHeadAttention,
     maybe_remat,
@@ -133,7 +134,7 @@ class PatchEmbed(nn.Module):
         x = _pad_hw(images, p, p)  # (B, Hp, Wp, 3)
         x = nn.Conv(self.embed_dim, (p, p), strides=(p, p), padding="VALID",
                     dtype=self.dtype, name="proj")(x)  # (B, Hp/p, Wp/p, C)
-        return nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype, name="norm")(x)
+        return LayerNorm(self.layer_norm_eps, dtype=self.dtype, name="norm")(x)
 
 
 APE_INITS = ("trunc_normal", "sine")
@@ -214,7 +215,7 @@ class SwinBlock(nn.Module):
         """(B, H, W, C) -> (B, H, W, C)."""
         _, h, w, c = x.shape
         window, shift = self.effective_window(h, w)
-        ln = functools.partial(nn.LayerNorm, self.layer_norm_eps, dtype=self.dtype)
+        ln = functools.partial(LayerNorm, self.layer_norm_eps, dtype=self.dtype)
         table = self.param(
             "relative_position_bias_table",
             nn.initializers.truncated_normal(0.02),
@@ -299,7 +300,7 @@ class PatchMerging(nn.Module):
         x = jnp.concatenate(
             [x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], axis=-1
         )  # (B, H/2, W/2, 4C)
-        x = nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype, name="norm")(x)
+        x = LayerNorm(self.layer_norm_eps, dtype=self.dtype, name="norm")(x)
         return nn.Dense(2 * c, use_bias=False, dtype=self.dtype, kernel_init=_dense_init,
                         name="reduction")(x)
 
@@ -384,7 +385,7 @@ class SwinTransformer(nn.Module):
             for _ in range(self.num_stages - 1)
         ]
         self.norm = [
-            nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype) for _ in range(self.num_stages)
+            LayerNorm(self.layer_norm_eps, dtype=self.dtype) for _ in range(self.num_stages)
         ]
         if self.ape:
             self.absolute_pos_embed = AbsolutePositionEmbedding(self.embed_dim, self.ape_init)
