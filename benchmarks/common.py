@@ -52,16 +52,55 @@ def _git_dirty() -> bool | None:
     return bool(out.stdout.strip()) if out.returncode == 0 else None
 
 
-def _cpu_model() -> str:
-    """CPU model name (`/proc/cpuinfo` on Linux; platform.processor() is often empty)."""
+def _cpuinfo() -> dict[str, str]:
+    """The first CPU's `key: value` lines of `/proc/cpuinfo` ({} where there is none)."""
+    info: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                if not line.strip():
+                    if info:
+                        break
+                    continue
+                key, _, value = line.partition(":")
+                info.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return info
+
+
+def _cpu_model() -> str:
+    """CPU model name (`/proc/cpuinfo` on Linux; platform.processor() is often empty)."""
+    return _cpuinfo().get("model name") or platform.processor() or platform.machine()
+
+
+def cpu_isa(flags: str | None = None) -> str:
+    """The widest vector ISA the CPU reports: 'avx512' (with 'amx' / 'bf16' noted), 'avx2',
+    'avx', 'sse', 'sve', 'neon', or 'unknown'.
+
+    CPU results depend on it far more than on the model name: two VMs both called "AMD EPYC"
+    ran XLA:CPU's GEMMs/convolutions at ~2x different speeds relative to PyTorch.
+    """
+    if flags is None:
+        info = _cpuinfo()
+        flags = info.get("flags") or info.get("Features") or ""
+    have = set(flags.split())
+    if "avx512f" in have:
+        extra = [x for x, f in (("bf16", "avx512_bf16"), ("amx", "amx_tile")) if f in have]
+        return "+".join(["avx512", *extra])
+    for isa, flag in (("avx2", "avx2"), ("avx", "avx"), ("sse", "sse4_2"), ("sve", "sve"),
+                      ("neon", "asimd")):
+        if flag in have:
+            return isa
+    return "unknown"
+
+
+def _cpu_id() -> str:
+    """`vendor family F model M` from /proc/cpuinfo (x86), '' elsewhere."""
+    info = _cpuinfo()
+    if "cpu family" not in info:
+        return ""
+    return f"{info.get('vendor_id', '?')} family {info['cpu family']} model {info.get('model', '?')}"
 
 
 def machine_name() -> str:
@@ -91,6 +130,8 @@ def machine_info() -> dict[str, Any]:
         "machine": machine_name(),
         "node": platform.node(),
         "processor": _cpu_model(),
+        "cpu_isa": cpu_isa(),
+        "cpu_id": _cpu_id(),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "cpu_count": os.cpu_count(),

@@ -515,9 +515,18 @@ def print_figures(result: dict[str, Any]) -> None:
 # ------------------------------------------------------------------------------------------
 
 
+def section_key(r: dict[str, Any]) -> str:
+    """Which RESULTS.md section a result belongs to: 'gpu', or 'cpu/<ISA>' (one CPU section per
+    vector ISA, since XLA:CPU vs PyTorch ratios differ by ~2x between AVX2 and AVX-512 hosts;
+    results written before the ISA was recorded go to 'cpu/unrecorded')."""
+    if r["backend"] != "cpu":
+        return r["backend"]
+    return f"cpu/{r['machine_info'].get('cpu_isa', 'unrecorded')}"
+
+
 def latest_results(results_dir: str, benchmark: str = "run") -> dict[str, dict[str, Any]]:
-    """{backend: the newest non-quick `<benchmark>-*.json` result} in a folder (`run` results of
-    this suite, or `profile` results of `benchmarks.profile`)."""
+    """{`section_key`: the newest non-quick `<benchmark>-*.json` result} in a folder (`run`
+    results of this suite, or `profile` results of `benchmarks.profile`)."""
     latest: dict[str, dict[str, Any]] = {}
     for path in glob.glob(os.path.join(results_dir, f"{benchmark}-*.json")):
         with open(path) as f:
@@ -525,7 +534,7 @@ def latest_results(results_dir: str, benchmark: str = "run") -> dict[str, dict[s
         if r.get("benchmark") != benchmark or r.get("quick"):
             continue
         r["_file"] = os.path.basename(path)
-        b = r["backend"]
+        b = section_key(r)
         if b not in latest or r["machine_info"]["time_utc"] > latest[b]["machine_info"]["time_utc"]:
             latest[b] = r
     return latest
@@ -545,7 +554,9 @@ def _md_section(r: dict[str, Any]) -> list[str]:
                          if mi.get(k))
     lines = [
         f"Machine `{mi['machine']}`: {r['device_kind']}"
-        + (f" ({mi['processor']}, {mi['cpus_used']} of {mi['cpu_count']} CPUs)"
+        + (f" ({mi['processor']}" + (f", {mi['cpu_id']}" if mi.get("cpu_id") else "")
+           + f", {mi.get('cpu_isa', 'vector ISA not recorded')}, {mi['cpus_used']} of "
+           f"{mi['cpu_count']} CPUs)"
            if r["backend"] == "cpu" else f" (host: {mi['processor']})") + ".",
         f"Versions: {versions}. Commit `{mi['git_commit']}`"
         + (" (with uncommitted changes)" if mi.get("git_dirty") else "")
@@ -617,14 +628,18 @@ def write_markdown(results_dir: str, path: str) -> str:
         "<= 60 s; CPU full forward <= 1.2x PyTorch Swin-B+BERT, backbones <= 0.8x PyTorch.",
         "",
     ]
-    for backend, title in (("gpu", "GPU"), ("cpu", "CPU")):
+    cpu_keys = sorted(k for k in latest if k.startswith("cpu/")) or ["cpu"]
+    for key in ["gpu", *cpu_keys]:
+        backend, _, isa = key.partition("/")
+        title = backend.upper() + (f" ({'ISA not recorded' if isa == 'unrecorded' else isa})"
+                                   if isa else "")
         lines += [f"## {title}", ""]
-        if backend in latest:
-            lines += _md_section(latest[backend])
+        if key in latest:
+            lines += _md_section(latest[key])
         else:
             lines.append(f"No {title} run yet: `python -m benchmarks.run --device {backend}`.")
-        if backend in profiles:
-            lines += ["", *_md_profile(profiles[backend])]
+        if key in profiles:
+            lines += ["", *_md_profile(profiles[key])]
         lines.append("")
     with open(path, "w") as f:
         f.write("\n".join(lines))

@@ -158,6 +158,41 @@ def test_markdown_and_mfu_from_results(tmp_path: Path) -> None:
             "| step out of memory | <= 80 GB (one GPU) | misses |") in text
 
 
+def test_cpu_results_by_vector_isa(tmp_path: Path) -> None:
+    """CPU results get one RESULTS.md section per vector ISA (the AVX2 run does not replace the
+    AVX-512 one); results from before the ISA was recorded are labelled so."""
+    from benchmarks.common import cpu_isa
+    from benchmarks.run import write_markdown
+
+    assert cpu_isa("fpu sse4_2 avx avx2 fma") == "avx2"
+    assert cpu_isa("avx2 avx512f avx512_bf16 amx_tile") == "avx512+bf16+amx"
+    assert cpu_isa("fp asimd") == "neon" and cpu_isa("") == "unknown"
+
+    def cpu_run(isa: str | None, when: str, ratio: float) -> dict:
+        machine = {"machine": "vm-2cpu", "processor": "AMD EPYC", "cpus_used": 2,
+                   "cpu_count": 2, "python": "3.11", "jax": "0.10.2", "git_commit": "abc1234",
+                   "time_utc": when, "loadavg_1_5_15": [0.5, 0.5, 0.5]}
+        if isa:
+            machine.update(cpu_isa=isa, cpu_id="AuthenticAMD family 25 model 1")
+        return {"benchmark": "run", "quick": False, "backend": "cpu", "config": "refcoco",
+                "device_kind": "cpu", "iters": 7, "command": "c", "machine_info": machine,
+                "load_start": {"busy_other_processes": 0}, "inference_image_size": 480,
+                "cpu_vs_torch": {"full_forward": {"ratio": ratio, "torch_median_ms": 1000.0,
+                                                  "ours_median_ms": 1000.0 * ratio}}}
+
+    for name, isa, when, ratio in (("old", None, "2026-01-01T00:00:00Z", 1.21),
+                                   ("a", "avx2", "2026-01-02T00:00:00Z", 2.5),
+                                   ("b", "avx2", "2026-01-03T00:00:00Z", 2.0)):
+        (tmp_path / f"run-{name}.json").write_text(json.dumps(cpu_run(isa, when, ratio)))
+    text = Path(write_markdown(str(tmp_path), str(tmp_path / "R.md"))).read_text()
+    assert "## CPU (avx2)" in text and "## CPU (ISA not recorded)" in text
+    assert "AuthenticAMD family 25 model 1, avx2, 2 of 2 CPUs" in text
+    assert "2026-01-03" in text and "2026-01-02" not in text  # the newest AVX2 run only
+    assert "2026-01-01" in text  # the unrecorded-ISA run keeps its own section
+    assert "| 2.00x (2000 vs 1000 ms) | | <= 1.2x | misses |" in text.replace("|  |", "| |")
+    assert "| 1.21x (1210 vs 1000 ms) | | <= 1.2x | misses |" in text.replace("|  |", "| |")
+
+
 def test_split_runs_merge(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A run that skips sections takes them from today's earlier run of the same commit and
     device (a GPU session split over calls), and says so; other commits are never mixed in."""
