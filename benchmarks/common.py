@@ -100,7 +100,8 @@ def _cpu_id() -> str:
     info = _cpuinfo()
     if "cpu family" not in info:
         return ""
-    return f"{info.get('vendor_id', '?')} family {info['cpu family']} model {info.get('model', '?')}"
+    vendor, model = info.get("vendor_id", "?"), info.get("model", "?")
+    return f"{vendor} family {info['cpu family']} model {model}"
 
 
 def machine_name() -> str:
