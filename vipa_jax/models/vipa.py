@@ -70,7 +70,7 @@ class VIPA(nn.Module):
         d = cfg.decoder
         self.decoder = Decoder(
             hidden_dim=d.hidden_dim, head_dim=d.head_dim, mlp_ratio=d.mlp_ratio, norm=d.norm,
-            dropout_rate=d.dropout, remat=cfg.remat, dtype=dtype,
+            dropout_rate=d.dropout, remat=cfg.remat, dtype=dtype, conv_impl=d.conv_impl,
         )
 
     def __call__(

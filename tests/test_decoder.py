@@ -1,0 +1,91 @@
+"""Decoder 3×3 convolutions: the Winograd F(2×2, 3×3) path equals XLA's convolution (values
+and gradients), keeps nn.Conv's parameter tree, and serves the whole model
+(`model.decoder.conv_impl`)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import synthetic
+from vipa_jax.models.decoder import ConvNormReLU, winograd_conv3x3
+from vipa_jax.models.vipa import build_model, init_variables
+
+
+def _conv(x, kernel):
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                        precision=jax.lax.Precision.HIGHEST)
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 8, 5), (1, 7, 10, 3), (1, 1, 3, 4), (3, 13, 5, 16)])
+def test_winograd_matches_convolution(shape):
+    """Even, odd and one-pixel maps; batch > 1; against lax's convolution in float32 and float64
+    (where the only difference left is rounding: ~1e-15)."""
+    b, h, w, c = shape
+    rng = np.random.default_rng(sum(shape))
+    x = rng.standard_normal(shape)
+    kernel = rng.standard_normal((3, 3, c, 6))
+    ref = np.asarray(_conv(jnp.asarray(x, jnp.float32), jnp.asarray(kernel, jnp.float32)))
+    out = np.asarray(winograd_conv3x3(jnp.asarray(x, jnp.float32),
+                                      jnp.asarray(kernel, jnp.float32)))
+    assert out.shape == (b, h, w, 6)
+    scale = np.abs(ref).max()
+    assert np.abs(out - ref).max() <= 2e-6 * scale, np.abs(out - ref).max() / scale
+    # exact arithmetic: the same function, checked in float64 against a NumPy direct conv
+    xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    direct = sum(np.einsum("bhwc,cf->bhwf", xp[:, i:i + h, j:j + w], kernel[i, j])
+                 for i in range(3) for j in range(3))
+    with jax.enable_x64(True):
+        out64 = np.asarray(winograd_conv3x3(jnp.asarray(x), jnp.asarray(kernel)))
+    np.testing.assert_allclose(out64, direct, rtol=1e-12, atol=1e-12 * np.abs(direct).max())
+
+
+def test_winograd_gradients_match_convolution():
+    """Its gradients (input and kernel) are the convolution's: it trains as well."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 9, 6, 4)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((3, 3, 4, 5)), jnp.float32)
+    probe = jnp.asarray(rng.standard_normal((2, 9, 6, 5)), jnp.float32)
+
+    def grads(conv):
+        return jax.grad(lambda a, k: jnp.sum(conv(a, k) * probe), argnums=(0, 1))(x, kernel)
+
+    for got, want in zip(grads(winograd_conv3x3), grads(_conv), strict=True):
+        assert float(jnp.abs(want).max()) > 1.0
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5,
+                                   atol=2e-6 * float(jnp.abs(want).max()))
+
+
+def test_conv_norm_relu_impls_share_parameters():
+    """'winograd' has nn.Conv's parameter tree (Conv_0/kernel) and the same output; an unknown
+    conv_impl is an error that names the field."""
+    x = jax.random.normal(jax.random.key(0), (2, 12, 12, 8))
+    xla = ConvNormReLU(16, norm="group")
+    wino = ConvNormReLU(16, norm="group", conv_impl="winograd")
+    variables = xla.init(jax.random.key(1), x)
+    assert jax.tree.structure(wino.init(jax.random.key(1), x)) == jax.tree.structure(variables)
+    assert variables["params"]["Conv_0"]["kernel"].shape == (3, 3, 8, 16)
+    np.testing.assert_allclose(np.asarray(wino.apply(variables, x)),
+                               np.asarray(xla.apply(variables, x)), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="decoder.conv_impl must be one of"):
+        ConvNormReLU(16, conv_impl="fft").init(jax.random.key(1), x)
+
+
+def test_model_conv_impl_switch():
+    """The whole model with model.decoder.conv_impl='winograd' loads the 'xla' model's variables
+    and gives the same logits (gradients: `test_winograd_gradients_match_convolution`)."""
+    cfg = synthetic.get_config("test")
+    size, n = cfg.model.image_size, cfg.model.max_tokens
+    model = build_model(cfg.model)
+    variables = jax.jit(lambda k: init_variables(model, k, size, n))(jax.random.key(0))
+    cfg_w = cfg.model.copy_and_resolve_references()
+    cfg_w.decoder.conv_impl = "winograd"
+    model_w = build_model(cfg_w)
+    images = jax.random.normal(jax.random.key(1), (2, size, size, 3))
+    ids = jnp.asarray(np.tile(np.array([101, 7, 9, 102] + [0] * (n - 4), np.int32), (2, 1)))
+    mask = (ids > 0).astype(jnp.int32)
+    la, lb = (jax.jit(lambda v, m=m: m.apply(v, images, ids, mask, train=False)["logits"])(
+        variables) for m in (model, model_w))
+    assert float(jnp.abs(la).max()) > 1e-3
+    np.testing.assert_allclose(np.asarray(lb), np.asarray(la), rtol=1e-4, atol=1e-5)
