@@ -243,8 +243,13 @@ def run(
 
 def time_forward(
     compiled: Any, shapes: Any, cfg: Any, iters: int, torch_baseline: bool, quick: bool,
+    variants: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Median forward time of the compiled full model, and of PyTorch Swin + BERT backbones."""
+    """Median forward time of the compiled full model, and of PyTorch Swin + BERT backbones.
+
+    `variants`: {name: another compiled forward of the same signature and parameter tree (e.g.
+    another `decoder.conv_impl`)}, timed in the same alternating blocks as `vipa_jax:<name>`.
+    """
     import jax
 
     variables = random_variables(shapes)
@@ -256,6 +261,8 @@ def time_forward(
     mask = np.ones((1, n), np.int32)
     mask[:, max(2, n - 5):] = 0
     fns: dict[str, Callable[[], Any]] = {"vipa_jax": lambda: compiled(variables, images, ids, mask)}
+    for name, fn in (variants or {}).items():
+        fns[f"vipa_jax:{name}"] = lambda fn=fn: fn(variables, images, ids, mask)
     if torch_baseline:
         import torch
 
@@ -280,8 +287,11 @@ def time_forward(
     out: dict[str, Any] = {"iters": iters, "threads": common.cpu_count(), "load_before": load,
                            "load_after": common.load_snapshot(), **timings}
     if torch_baseline:
-        out["ratio_vipa_over_torch_backbones"] = (
-            timings["vipa_jax"]["median_s"] / timings["torch_swin_bert"]["median_s"])
+        torch_s = timings["torch_swin_bert"]["median_s"]
+        out["ratio_vipa_over_torch_backbones"] = timings["vipa_jax"]["median_s"] / torch_s
+        for name in variants or {}:
+            out[f"ratio_vipa:{name}_over_torch_backbones"] = (
+                timings[f"vipa_jax:{name}"]["median_s"] / torch_s)
         out["target_ratio"] = 1.2
     return out
 

@@ -65,8 +65,12 @@ def test_quick_json_sections(quick_run: tuple[dict, Path]) -> None:
         return
     names = list(cvt["backbones"])
     assert names[0].startswith("swin-") and names[1].startswith("bert-")
-    for r in (*cvt["backbones"].values(), cvt["full_forward"]):
+    for r in (*cvt["backbones"].values(), cvt["full_forward"], cvt["full_forward_winograd"]):
         assert r["ratio"] > 0 and r["ours_median_ms"] > 0 and r["torch_median_ms"] > 0
+    # the Winograd-decoder variant is timed in the same blocks, against the same PyTorch time
+    assert cvt["full_forward"]["conv_impl"] == "xla"
+    assert cvt["full_forward_winograd"]["conv_impl"] == "winograd"
+    assert cvt["full_forward_winograd"]["torch_median_ms"] == cvt["full_forward"]["torch_median_ms"]
     assert max(r["max_abs_diff"] for r in cvt["backbones"].values()) < 1e-3
 
 
@@ -86,6 +90,11 @@ def test_quick_figures_labelled(quick_run: tuple[dict, Path]) -> None:
     assert mem["batch"] == 2 and mem["value"].endswith(" MiB") and float(mem["value"][:-4]) > 0
     assert mem["target"] == "<= 80 GB (one GPU)" and mem["status"] == "n/a (GPU target)"
     assert "jax#19822" in mem["p90"]
+    if "skipped" not in res["cpu_vs_torch"]:
+        wino = by_fig[("full VIPA forward / PyTorch Swin+BERT (decoder.conv_impl=winograd)",
+                       "float32")]
+        assert wino["target"] == "<= 1.2x" and wino["value"].endswith(" ms)")
+        assert ("full VIPA forward / PyTorch Swin+BERT", "float32") in by_fig
     saved = by_fig[("saved for backward, remat on (JAX count)", "bfloat16")]
     assert saved["batch"] == 2 and "per image)" in saved["value"]
     # the quick run is not a result: RESULTS.md from that folder says there is no run yet
