@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from configs import synthetic
-from vipa_jax.models.decoder import ConvNormReLU, winograd_conv3x3
+from vipa_jax.models.decoder import ConvNormReLU, winograd_conv3x3, winograd_tile
 from vipa_jax.models.vipa import build_model, init_variables
 
 
@@ -18,30 +18,36 @@ def _conv(x, kernel):
                                         precision=jax.lax.Precision.HIGHEST)
 
 
+# float32 error relative to the largest output: F(4×4) has larger transform coefficients.
+F32_TOL = {2: 2e-6, 4: 5e-5}
+
+
+@pytest.mark.parametrize("tile", [2, 4])
 @pytest.mark.parametrize("shape", [(2, 8, 8, 5), (1, 7, 10, 3), (1, 1, 3, 4), (3, 13, 5, 16)])
-def test_winograd_matches_convolution(shape):
-    """Even, odd and one-pixel maps; batch > 1; against lax's convolution in float32 and float64
-    (where the only difference left is rounding: ~1e-15)."""
+def test_winograd_matches_convolution(shape, tile):
+    """Even, odd and one-pixel maps (not multiples of the tile too); batch > 1; against lax's
+    convolution in float32 and a NumPy direct convolution in float64 (where only rounding is
+    left)."""
     b, h, w, c = shape
     rng = np.random.default_rng(sum(shape))
     x = rng.standard_normal(shape)
     kernel = rng.standard_normal((3, 3, c, 6))
     ref = np.asarray(_conv(jnp.asarray(x, jnp.float32), jnp.asarray(kernel, jnp.float32)))
     out = np.asarray(winograd_conv3x3(jnp.asarray(x, jnp.float32),
-                                      jnp.asarray(kernel, jnp.float32)))
+                                      jnp.asarray(kernel, jnp.float32), tile))
     assert out.shape == (b, h, w, 6)
     scale = np.abs(ref).max()
-    assert np.abs(out - ref).max() <= 2e-6 * scale, np.abs(out - ref).max() / scale
-    # exact arithmetic: the same function, checked in float64 against a NumPy direct conv
+    assert np.abs(out - ref).max() <= F32_TOL[tile] * scale, np.abs(out - ref).max() / scale
     xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
     direct = sum(np.einsum("bhwc,cf->bhwf", xp[:, i:i + h, j:j + w], kernel[i, j])
                  for i in range(3) for j in range(3))
     with jax.enable_x64(True):
-        out64 = np.asarray(winograd_conv3x3(jnp.asarray(x), jnp.asarray(kernel)))
-    np.testing.assert_allclose(out64, direct, rtol=1e-12, atol=1e-12 * np.abs(direct).max())
+        out64 = np.asarray(winograd_conv3x3(jnp.asarray(x), jnp.asarray(kernel), tile))
+    np.testing.assert_allclose(out64, direct, rtol=1e-11, atol=1e-12 * np.abs(direct).max())
 
 
-def test_winograd_gradients_match_convolution():
+@pytest.mark.parametrize("tile", [2, 4])
+def test_winograd_gradients_match_convolution(tile):
     """Its gradients (input and kernel) are the convolution's: it trains as well."""
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((2, 9, 6, 4)), jnp.float32)
@@ -51,36 +57,51 @@ def test_winograd_gradients_match_convolution():
     def grads(conv):
         return jax.grad(lambda a, k: jnp.sum(conv(a, k) * probe), argnums=(0, 1))(x, kernel)
 
-    for got, want in zip(grads(winograd_conv3x3), grads(_conv), strict=True):
-        assert float(jnp.abs(want).max()) > 1.0
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5,
-                                   atol=2e-6 * float(jnp.abs(want).max()))
+    wino = grads(lambda a, k: winograd_conv3x3(a, k, tile))
+    for got, want in zip(wino, grads(_conv), strict=True):
+        scale = float(jnp.abs(want).max())
+        assert scale > 1.0
+        assert float(jnp.abs(got - want).max()) <= 10 * F32_TOL[tile] * scale
+
+
+def test_winograd_tile_policy():
+    """'winograd' picks F(4×4) for large maps, F(2×2) for medium, XLA's conv for small (the
+    paper config at 480: 120, 60 and 30 pixel maps); bad names and tiles are errors."""
+    assert [winograd_tile("winograd", s, s) for s in (120, 60, 30)] == [4, 2, None]
+    assert winograd_tile("winograd", 120, 40) is None  # the shorter side decides
+    assert winograd_tile("xla", 120, 120) is None
+    assert winograd_tile("winograd2", 8, 8) == 2 and winograd_tile("winograd4", 8, 8) == 4
+    with pytest.raises(ValueError, match="decoder.conv_impl must be one of"):
+        winograd_tile("fft", 8, 8)
+    with pytest.raises(ValueError, match="tile must be one of"):
+        winograd_conv3x3(jnp.zeros((1, 4, 4, 1)), jnp.zeros((3, 3, 1, 1)), tile=3)
 
 
 def test_conv_norm_relu_impls_share_parameters():
-    """'winograd' has nn.Conv's parameter tree (Conv_0/kernel) and the same output; an unknown
+    """Winograd has nn.Conv's parameter tree (Conv_0/kernel) and the same output; an unknown
     conv_impl is an error that names the field."""
     x = jax.random.normal(jax.random.key(0), (2, 12, 12, 8))
     xla = ConvNormReLU(16, norm="group")
-    wino = ConvNormReLU(16, norm="group", conv_impl="winograd")
+    wino = ConvNormReLU(16, norm="group", conv_impl="winograd4")
     variables = xla.init(jax.random.key(1), x)
     assert jax.tree.structure(wino.init(jax.random.key(1), x)) == jax.tree.structure(variables)
     assert variables["params"]["Conv_0"]["kernel"].shape == (3, 3, 8, 16)
     np.testing.assert_allclose(np.asarray(wino.apply(variables, x)),
-                               np.asarray(xla.apply(variables, x)), rtol=1e-5, atol=1e-5)
+                               np.asarray(xla.apply(variables, x)), rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="decoder.conv_impl must be one of"):
         ConvNormReLU(16, conv_impl="fft").init(jax.random.key(1), x)
 
 
 def test_model_conv_impl_switch():
-    """The whole model with model.decoder.conv_impl='winograd' loads the 'xla' model's variables
-    and gives the same logits (gradients: `test_winograd_gradients_match_convolution`)."""
+    """The whole model with model.decoder.conv_impl='winograd2' (its maps are too small for
+    'winograd' to pick Winograd) loads the 'xla' model's variables and gives the same logits
+    (gradients: `test_winograd_gradients_match_convolution`)."""
     cfg = synthetic.get_config("test")
     size, n = cfg.model.image_size, cfg.model.max_tokens
     model = build_model(cfg.model)
     variables = jax.jit(lambda k: init_variables(model, k, size, n))(jax.random.key(0))
     cfg_w = cfg.model.copy_and_resolve_references()
-    cfg_w.decoder.conv_impl = "winograd"
+    cfg_w.decoder.conv_impl = "winograd2"
     model_w = build_model(cfg_w)
     images = jax.random.normal(jax.random.key(1), (2, size, size, 3))
     ids = jnp.asarray(np.tile(np.array([101, 7, 9, 102] + [0] * (n - 4), np.int32), (2, 1)))

@@ -15,6 +15,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from vipa_jax.models.layers import (
     AttentionBlock,
@@ -26,53 +27,88 @@ from vipa_jax.models.layers import (
 
 Array = jax.Array
 NORMS = ("batch", "group", "layer")
-CONV_IMPLS = ("xla", "winograd")
+CONV_IMPLS = ("xla", "winograd", "winograd2", "winograd4")
+
+# Winograd F(m×m, 3×3) transforms (Lavin & Gray, CVPR 2016): Bᵀ (input), G (kernel), Aᵀ (output).
+WINOGRAD: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {
+    2: (np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]),
+        np.array([[1, 0, 0], [1 / 2, 1 / 2, 1 / 2], [1 / 2, -1 / 2, 1 / 2], [0, 0, 1]]),
+        np.array([[1, 1, 1, 0], [0, 1, -1, -1]])),
+    4: (np.array([[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
+                  [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]]),
+        np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
+                  [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]]),
+        np.array([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0],
+                  [0, 1, -1, 8, -8, 1]])),
+}
 
 
-def _winograd_input_rows(x: Array, axis: int) -> list[Array]:
-    """Bᵀ d along `axis` for every 4-tap tile at stride 2: x has 2t+2 entries there → 4 arrays
-    of t entries (Bᵀ = [[1,0,-1,0], [0,1,1,0], [0,-1,1,0], [0,1,0,-1]])."""
-    n = x.shape[axis]
-    t = n // 2 - 1
-    sl = jax.lax.slice_in_dim
-    even, odd = sl(x, 0, n, 2, axis), sl(x, 1, n, 2, axis)  # d0/d2 and d1/d3 of every tile
-    e0, e1 = sl(even, 0, t, 1, axis), sl(even, 1, t + 1, 1, axis)
-    o0, o1 = sl(odd, 0, t, 1, axis), sl(odd, 1, t + 1, 1, axis)
-    return [e0 - e1, o0 + e1, e1 - o0, o0 - o1]
+def _combine(matrix: np.ndarray, xs: Sequence[Array]) -> list[Array]:
+    """[Σ_k matrix[i, k] · xs[k] for every row i], skipping zeros (±1 are additions)."""
+    out = []
+    for row in matrix:
+        acc = None
+        for coef, x in zip(row.tolist(), xs, strict=True):
+            if coef == 0:
+                continue
+            term = x if coef == 1 else -x if coef == -1 else np.asarray(coef, x.dtype) * x
+            acc = term if acc is None else acc + term
+        out.append(acc)
+    return out
 
 
-def _winograd_kernel_rows(g0: Array, g1: Array, g2: Array) -> list[Array]:
-    """G g for the 3 taps of one axis (G = [[1,0,0], [½,½,½], [½,-½,½], [0,0,1]])."""
-    return [g0, 0.5 * (g0 + g1 + g2), 0.5 * (g0 - g1 + g2), g2]
+def _tile_taps(x: Array, axis: int, tile: int, tiles: int) -> list[Array]:
+    """The tile+2 input taps of every tile along `axis` (tiles start every `tile` entries)."""
+    return [jax.lax.slice_in_dim(x, k, k + tile * (tiles - 1) + 1, tile, axis)
+            for k in range(tile + 2)]
 
 
-def _winograd_output_rows(m: Sequence[Array]) -> tuple[Array, Array]:
-    """Aᵀ m for 4 transformed taps (Aᵀ = [[1,1,1,0], [0,1,-1,-1]]) → the tile's 2 outputs."""
-    return m[0] + m[1] + m[2], m[1] - m[2] - m[3]
-
-
-def winograd_conv3x3(x: Array, kernel: Array) -> Array:
-    """3×3 stride-1 'SAME' convolution by Winograd F(2×2, 3×3) (Lavin & Gray, CVPR 2016).
+def winograd_conv3x3(x: Array, kernel: Array, tile: int = 2) -> Array:
+    """3×3 stride-1 'SAME' convolution by Winograd F(m×m, 3×3), m = `tile` ∈ {2, 4} (Lavin &
+    Gray, CVPR 2016).
 
     x (B, H, W, C), kernel (3, 3, C, F) HWIO → (B, H, W, F), the same function as
     `lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)))` up to float rounding
-    (~2e-6 relative in float32). Every 2×2 output tile is Aᵀ[(G g Gᵀ) ⊙ (Bᵀ d B)]A: 16
-    (tiles, C) × (C, F) GEMMs instead of 36 per tile, i.e. 2.25× fewer multiply-adds; the tile
-    transforms are additions only. Odd H/W are padded to whole tiles and cropped. Differentiable
-    (the transforms are linear), so it trains as well.
+    (float32, relative to the largest output: ~2e-6 for m = 2, ~3e-5 for m = 4). Every m×m output
+    tile is Aᵀ[(G g Gᵀ) ⊙ (Bᵀ d B)]A: (m+2)² (tiles, C) × (C, F) GEMMs instead of 9m² per tile,
+    i.e. 2.25× (m = 2) or 4× (m = 4) fewer multiply-adds; the tile transforms are a few scaled
+    additions. H/W that are not multiples of m are padded to whole tiles and cropped.
+    Differentiable (the transforms are linear), so it trains as well.
     """
+    if tile not in WINOGRAD:
+        raise ValueError(f"Winograd tile must be one of {sorted(WINOGRAD)}, got {tile}")
+    bt, g, at = WINOGRAD[tile]
     b, h, w, c = x.shape
-    th, tw = -(-h // 2), -(-w // 2)  # output tiles per axis
-    xp = jnp.pad(x, ((0, 0), (1, 1 + 2 * th - h), (1, 1 + 2 * tw - w), (0, 0)))
-    v = jnp.stack([col for row in _winograd_input_rows(xp, 1)
-                   for col in _winograd_input_rows(row, 2)])  # (16, B, th, tw, C)
-    u = jnp.stack([col for row in _winograd_kernel_rows(*kernel)
-                   for col in _winograd_kernel_rows(*row)])  # (16, C, F)
-    m = jnp.einsum("tnc,tcf->tnf", v.reshape(16, b * th * tw, c), u)  # 16 GEMMs
-    m = m.reshape(4, 4, b, th, tw, -1)
-    rows = _winograd_output_rows(m)  # 2 × (4, B, th, tw, F)
-    y = jnp.stack([jnp.stack(_winograd_output_rows(r), axis=-2) for r in rows], axis=2)
-    return y.reshape(b, 2 * th, 2 * tw, -1)[:, :h, :w]  # (B, th, 2, tw, 2, F) → (B, H, W, F)
+    th, tw = -(-h // tile), -(-w // tile)  # output tiles per axis
+    xp = jnp.pad(x, ((0, 0), (1, 1 + tile * th - h), (1, 1 + tile * tw - w), (0, 0)))
+    v = jnp.stack([col for row in _combine(bt, _tile_taps(xp, 1, tile, th))
+                   for col in _combine(bt, _tile_taps(row, 2, tile, tw))])  # (T, B, th, tw, C)
+    u = jnp.stack([col for row in _combine(g, list(kernel))
+                   for col in _combine(g, list(row))])  # (T, C, F), T = (m+2)²
+    n = (tile + 2) ** 2
+    m = jnp.einsum("tnc,tcf->tnf", v.reshape(n, b * th * tw, c), u)  # T GEMMs
+    m = m.reshape(tile + 2, tile + 2, b, th, tw, -1)
+    rows = _combine(at, list(m))  # m × (m+2, B, th, tw, F)
+    y = jnp.stack([jnp.stack(_combine(at, list(r)), axis=-2) for r in rows], axis=2)
+    return y.reshape(b, tile * th, tile * tw, -1)[:, :h, :w]  # (B, th, m, tw, m, F) → (B,H,W,F)
+
+
+def winograd_tile(conv_impl: str, height: int, width: int) -> int | None:
+    """The Winograd tile a `conv_impl` uses on a (height, width) map; None = XLA's convolution.
+
+    'winograd' picks by map size, from single-convolution timings on a 2-core AVX2 VM (README):
+    F(4×4) from 96×96 up (120×120, 640→512: 368 vs 672 ms for F(2×2) and 855 ms for XLA's conv),
+    F(2×2) from 48×48 (60×60, 768→512: 137 vs 158 / 161 ms), XLA's convolution below (30×30,
+    1536→512: 83 vs 104 / 194 ms). 'winograd2' / 'winograd4' use one tile everywhere.
+    """
+    if conv_impl == "xla":
+        return None
+    if conv_impl == "winograd":
+        side = min(height, width)
+        return 4 if side >= 96 else 2 if side >= 48 else None
+    if conv_impl in ("winograd2", "winograd4"):
+        return int(conv_impl[-1])
+    raise ValueError(f"decoder.conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}")
 
 
 class WinogradConv(nn.Module):
@@ -81,6 +117,7 @@ class WinogradConv(nn.Module):
     way."""
 
     features: int
+    tile: int = 2
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -88,14 +125,15 @@ class WinogradConv(nn.Module):
     def __call__(self, x: Array) -> Array:
         kernel = self.param("kernel", nn.initializers.lecun_normal(),
                             (3, 3, x.shape[-1], self.features), self.param_dtype)
-        return winograd_conv3x3(x.astype(self.dtype), kernel.astype(self.dtype))
+        return winograd_conv3x3(x.astype(self.dtype), kernel.astype(self.dtype), self.tile)
 
 
 class ConvNormReLU(nn.Module):
     """3×3 conv (no bias) → norm → ReLU, LAVT's decoder unit (BatchNorm = SyncBN under jit).
 
-    `conv_impl`: 'xla' (XLA's convolution; cuDNN on GPU) or 'winograd' (`winograd_conv3x3`, the
-    same parameters; 2.25× fewer multiply-adds, faster for the large maps on CPU).
+    `conv_impl`: 'xla' (XLA's convolution; cuDNN on GPU) or 'winograd' / 'winograd2' /
+    'winograd4' (`winograd_conv3x3` with the tile `winograd_tile` picks; the same parameters,
+    2.25× or 4× fewer multiply-adds: faster on CPU for the large maps).
     """
 
     features: int
@@ -105,13 +143,11 @@ class ConvNormReLU(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:  # (B, H, W, C) → (B, H, W, F)
-        if self.conv_impl == "xla":
+        tile = winograd_tile(self.conv_impl, x.shape[1], x.shape[2])
+        if tile is None:
             x = nn.Conv(self.features, (3, 3), padding=1, use_bias=False, dtype=self.dtype)(x)
-        elif self.conv_impl == "winograd":
-            x = WinogradConv(self.features, dtype=self.dtype, name="Conv_0")(x)
         else:
-            raise ValueError(
-                f"decoder.conv_impl must be one of {CONV_IMPLS}, got {self.conv_impl!r}")
+            x = WinogradConv(self.features, tile, dtype=self.dtype, name="Conv_0")(x)
         if self.norm == "batch":
             x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                              dtype=self.dtype)(x)
@@ -156,7 +192,7 @@ class Decoder(nn.Module):
     dropout_rate: float = 0.0
     remat: bool = False  # keep only each stage block's / conv block's input for the backward
     dtype: Any = jnp.float32
-    conv_impl: str = "xla"  # 3×3 convs: 'xla' | 'winograd' (see ConvNormReLU)
+    conv_impl: str = "xla"  # 3×3 convs: xla | winograd | winograd2 | winograd4 (ConvNormReLU)
 
     @nn.compact
     def __call__(
