@@ -2,7 +2,7 @@
 
 ``python -m benchmarks.profile [--config refcoco|synthetic] [--quick] [--train] [--dtype D]
 [--batch N] [--reps 3] [--depth 2] [--trace-dir DIR]`` prints three tables and writes
-``benchmarks/results/profile-<machine>[-<gpu>]-<config>-<infer|train>-<dtype>.json``:
+``benchmarks/results/profile-<machine>-<gpu or CPU ISA>-<config>-<infer|train>-<dtype>.json``:
 
 - by module: the time of every XLA op, summed over the flax module path that produced it (the
   op's `op_name` metadata, e.g. ``encoder/backbone.run_stage/layers_2/blocks_3/attn/...``), cut
@@ -298,9 +298,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
              device_kind=jax.devices()[0].device_kind, total_s=time.perf_counter() - t0,
              load=common.load_snapshot())
     print_profile(r, a.top)
-    gpu = "" if r["backend"] == "cpu" else "-" + re.sub(r"\W+", "_", r["device_kind"].lower())
+    # The GPU's name, or the CPU's vector ISA (an AVX2 and an AVX-512 VM share a machine name).
+    where = (common.cpu_isa() if r["backend"] == "cpu"
+             else re.sub(r"\W+", "_", r["device_kind"].lower()))
     tag = f"{r['config'].replace(':', '_')}-{'train' if a.train else 'infer'}-{a.dtype}"
-    r["path"] = common.write_result("profile", r, a.out, tag=(gpu + "-" + tag).lstrip("-"))
+    r["path"] = common.write_result("profile", r, a.out, tag=f"{where}-{tag}")
     print("wrote", r["path"])
     return r
 

@@ -2,8 +2,9 @@
 our backbones vs PyTorch — one table, one JSON, and `benchmarks/RESULTS.md`.
 
 ``python -m benchmarks.run [--device cpu|gpu] [--config refcoco|synthetic] [--quick] [--iters N]``
-writes ``benchmarks/results/run-<machine>[-<gpu>]-<date>.json`` and (except with ``--quick``)
-regenerates ``benchmarks/RESULTS.md`` from every ``run-*.json`` there (``--md-only``: just that).
+writes ``benchmarks/results/run-<machine>-<gpu or CPU ISA>-<date>.json`` and (except with
+``--quick``) regenerates ``benchmarks/RESULTS.md`` from every ``run-*.json`` there
+(``--md-only``: just that).
 
 Sections (every figure carries dtype, batch, image size and device kind, and the issue's target):
 - inference: the full VIPA forward (`train=False`), paper config (`configs/refcoco.py`: Swin-B w12
@@ -699,7 +700,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         "inference_image_size": cfg.model.image_size,
     }
     date = time.strftime("%Y-%m-%d", time.gmtime())
-    tag = date if not gpu else f"{_slug(device_kind)}-{date}"
+    # CPU results carry the vector ISA in their name: an AVX2 and an AVX-512 VM share a name.
+    tag = f"{common.cpu_isa()}-{date}" if not gpu else f"{_slug(device_kind)}-{date}"
 
     earlier = earlier_result(common.result_path("run", a.out, tag), result)
 

@@ -28,6 +28,10 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     files = list(out.glob("run-*.json"))
     assert len(files) == 1, files
+    from benchmarks.common import cpu_isa, machine_name
+
+    # a CPU result is named after the vector ISA too (VMs of one name differ in it)
+    assert files[0].name.startswith(f"run-{machine_name()}-{cpu_isa()}-"), files[0].name
     assert "VIPA benchmark suite" in proc.stdout  # the one table was printed
     return json.loads(files[0].read_text()), md
 
