@@ -86,9 +86,9 @@ def winograd_conv3x3(x: Array, kernel: Array, tile: int = 2) -> Array:
     u = jnp.stack([col for row in _combine(g, list(kernel))
                    for col in _combine(g, list(row))])  # (T, C, F), T = (m+2)²
     n = (tile + 2) ** 2
-    m = jnp.einsum("tnc,tcf->tnf", v.reshape(n, b * th * tw, c), u)  # T GEMMs
-    m = m.reshape(tile + 2, tile + 2, b, th, tw, -1)
-    rows = _combine(at, list(m))  # m × (m+2, B, th, tw, F)
+    prod = jnp.einsum("tnc,tcf->tnf", v.reshape(n, b * th * tw, c), u)  # T GEMMs
+    prod = prod.reshape(tile + 2, tile + 2, b, th, tw, -1)
+    rows = _combine(at, list(prod))  # m × (m+2, B, th, tw, F)
     y = jnp.stack([jnp.stack(_combine(at, list(r)), axis=-2) for r in rows], axis=2)
     return y.reshape(b, tile * th, tile * tw, -1)[:, :h, :w]  # (B, th, m, tw, m, F) → (B,H,W,F)
 
