@@ -8,6 +8,7 @@ ratios from one run, never absolute times from different runs.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -52,8 +53,10 @@ def _git_dirty() -> bool | None:
     return bool(out.stdout.strip()) if out.returncode == 0 else None
 
 
+@functools.cache
 def _cpuinfo() -> dict[str, str]:
-    """The first CPU's `key: value` lines of `/proc/cpuinfo` ({} where there is none)."""
+    """The first CPU's `key: value` lines of `/proc/cpuinfo` ({} where there is none); read
+    once per process (machine_info asks for the model, the ISA and the family/model)."""
     info: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
