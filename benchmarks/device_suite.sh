@@ -19,9 +19,12 @@
 # wheels in `.whl/` (installed to /tmp/site). Set `VIPA_GIT_COMMIT` (and `VIPA_GIT_DIRTY=0`) where
 # the tree travels without .git, so the results name their commit.
 # `SUITE_QUICK=1` runs the same steps on the tiny model on the CPU (to check this script).
+# `SUITE_TIME_SCALE=N` multiplies every step's time limit and reserve (default 1, the GPU's
+# timings): the CPU check on a slow or shared machine uses 2 with a budget of 2 x 540 s.
 set -u -o pipefail
 OUT=${OUT:-benchmarks/results}
 BUDGET=${SUITE_BUDGET_S:-540}
+SCALE=${SUITE_TIME_SCALE:-1}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 LOG="$OUT/device_suite.log"
@@ -42,7 +45,7 @@ fi
 # step NAME MAX_SECONDS RESERVE_SECONDS CMD...: run CMD for at most MAX_SECONDS, and never into
 # the last RESERVE_SECONDS of the budget (kept for the steps after it).
 step() {
-  local name=$1 max=$2 reserve=$3
+  local name=$1 max=$(($2 * SCALE)) reserve=$(($3 * SCALE))
   shift 3
   local t=$(($(left) - reserve))
   ((t < max)) && max=$t
@@ -86,7 +89,7 @@ step() {
         step profile-train 240 5 $PY -m benchmarks.profile "${PROFILE_DEV[@]}" --train \
           --dtype bfloat16 --batch "$TRAIN_BATCH" --out "$OUT" ;;
       train-float32)
-        if (($(left) > 150)); then
+        if (($(left) > 150 * SCALE)); then
           step train-float32 400 5 $PY -m benchmarks.run "${DEV[@]}" --no-infer --no-memory \
             --train-configs float32:off --no-search --train-batch 16 --out "$OUT"
         else

@@ -55,7 +55,7 @@ def _run_module(module: str, out_dir: Path, *args: str) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", module, "--quick", "--out", str(out_dir), *args],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     files = list(out_dir.glob(f"{module.split('.')[-1]}-*.json"))
