@@ -19,12 +19,12 @@
 # wheels in `.whl/` (installed to /tmp/site). Set `VIPA_GIT_COMMIT` (and `VIPA_GIT_DIRTY=0`) where
 # the tree travels without .git, so the results name their commit.
 # `SUITE_QUICK=1` runs the same steps on the tiny model on the CPU (to check this script).
-# `SUITE_TIME_SCALE=N` multiplies every step's time limit and reserve (default 1, the GPU's
-# timings): the CPU check on a slow or shared machine uses 2 with a budget of 2 x 540 s.
+# `SUITE_TIME_SCALE=N` multiplies every step's time limit and reserve, and the default budget
+# (default 1, the GPU's timings): the CPU check on a slow or shared machine uses 2.
 set -u -o pipefail
 OUT=${OUT:-benchmarks/results}
-BUDGET=${SUITE_BUDGET_S:-540}
 SCALE=${SUITE_TIME_SCALE:-1}
+BUDGET=${SUITE_BUDGET_S:-$((540 * SCALE))}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 LOG="$OUT/device_suite.log"
