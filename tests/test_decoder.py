@@ -7,9 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import synthetic
 from vipa_jax.models.decoder import ConvNormReLU, winograd_conv3x3, winograd_tile
-from vipa_jax.models.vipa import build_model, init_variables
+from vipa_jax.models.vipa import build_model
 
 
 def _conv(x, kernel):
@@ -92,14 +91,12 @@ def test_conv_norm_relu_impls_share_parameters():
         ConvNormReLU(16, conv_impl="fft").init(jax.random.key(1), x)
 
 
-def test_model_conv_impl_switch():
+def test_model_conv_impl_switch(tiny_model):
     """The whole model with model.decoder.conv_impl='winograd2' (its maps are too small for
     'winograd' to pick Winograd) loads the 'xla' model's variables and gives the same logits
     (gradients: `test_winograd_gradients_match_convolution`)."""
-    cfg = synthetic.get_config("test")
+    cfg, model, variables = (tiny_model[k] for k in ("config", "model", "variables"))
     size, n = cfg.model.image_size, cfg.model.max_tokens
-    model = build_model(cfg.model)
-    variables = jax.jit(lambda k: init_variables(model, k, size, n))(jax.random.key(0))
     cfg_w = cfg.model.copy_and_resolve_references()
     cfg_w.decoder.conv_impl = "winograd2"
     model_w = build_model(cfg_w)

@@ -8,16 +8,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 import pytest
 
-from tests.test_export import (  # noqa: F401 - pytest fixtures
-    SYN_COUNT,
-    SYN_SPLIT,
-    bundle_dir,
-    synthetic_root,
-    tiny_model,
-)
+from tests.conftest import SYN_COUNT, SYN_SPLIT
 from vipa_jax import evaluate as ev
 from vipa_jax import export
 from vipa_jax.data import pipeline
@@ -35,8 +30,10 @@ def _numpy_reference(model: Any, variables: Any, ds: ReferDataset, tok: Any) -> 
     """oIoU/mIoU/P@X computed independently in NumPy from the model's own logits."""
     batch = next(pipeline.make_eval_batches(ds, tok, global_batch_size=len(ds), image_size=64,
                                             shard_index=0, shard_count=1))
-    logits = np.asarray(model.apply(variables, batch["image"], batch["input_ids"],
-                                    batch["attention_mask"], train=False)["logits"])
+    fwd = jax.jit(lambda v, b: model.apply(v, b["image"], b["input_ids"], b["attention_mask"],
+                                           train=False)["logits"])
+    logits = np.asarray(fwd(variables, {k: batch[k] for k in ("image", "input_ids",
+                                                              "attention_mask")}))
     pred, gt = logits > 0, batch["mask"].astype(bool)
     inter = (pred & gt).sum((1, 2)).astype(np.float64)
     union = (pred | gt).sum((1, 2)).astype(np.float64)
@@ -48,7 +45,7 @@ def _numpy_reference(model: Any, variables: Any, ds: ReferDataset, tok: Any) -> 
 
 
 def test_evaluate_lavt_matches_numpy_and_counts_exactly(
-    bundle_dir: Path, synthetic_root: Path  # noqa: F811
+    bundle_dir: Path, synthetic_root: Path
 ) -> None:
     """Count == split size with a padded batch; lavt numbers equal the NumPy reference."""
     config, model, variables, tok = export.load_bundle(bundle_dir)
@@ -74,7 +71,7 @@ def test_evaluate_lavt_matches_numpy_and_counts_exactly(
 
 @pytest.mark.slow
 def test_evaluate_splits_writes_results(
-    bundle_dir: Path, synthetic_root: Path, tmp_path: Path  # noqa: F811
+    bundle_dir: Path, synthetic_root: Path, tmp_path: Path
 ) -> None:
     """results.json/.md and the per-expression CSV; the mesh path gives the same numbers."""
     from vipa_jax.train import sharding as shd
@@ -113,7 +110,7 @@ def test_train_metrics_keys() -> None:
 
 
 @pytest.mark.slow
-def test_make_train_evaluator(tiny_model: dict[str, Any], synthetic_root: Path) -> None:  # noqa: F811
+def test_make_train_evaluator(tiny_model: dict[str, Any], synthetic_root: Path) -> None:
     """The training hook returns '<split>_oIoU'/'_mIoU' from a TrainState-like object."""
     from types import SimpleNamespace
 
@@ -142,7 +139,7 @@ def _run_eval_py(args: list[str], env: dict[str, str], cwd: Path) -> Any:
 
 
 @pytest.mark.slow
-def test_eval_py_two_processes_match_one(bundle_dir: Path, synthetic_root: Path,  # noqa: F811
+def test_eval_py_two_processes_match_one(bundle_dir: Path, synthetic_root: Path,
                                          tmp_path: Path) -> None:
     """eval.py on 2 processes × 2 CPU devices (jax.distributed on localhost, each scoring its
     shard, a padded last batch) writes the same metrics, both protocols, as on 1 process."""

@@ -1,8 +1,6 @@
 """Inference bundles: export from an orbax training checkpoint, load_bundle round trip, errors.
 
-Also defines the fixtures shared by test_eval.py / test_predict.py: a random-init tiny model
-(``configs/synthetic.py:test``) saved as a bundle, its tiny vocabulary and a 2-image synthetic
-dataset (12 expressions at 48x48, i.e. not the network's 64x64).
+The tiny model, its bundle and the synthetic dataset are session fixtures in conftest.py.
 """
 
 from __future__ import annotations
@@ -17,66 +15,8 @@ import numpy as np
 import optax
 import pytest
 
-from configs import synthetic as synthetic_config
+from tests.conftest import WORDS
 from vipa_jax import export
-from vipa_jax.models.vipa import build_model, init_variables
-
-WORDS = (
-    "the a of on at left right top bottom above below big small shape leftmost rightmost "
-    "topmost bottommost red green blue yellow purple circle square triangle diamond man "
-    "woman photo"
-).split()
-SYN_IMAGES, SYN_SIZE, SYN_SPLIT, SYN_COUNT = 2, 48, "train", 12
-
-
-def write_vocab(path: Path) -> Path:
-    """A tiny WordPiece vocab: specials, the synthetic words, letters and ##letters."""
-    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
-    toks = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, *letters,
-            *[f"##{c}" for c in letters]]
-    path.write_text("\n".join(toks) + "\n")
-    return path
-
-
-def tiny_config(vocab: Path | None = None) -> Any:
-    """The test-size synthetic config (64x64, 8 tokens) with ``data.vocab`` set."""
-    c = synthetic_config.get_config("test")
-    if vocab is not None:
-        c.data.vocab = str(vocab)
-    return c
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """config, model, random variables (seed 0) and the vocab path."""
-    d = tmp_path_factory.mktemp("tiny_model")
-    vocab = write_vocab(d / "vocab.txt")
-    config = tiny_config(vocab)
-    model = build_model(config.model)
-    variables = init_variables(model, jax.random.PRNGKey(0), config.model.image_size,
-                               config.model.max_tokens)
-    return {"config": config, "model": model, "variables": variables, "vocab": vocab}
-
-
-@pytest.fixture(scope="session")
-def bundle_dir(tiny_model: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny model saved as an inference bundle."""
-    out = tmp_path_factory.mktemp("bundle")
-    export.save_bundle(out, tiny_model["config"], tiny_model["variables"], tiny_model["vocab"],
-                       step=7)
-    return out
-
-
-@pytest.fixture(scope="session")
-def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 2-image synthetic refer-layout dataset (12 'train' expressions)."""
-    from vipa_jax.data import synthetic
-
-    root = tmp_path_factory.mktemp("syn")
-    counts = synthetic.generate(str(root), num_images=SYN_IMAGES, image_size=SYN_SIZE, seed=0,
-                                sentences_per_object=2)
-    assert counts == {SYN_SPLIT: SYN_COUNT}
-    return root
 
 
 def _logits(model: Any, variables: Any, seed: int = 0) -> np.ndarray:
@@ -84,7 +24,9 @@ def _logits(model: Any, variables: Any, seed: int = 0) -> np.ndarray:
     r = np.random.default_rng(seed)
     img = r.normal(size=(2, 64, 64, 3)).astype(np.float32)
     ids = np.array([[2, 5, 6, 7, 3, 0, 0, 0], [2, 8, 3, 0, 0, 0, 0, 0]], np.int32)
-    return np.asarray(model.apply(variables, img, ids, (ids > 0).astype(np.int32))["logits"])
+    # jitted (one compile per model; identical programs give identical bits)
+    fwd = jax.jit(lambda v: model.apply(v, img, ids, (ids > 0).astype(np.int32))["logits"])
+    return np.asarray(fwd(variables))
 
 
 def test_bundle_round_trip_bit_identical(tiny_model: dict[str, Any], bundle_dir: Path) -> None:

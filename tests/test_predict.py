@@ -13,14 +13,14 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from tests.test_export import SYN_SPLIT, bundle_dir, synthetic_root, tiny_model  # noqa: F401
+from tests.conftest import SYN_SPLIT
 from vipa_jax import predict as pr
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def predictor(bundle_dir: Path) -> pr.Predictor:  # noqa: F811
+def predictor(bundle_dir: Path) -> pr.Predictor:
     """The tiny random model from its bundle."""
     return pr.Predictor.from_checkpoint(bundle_dir)
 
@@ -82,7 +82,7 @@ def test_errors_name_the_input(predictor: pr.Predictor, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_cli_predict_jsonl_and_eval(
-    bundle_dir: Path, synthetic_root: Path, tmp_path: Path  # noqa: F811
+    bundle_dir: Path, synthetic_root: Path, tmp_path: Path
 ) -> None:
     """predict.py batch mode (one bad line -> exit 1, others written) and eval.py on a bundle."""
     imgs = _images(tmp_path)

@@ -214,8 +214,11 @@ def _fixture_vipa(**model: Any) -> tuple[Any, dict, dict]:
     cfg.model.image_size = 32
     cfg.model.update(model)
     vipa = build_model(cfg.model)
-    params = jax.device_get(jax.jit(
-        lambda: init_variables(vipa, jax.random.key(0), 32, cfg.model.max_tokens))()["params"])
+    abstract = jax.eval_shape(
+        lambda: init_variables(vipa, jax.random.key(0), 32, cfg.model.max_tokens))["params"]
+    # random values in VIPA's parameter tree (init_pretrained only reads the tree): no compile
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(s.dtype), abstract)
     cfg.train.init_bert = str(FIXTURE_BERT)
     ref = msgpack_restore((FIXTURE_BERT / "flax_model.msgpack").read_bytes())
     return cfg, params, ref.get("bert", ref)
