@@ -33,7 +33,7 @@ export PYTHONUNBUFFERED=1
 left() { echo $((BUDGET - ($(date +%s) - START))); }
 
 if [[ ${SUITE_QUICK:-0} == 1 ]]; then
-  DEV=(--device cpu --quick)
+  DEV=(--device cpu --quick --no-torch)  # the GPU suite has no PyTorch comparison
   PROFILE_DEV=(--device cpu --quick)
   TRAIN_BATCH=2
 else

@@ -14,12 +14,21 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+def jax_cache(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A JAX compilation cache shared by this module's subprocesses: the quick run's memory
+    section compiles its train section's step, and the device suite's inference and memory
+    steps compile the quick run's programs (same model, flags and shapes): loads, not compiles."""
+    return str(tmp_path_factory.mktemp("jax_cache"))
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory, jax_cache: str) -> tuple[dict, Path]:
     out = tmp_path_factory.mktemp("run")
     md = out / "RESULTS.md"
     # Unoptimized XLA code compiles ~2x faster; quick timings are not figures anyway.
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1",
-           "XLA_FLAGS": "--xla_backend_optimization_level=0"}
+           "XLA_FLAGS": "--xla_backend_optimization_level=0",
+           "JAX_COMPILATION_CACHE_DIR": jax_cache}
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.run", "--quick", "--device", "cpu",
          "--out", str(out), "--md", str(md)],
@@ -272,13 +281,14 @@ def test_memory_rows_become_train_rows() -> None:
     assert train[1]["hfu"] == pytest.approx(1e14 / 0.1 / 989.4e12)
 
 
-def test_device_suite_quick(tmp_path: Path) -> None:
+def test_device_suite_quick(tmp_path: Path, jax_cache: str) -> None:
     """`benchmarks/device_suite.sh` (the GPU suite in one short lease) on the tiny model on the
     CPU: every step runs inside its budget and leaves its result."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "SUITE_QUICK": "1",
            "OUT": str(tmp_path), "PYTHON": sys.executable,
            "SUITE_TIME_SCALE": "2",  # the GPU's step limits and budget (540 s) x 2
-           "XLA_FLAGS": "--xla_backend_optimization_level=0"}
+           "XLA_FLAGS": "--xla_backend_optimization_level=0",
+           "JAX_COMPILATION_CACHE_DIR": jax_cache}
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "device_suite.sh")], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=1300)
     log = (tmp_path / "device_suite.log").read_text()
