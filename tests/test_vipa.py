@@ -136,6 +136,24 @@ def test_padding_invariance(tiny):
     np.testing.assert_allclose(out["cls_relevance"], out2["cls_relevance"], atol=1e-5)
 
 
+def switched_variables(variables, model2, model_cfg):
+    """`model2`'s variables: the base model's at every path and shape they share (so only the
+    switch differs), the others from `model2`'s own init, jitted with the shared ones dead code
+    (a few parameters to compile, not the whole model's initializers)."""
+    def init(k):
+        return init_variables(model2, k, model_cfg.image_size, model_cfg.max_tokens)
+
+    key = jax.random.key(0)
+    v2 = share_params(variables, jax.eval_shape(init, key))
+    leaves, tree = jax.tree.flatten(v2)
+    new = [i for i, x in enumerate(leaves) if isinstance(x, jax.ShapeDtypeStruct)]
+    if new:
+        fresh = jax.jit(lambda k: [jax.tree.leaves(init(k))[i] for i in new])(key)
+        for i, x in zip(new, fresh, strict=True):
+            leaves[i] = x
+    return jax.tree.unflatten(tree, leaves)
+
+
 # Model-level switches run by default; the VEG switches are also tested (forward, backward,
 # output change) on the VEG alone in test_veg.py, and here on the whole model with -m slow.
 SWITCHES = [
@@ -164,8 +182,7 @@ def test_switch_builds_trains_and_changes_output(tiny, tiny_grads, key, value):
     target = cfg2.model[section] if section else cfg2.model
     target[name] = value
     model2 = build_model(cfg2.model)
-    v2 = init_variables(model2, jax.random.key(0), cfg.model.image_size, cfg.model.max_tokens)
-    v2 = share_params(variables, v2)
+    v2 = switched_variables(variables, model2, cfg.model)
     (loss, (_, _, out)), grads = loss_and_grads(cfg2, model2, v2)
     assert np.isfinite(float(loss))
     assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
