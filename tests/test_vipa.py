@@ -65,6 +65,12 @@ def tiny_grads(tiny):
     return loss_and_grads(*tiny)
 
 
+def outputs(result):
+    """The model outputs (train mode) in a `loss_and_grads` result."""
+    (_, (_, _, out)), _ = result
+    return out
+
+
 def test_paper_config_shapes():
     cfg = refcoco.get_config()
     model = build_model(cfg.model)
@@ -113,7 +119,7 @@ def test_tiny_forward_backward(tiny, tiny_grads):
 
 def test_selection_mask_has_k_ones(tiny, tiny_grads):
     cfg = tiny[0]
-    sel = np.asarray(tiny_grads[0][1][2]["selection"]).reshape(B, cfg.model.max_tokens, -1)
+    sel = np.asarray(outputs(tiny_grads)["selection"]).reshape(B, cfg.model.max_tokens, -1)
     k = num_selected(cfg.model.veg.topk_ratio, sel.shape[-1])
     np.testing.assert_array_equal(sel.sum(-1), k)
 
@@ -186,7 +192,7 @@ def test_switch_builds_trains_and_changes_output(tiny, tiny_grads, key, value):
     (loss, (_, _, out)), grads = loss_and_grads(cfg2, model2, v2)
     assert np.isfinite(float(loss))
     assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
-    ref = tiny_grads[0][1][2]["logits"]
+    ref = outputs(tiny_grads)["logits"]
     diff = float(jnp.abs(out["logits"] - ref).max())
     assert diff > 1e-4, f"{key}={value} did not change the output (max diff {diff:.2e})"
 
@@ -194,7 +200,7 @@ def test_switch_builds_trains_and_changes_output(tiny, tiny_grads, key, value):
 def test_contrastive_switch_changes_loss(tiny, tiny_grads):
     cfg = tiny[0]
     gt = _batch(cfg)[3]
-    out = tiny_grads[0][1][2]
+    out = outputs(tiny_grads)
     on = vipa_loss(out, {"mask": gt}, cfg.loss)[0]
     cfg2 = cfg.copy_and_resolve_references()
     cfg2.loss.contrastive = False
