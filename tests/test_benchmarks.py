@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+from tests._procs import quick_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,12 +53,9 @@ def test_count_macs_matmul_and_conv() -> None:
 
 
 def _run_module(module: str, out_dir: Path, *args: str) -> dict:
-    # Unoptimized XLA code compiles ~2x faster; quick timings are not figures anyway.
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1",
-           "XLA_FLAGS": "--xla_backend_optimization_level=0"}
     proc = subprocess.run(
         [sys.executable, "-m", module, "--quick", "--out", str(out_dir), *args],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+        cwd=ROOT, env=quick_env(), capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     files = list(out_dir.glob(f"{module.split('.')[-1]}-*.json"))

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests._procs import quick_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,10 +26,7 @@ def jax_cache(tmp_path_factory: pytest.TempPathFactory) -> str:
 def quick_run(tmp_path_factory: pytest.TempPathFactory, jax_cache: str) -> tuple[dict, Path]:
     out = tmp_path_factory.mktemp("run")
     md = out / "RESULTS.md"
-    # Unoptimized XLA code compiles ~2x faster; quick timings are not figures anyway.
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1",
-           "XLA_FLAGS": "--xla_backend_optimization_level=0",
-           "JAX_COMPILATION_CACHE_DIR": jax_cache}
+    env = quick_env(JAX_COMPILATION_CACHE_DIR=jax_cache)
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.run", "--quick", "--device", "cpu",
          "--out", str(out), "--md", str(md)],
@@ -284,11 +282,9 @@ def test_memory_rows_become_train_rows() -> None:
 def test_device_suite_quick(tmp_path: Path, jax_cache: str) -> None:
     """`benchmarks/device_suite.sh` (the GPU suite in one short lease) on the tiny model on the
     CPU: every step runs inside its budget and leaves its result."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "SUITE_QUICK": "1",
-           "OUT": str(tmp_path), "PYTHON": sys.executable,
-           "SUITE_TIME_SCALE": "2",  # the GPU's step limits and budget (540 s) x 2
-           "XLA_FLAGS": "--xla_backend_optimization_level=0",
-           "JAX_COMPILATION_CACHE_DIR": jax_cache}
+    env = quick_env(SUITE_QUICK="1", OUT=str(tmp_path), PYTHON=sys.executable,
+                    SUITE_TIME_SCALE="2",  # the GPU's step limits and budget (540 s) x 2
+                    JAX_COMPILATION_CACHE_DIR=jax_cache)
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "device_suite.sh")], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=1300)
     log = (tmp_path / "device_suite.log").read_text()

@@ -30,10 +30,9 @@ def _numpy_reference(model: Any, variables: Any, ds: ReferDataset, tok: Any) -> 
     """oIoU/mIoU/P@X computed independently in NumPy from the model's own logits."""
     batch = next(pipeline.make_eval_batches(ds, tok, global_batch_size=len(ds), image_size=64,
                                             shard_index=0, shard_count=1))
-    fwd = jax.jit(lambda v, b: model.apply(v, b["image"], b["input_ids"], b["attention_mask"],
-                                           train=False)["logits"])
-    logits = np.asarray(fwd(variables, {k: batch[k] for k in ("image", "input_ids",
-                                                              "attention_mask")}))
+    fwd = jax.jit(lambda v, *x: model.apply(v, *x, train=False)["logits"])
+    logits = np.asarray(fwd(variables, batch["image"], batch["input_ids"],
+                            batch["attention_mask"]))
     pred, gt = logits > 0, batch["mask"].astype(bool)
     inter = (pred & gt).sum((1, 2)).astype(np.float64)
     union = (pred | gt).sum((1, 2)).astype(np.float64)

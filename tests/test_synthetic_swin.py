@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import jax
@@ -10,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs.synthetic import get_config
+from tests._procs import quick_env
 from vipa_jax.models.swin import SwinTransformer, sine_position_table
 from vipa_jax.weights.swin import load_swin_params, save_swin_params
 from vipa_jax.weights.synthetic_swin import load_shape_data, pretrain_swin
@@ -66,9 +66,7 @@ def test_pretrain_cli_with_config_overrides(tmp_path):
         [sys.executable, "-m", "vipa_jax.weights.synthetic_swin", f"--out={out}",
          "--config=configs/synthetic.py:test", "--config.model.swin.embed_dim=8",
          "--steps=2", "--num_images=8"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-        # unoptimized XLA code compiles ~2x faster; the test checks the weights, not the speed
-        env={**os.environ, "XLA_FLAGS": "--xla_backend_optimization_level=0"})
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env=quick_env())
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "wrote" in proc.stdout
     # Without --ape the weights have no ape table (fine-tuning adds the config's sine table).
