@@ -10,12 +10,23 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+TEST_XLA_FLAG = "--xla_backend_optimization_level=0"
+
+
+def with_test_xla_flags(flags: str = "") -> str:
+    """`flags` plus unoptimized XLA:CPU code (LLVM -O0: compiles ~2x faster; the suite compiles
+    far more than it runs, and its timings are not figures), unless VIPA_TEST_OPTIMIZED=1 or
+    `flags` already sets the level."""
+    if os.environ.get("VIPA_TEST_OPTIMIZED") == "1" or "xla_backend_optimization_level" in flags:
+        return flags
+    return f"{flags} {TEST_XLA_FLAG}".strip()
+
+
 def quick_env(**extra: str) -> dict[str, str]:
     """Environment for a test subprocess of the repo's code: the repo on PYTHONPATH, the HF hub
-    offline, and unoptimized XLA code (it compiles ~2x faster; a test's timings are not
-    figures), plus `extra`."""
+    offline, unoptimized XLA (`with_test_xla_flags`), plus `extra`."""
     return {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1",
-            "XLA_FLAGS": "--xla_backend_optimization_level=0", **extra}
+            "XLA_FLAGS": with_test_xla_flags(), **extra}
 
 
 def free_port() -> int:

@@ -14,8 +14,27 @@ import PIL.Image
 import pytest
 from absl import flags
 
+from tests._procs import with_test_xla_flags
+
 # grain worker processes read absl flags; outside absl.app.run they must be marked parsed.
 flags.FLAGS.mark_as_parsed()
+
+# The suite compiles far more XLA than it runs: unoptimized (LLVM -O0) CPU code compiles ~2x
+# faster. Set before any test touches jax; VIPA_TEST_OPTIMIZED=1 keeps XLA's default.
+os.environ["XLA_FLAGS"] = with_test_xla_flags(os.environ.get("XLA_FLAGS", ""))
+
+# `make test` runs the suite on 2 pytest-xdist workers with `--dist loadfile` (a file's tests on
+# one worker, so module fixtures are built once). XLA compiles on one core, so two workers fill
+# both. Files are handed out in collection order; the longest go first so that the last one to
+# start does not run alone at the end (minutes on a 2-core VM, longest first).
+LONGEST_FILES = ("test_vipa.py", "test_benchmarks_run.py", "test_swin.py", "test_decoder.py",
+                 "test_train_step.py", "test_benchmarks.py", "test_synthetic_swin.py")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Longest files first (stable: the order inside a file and among the rest is kept)."""
+    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 REFER_H, REFER_W = 24, 32
 

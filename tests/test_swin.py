@@ -538,8 +538,9 @@ def test_checkpoint_without_ape_loads_into_ape_model(tmp_path: Any) -> None:
     init = ape.init(jax.random.PRNGKey(3), x)["params"]
     loaded, report = load_swin_params(path, ape, rng=jax.random.PRNGKey(3))
     assert report.missing == ["absolute_pos_embed/table"]
-    np.testing.assert_array_equal(loaded["absolute_pos_embed"]["table"],
-                                  init["absolute_pos_embed"]["table"])
+    # the same init (rng 3) jitted by the loader and run eagerly here: equal to rounding
+    np.testing.assert_allclose(loaded["absolute_pos_embed"]["table"],
+                               init["absolute_pos_embed"]["table"], rtol=1e-6, atol=0)
     assert float(jnp.abs(loaded["absolute_pos_embed"]["table"]).max()) > 0
     np.testing.assert_array_equal(loaded["patch_embed"]["proj"]["kernel"],
                                   params["patch_embed"]["proj"]["kernel"])

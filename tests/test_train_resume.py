@@ -16,6 +16,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 import _standin  # noqa: E402
+from _procs import with_test_xla_flags  # noqa: E402
 
 from vipa_jax.train import loop  # noqa: E402
 from vipa_jax.train.checkpoint import Checkpointer, abstract_like  # noqa: E402
@@ -73,7 +74,7 @@ def _cmd(workdir: Path) -> list[str]:
 
 
 def _env() -> dict:
-    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="",
+    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=with_test_xla_flags(),
                 PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}")
 
 
