@@ -385,25 +385,27 @@ def cpu_vs_torch(
     if compiled_f32_b1 is None:
         out["full_forward"] = {"skipped": "needs the float32 batch-1 inference entry"}
         return out
-    # The same forward with the decoder's 3x3 convs by Winograd (conv_impl='winograd': the tile
-    # picked by map size), timed side by side; compiled for the abstract variables only.
-    variants = {}
-    if cfg.model.decoder.conv_impl != "winograd":
-        from benchmarks.input_pipeline import forward_setup
+    # The same forward with the other decoder 3x3 conv (XLA's when the config's resolves to
+    # Winograd here, as the default 'auto' does on CPU; Winograd, the tile picked by map size,
+    # otherwise), timed side by side; compiled for the abstract variables only.
+    from benchmarks.input_pipeline import forward_setup
+    from vipa_jax.models.decoder import resolve_conv_impl
 
-        wcfg = _with(cfg, dtype="float32")
-        wcfg.model.decoder.conv_impl = "winograd"
-        fwd, args = forward_setup(wcfg, 1, shapes)
-        variants["winograd"] = common.compile_jax(fwd, *args)[0]
+    configured = cfg.model.decoder.conv_impl
+    impl = resolve_conv_impl(configured)  # float32 here
+    other = "xla" if impl.startswith("winograd") else "winograd"
+    ocfg = _with(cfg, dtype="float32")
+    ocfg.model.decoder.conv_impl = other
+    fwd, args = forward_setup(ocfg, 1, shapes)
+    variants = {other: common.compile_jax(fwd, *args)[0]}
     t = model.time_forward(compiled_f32_b1, shapes, cfg.model, iters, True, quick, variants)
     out["full_forward"] = {**pair(t["vipa_jax"], t["torch_swin_bert"]),
                            "ratio": t["ratio_vipa_over_torch_backbones"],
-                           "conv_impl": cfg.model.decoder.conv_impl,
+                           "conv_impl": impl, "conv_impl_config": configured,
                            "load_before": t["load_before"]}
-    if variants:
-        out["full_forward_winograd"] = {
-            **pair(t["vipa_jax:winograd"], t["torch_swin_bert"]),
-            "ratio": t["ratio_vipa:winograd_over_torch_backbones"], "conv_impl": "winograd"}
+    out[f"full_forward_{other}"] = {
+        **pair(t[f"vipa_jax:{other}"], t["torch_swin_bert"]),
+        "ratio": t[f"ratio_vipa:{other}_over_torch_backbones"], "conv_impl": other}
     return out
 
 
@@ -502,11 +504,13 @@ def figures(result: dict[str, Any]) -> list[dict[str, Any]]:
             target=f"<= {TARGETS['cpu_backbones_over_torch']:g}x",
             status=_status(r["ratio"], TARGETS["cpu_backbones_over_torch"], False, gpu, False)
             + caveat)
-    for key in ("full_forward", "full_forward_winograd"):
+    for key in ("full_forward", "full_forward_winograd", "full_forward_xla"):
         ff = cvt.get(key) or {}
         if "ratio" not in ff:
             continue
         impl = ff.get("conv_impl", "xla")
+        if ff.get("conv_impl_config", impl) != impl:  # the default 'auto', resolved
+            impl = f"{ff['conv_impl_config']}: {impl}"
         add("full VIPA forward / PyTorch Swin+BERT"
             + (f" (decoder.conv_impl={impl})" if key != "full_forward" or impl != "xla" else ""),
             "float32", 1, result["inference_image_size"],

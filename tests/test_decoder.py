@@ -7,7 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vipa_jax.models.decoder import ConvNormReLU, winograd_conv3x3, winograd_tile
+from vipa_jax.models.decoder import (
+    ConvNormReLU,
+    resolve_conv_impl,
+    winograd_conv3x3,
+    winograd_tile,
+)
 from vipa_jax.models.vipa import build_model
 
 
@@ -76,11 +81,36 @@ def test_winograd_tile_policy():
         winograd_conv3x3(jnp.zeros((1, 4, 4, 1)), jnp.zeros((3, 3, 1, 1)), tile=3)
 
 
+def test_auto_conv_impl_by_backend_and_dtype(monkeypatch):
+    """'auto' (the default) is Winograd's map-size policy for float32 on CPU, XLA's convolution
+    for bfloat16 or on another backend (cuDNN on GPU); explicit choices stay as given."""
+    from vipa_jax.defaults import get_base_config
+
+    assert get_base_config().model.decoder.conv_impl == "auto" == ConvNormReLU.conv_impl
+    assert jax.default_backend() == "cpu"
+    assert resolve_conv_impl("auto") == "winograd"
+    assert [winograd_tile("auto", s, s) for s in (120, 60, 30)] == [4, 2, None]
+    assert winograd_tile("auto", 120, 120, jnp.bfloat16) is None
+    assert resolve_conv_impl("winograd4", jnp.bfloat16) == "winograd4"
+    assert resolve_conv_impl("xla") == "xla"
+
+    def uses_xla_conv(dtype):  # ConvNormReLU passes its compute dtype to the policy
+        m = ConvNormReLU(4, norm="group", dtype=dtype)
+        x = jnp.zeros((1, 96, 96, 2))
+        return "conv_general_dilated" in str(jax.make_jaxpr(
+            lambda: m.init_with_output(jax.random.key(0), x))())
+
+    assert not uses_xla_conv(jnp.float32) and uses_xla_conv(jnp.bfloat16)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert resolve_conv_impl("auto") == "xla" and winograd_tile("auto", 120, 120) is None
+    assert uses_xla_conv(jnp.float32)
+
+
 def test_conv_norm_relu_impls_share_parameters():
     """Winograd has nn.Conv's parameter tree (Conv_0/kernel) and the same output; an unknown
     conv_impl is an error that names the field."""
     x = jax.random.normal(jax.random.key(0), (2, 12, 12, 8))
-    xla = ConvNormReLU(16, norm="group")
+    xla = ConvNormReLU(16, norm="group", conv_impl="xla")
     wino = ConvNormReLU(16, norm="group", conv_impl="winograd4")
     variables = xla.init(jax.random.key(1), x)
     assert jax.tree.structure(wino.init(jax.random.key(1), x)) == jax.tree.structure(variables)
@@ -93,8 +123,8 @@ def test_conv_norm_relu_impls_share_parameters():
 
 def test_model_conv_impl_switch(tiny_model):
     """The whole model with model.decoder.conv_impl='winograd2' (its maps are too small for
-    'winograd' to pick Winograd) loads the 'xla' model's variables and gives the same logits
-    (gradients: `test_winograd_gradients_match_convolution`)."""
+    'winograd' or the default 'auto' to pick Winograd) loads the default model's variables and
+    gives the same logits (gradients: `test_winograd_gradients_match_convolution`)."""
     cfg, model, variables = (tiny_model[k] for k in ("config", "model", "variables"))
     size, n = cfg.model.image_size, cfg.model.max_tokens
     cfg_w = cfg.model.copy_and_resolve_references()

@@ -27,7 +27,7 @@ from vipa_jax.models.layers import (
 
 Array = jax.Array
 NORMS = ("batch", "group", "layer")
-CONV_IMPLS = ("xla", "winograd", "winograd2", "winograd4")
+CONV_IMPLS = ("auto", "xla", "winograd", "winograd2", "winograd4")
 
 # Winograd F(m×m, 3×3) transforms (Lavin & Gray, CVPR 2016): Bᵀ (input), G (kernel), Aᵀ (output).
 WINOGRAD: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {
@@ -93,14 +93,28 @@ def winograd_conv3x3(x: Array, kernel: Array, tile: int = 2) -> Array:
     return y.reshape(b, tile * th, tile * tw, -1)[:, :h, :w]  # (B, th, m, tw, m, F) → (B,H,W,F)
 
 
-def winograd_tile(conv_impl: str, height: int, width: int) -> int | None:
-    """The Winograd tile a `conv_impl` uses on a (height, width) map; None = XLA's convolution.
+def resolve_conv_impl(conv_impl: str, dtype: Any = jnp.float32) -> str:
+    """'auto' → 'winograd' for float32 compute on a CPU default backend (the paper config's CPU
+    forward −18 to −23%, README), 'xla' elsewhere (cuDNN on GPU; F(4×4)'s transforms lose too
+    much in bfloat16); any other `conv_impl` as given."""
+    if conv_impl != "auto":
+        return conv_impl
+    cpu = jax.default_backend() == "cpu"
+    return "winograd" if cpu and jnp.dtype(dtype) == jnp.float32 else "xla"
 
-    'winograd' picks by map size, from single-convolution timings on a 2-core AVX2 VM (README):
-    F(4×4) from 96×96 up (120×120, 640→512: 368 vs 672 ms for F(2×2) and 855 ms for XLA's conv),
-    F(2×2) from 48×48 (60×60, 768→512: 137 vs 158 / 161 ms), XLA's convolution below (30×30,
-    1536→512: 83 vs 104 / 194 ms). 'winograd2' / 'winograd4' use one tile everywhere.
+
+def winograd_tile(conv_impl: str, height: int, width: int,
+                  dtype: Any = jnp.float32) -> int | None:
+    """The Winograd tile a `conv_impl` uses on a (height, width) map in `dtype`; None = XLA's
+    convolution.
+
+    'auto': see `resolve_conv_impl`. 'winograd' picks by map size, from single-convolution
+    timings on a 2-core AVX2 VM (README): F(4×4) from 96×96 up (120×120, 640→512: 368 vs 672 ms
+    for F(2×2) and 855 ms for XLA's conv), F(2×2) from 48×48 (60×60, 768→512: 137 vs 158 /
+    161 ms), XLA's convolution below (30×30, 1536→512: 83 vs 104 / 194 ms). 'winograd2' /
+    'winograd4' use one tile everywhere.
     """
+    conv_impl = resolve_conv_impl(conv_impl, dtype)
     if conv_impl == "xla":
         return None
     if conv_impl == "winograd":
@@ -131,19 +145,20 @@ class WinogradConv(nn.Module):
 class ConvNormReLU(nn.Module):
     """3×3 conv (no bias) → norm → ReLU, LAVT's decoder unit (BatchNorm = SyncBN under jit).
 
-    `conv_impl`: 'xla' (XLA's convolution; cuDNN on GPU) or 'winograd' / 'winograd2' /
-    'winograd4' (`winograd_conv3x3` with the tile `winograd_tile` picks; the same parameters,
-    2.25× or 4× fewer multiply-adds: faster on CPU for the large maps).
+    `conv_impl`: 'auto' (`resolve_conv_impl`: 'winograd' for float32 on CPU, else 'xla'),
+    'xla' (XLA's convolution; cuDNN on GPU) or 'winograd' / 'winograd2' / 'winograd4'
+    (`winograd_conv3x3` with the tile `winograd_tile` picks; the same parameters, 2.25× or 4×
+    fewer multiply-adds: faster on CPU for the large maps).
     """
 
     features: int
     norm: str = "batch"
     dtype: Any = jnp.float32
-    conv_impl: str = "xla"
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:  # (B, H, W, C) → (B, H, W, F)
-        tile = winograd_tile(self.conv_impl, x.shape[1], x.shape[2])
+        tile = winograd_tile(self.conv_impl, x.shape[1], x.shape[2], self.dtype)
         if tile is None:
             x = nn.Conv(self.features, (3, 3), padding=1, use_bias=False, dtype=self.dtype)(x)
         else:
@@ -192,7 +207,7 @@ class Decoder(nn.Module):
     dropout_rate: float = 0.0
     remat: bool = False  # keep only each stage block's / conv block's input for the backward
     dtype: Any = jnp.float32
-    conv_impl: str = "xla"  # 3×3 convs: xla | winograd | winograd2 | winograd4 (ConvNormReLU)
+    conv_impl: str = "auto"  # 3×3 convs: auto | xla | winograd | winograd2 | winograd4
 
     @nn.compact
     def __call__(
