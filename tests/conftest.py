@@ -25,8 +25,8 @@ os.environ["XLA_FLAGS"] = with_test_xla_flags(os.environ.get("XLA_FLAGS", ""))
 
 # `make test` runs the suite on 2 pytest-xdist workers with `--dist loadfile` (a file's tests on
 # one worker, so module fixtures are built once). XLA compiles on one core, so two workers fill
-# both. Files are handed out in collection order; the longest go first so that the last one to
-# start does not run alone at the end (minutes on a 2-core VM, longest first).
+# both. Files are handed out in collection order: the longest (on a 2-core VM, longest first) go
+# first, so that no long file starts last and runs alone at the end.
 LONGEST_FILES = ("test_vipa.py", "test_benchmarks_run.py", "test_swin.py", "test_decoder.py",
                  "test_train_step.py", "test_benchmarks.py", "test_synthetic_swin.py")
 
