@@ -22,11 +22,13 @@ def with_test_xla_flags(flags: str = "") -> str:
     return f"{flags} {TEST_XLA_FLAG}".strip()
 
 
-def quick_env(**extra: str) -> dict[str, str]:
-    """Environment for a test subprocess of the repo's code: the repo on PYTHONPATH, the HF hub
-    offline, unoptimized XLA (`with_test_xla_flags`), plus `extra`."""
-    return {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1",
-            "XLA_FLAGS": with_test_xla_flags(), **extra}
+def quick_env(devices: int | None = None, **extra: str) -> dict[str, str]:
+    """Environment for a test subprocess of the repo's code: the repo and tests/ on PYTHONPATH,
+    the HF hub offline, unoptimized XLA (`with_test_xla_flags`) with `devices` simulated host
+    devices if given, plus `extra`."""
+    count = f"--xla_force_host_platform_device_count={devices}" if devices else ""
+    return {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}",
+            "HF_HUB_OFFLINE": "1", "XLA_FLAGS": with_test_xla_flags(count), **extra}
 
 
 def free_port() -> int:

@@ -31,7 +31,7 @@ LONGEST_FILES = ("test_vipa.py", "test_benchmarks_run.py", "test_swin.py", "test
                  "test_train_step.py", "test_benchmarks.py", "test_synthetic_swin.py")
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Longest files first (stable: the order inside a file and among the rest is kept)."""
     rank = {name: i for i, name in enumerate(LONGEST_FILES)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

@@ -142,14 +142,11 @@ def test_eval_py_two_processes_match_one(bundle_dir: Path, synthetic_root: Path,
                                          tmp_path: Path) -> None:
     """eval.py on 2 processes × 2 CPU devices (jax.distributed on localhost, each scoring its
     shard, a padded last batch) writes the same metrics, both protocols, as on 1 process."""
-    import os
-
-    from tests._procs import communicate_all, free_port, with_test_xla_flags
+    from tests._procs import communicate_all, free_port, quick_env
 
     root = Path(__file__).resolve().parents[1]
     port = free_port()
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(root),
-               XLA_FLAGS=with_test_xla_flags("--xla_force_host_platform_device_count=2"))
+    env = quick_env(2, JAX_PLATFORMS="cpu")
     common = [f"--checkpoint={bundle_dir}", "--config=configs/synthetic.py:test",
               f"--config.data.root={synthetic_root}", f"--splits={SYN_SPLIT}",
               "--protocol=both", "--batch_size=8"]  # 12 expressions: 8 + 4 real / 4 padding

@@ -1,13 +1,12 @@
 """Two-process (multi-host) training on CPU via jax.distributed on localhost."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _procs import communicate_all, free_port, with_test_xla_flags  # noqa: E402
+from _procs import communicate_all, free_port, quick_env  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -15,9 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_two_process_training(tmp_path):
     """2 processes x 2 CPU devices: a (4,1) mesh trains 6 steps, checkpoints both data iterators."""
     port = free_port()
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=with_test_xla_flags("--xla_force_host_platform_device_count=2"),
-               PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}")
+    env = quick_env(2, JAX_PLATFORMS="cpu")
     procs = []
     for pid in range(2):
         cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "tests/_standin.py"),

@@ -1,6 +1,5 @@
 """Checkpoint retention, crash/kill/preempt-and-resume reproduce the uninterrupted run."""
 
-import os
 import signal
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 import _standin  # noqa: E402
-from _procs import with_test_xla_flags  # noqa: E402
+from _procs import quick_env  # noqa: E402
 
 from vipa_jax.train import loop  # noqa: E402
 from vipa_jax.train.checkpoint import Checkpointer, abstract_like  # noqa: E402
@@ -74,8 +73,7 @@ def _cmd(workdir: Path) -> list[str]:
 
 
 def _env() -> dict:
-    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=with_test_xla_flags(),
-                PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}")
+    return quick_env(JAX_PLATFORMS="cpu")
 
 
 def _final_params(workdir: Path, step: int = 12):

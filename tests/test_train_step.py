@@ -1,7 +1,6 @@
 """Train step: sharded == single device, gradient accumulation == big batch, overfit, NaN guard."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 import _standin  # noqa: E402
-from _procs import with_test_xla_flags  # noqa: E402
+from _procs import quick_env  # noqa: E402
 
 from vipa_jax.train import loop  # noqa: E402
 from vipa_jax.train import sharding as shd  # noqa: E402
@@ -52,9 +51,7 @@ print("RESULT" + json.dumps(out))
 
 def run_with_devices(code: str, n: int = 8, timeout: int = 300) -> dict:
     """Run ``code`` in a fresh interpreter with ``n`` simulated CPU devices; parse RESULT json."""
-    flags = with_test_xla_flags(f"--xla_force_host_platform_device_count={n}")
-    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu",
-               PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}")
+    env = quick_env(n, JAX_PLATFORMS="cpu")
     p = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True,
                        text=True, timeout=timeout)
     assert p.returncode == 0, p.stderr[-4000:]
