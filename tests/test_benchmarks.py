@@ -97,6 +97,12 @@ def test_model_quick(tmp_path: Path) -> None:
     assert t["vipa_jax"]["median_s"] > 0 and t["torch_swin_bert"]["median_s"] > 0
     assert t["ratio_vipa_over_torch_backbones"] > 0
     assert "closest to the" in res["note"]
+    from configs.synthetic import get_config
+    from vipa_jax.models.swin import SwinTransformer
+
+    cfg = get_config("test").model
+    padding = SwinTransformer.from_config(cfg.swin).window_padding_macs((cfg.image_size,) * 2)
+    assert res["swin_window_padding_gmacs"] == pytest.approx(padding / 1e9)
 
 
 def test_shape_probe_quick(tmp_path: Path) -> None:

@@ -346,6 +346,53 @@ def test_relative_position_index_sub_window_uses_same_offsets() -> None:
     np.testing.assert_array_equal(sub, full[np.ix_(tokens, tokens)])
 
 
+@pytest.mark.parametrize("shape", [(6, 7), (8, 8)])
+def test_block_projects_only_the_real_tokens(shape: tuple[int, int]) -> None:
+    """A block's q/k/v/out projections and MLP run on the H·W real tokens; only attention runs
+    on the padded map. (The padded tokens' q/k/v are the biases: the HF parity tests above, on
+    maps that need padding, check the result; this checks the MACs it saves.)"""
+    from benchmarks.common import count_macs
+    from vipa_jax.models.swin import SwinBlock
+
+    c, window, heads = 8, 4, 2
+    h, w = shape
+    hp, wp = -(-h // window) * window, -(-w // window) * window
+    block = SwinBlock(num_heads=heads, window_size=window, shift_size=window // 2)
+    x = jnp.ones((1, h, w, c))
+    params = block.init(jax.random.PRNGKey(0), x)
+    macs = count_macs(block.apply, params, x)
+    tokens, padded = h * w, hp * wp
+    expected = (4 * tokens * c * c  # query, key, value, out
+                + 2 * padded * window**2 * c  # q·kᵀ and weights·v, per window
+                + 2 * tokens * c * 4 * c)  # MLP
+    assert macs == expected, (macs, expected)
+
+
+def test_macs_plus_skipped_padding_equal_pytorch_swin() -> None:
+    """Our Swin's multiply-adds + `window_padding_macs` = those PyTorch's FLOP counter counts on HF
+    SwinBackbone, which projects the window padding (Swin-B at 480: 74.82 + 10.42 = 85.24 G)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from benchmarks.common import count_macs
+
+    cfg, hw = dict(SMALL, window_size=7), (70, 94)  # stages 18x24, 9x12, 5x6, 3x3: all padded
+    config = transformers.SwinConfig(
+        embed_dim=cfg["embed_dim"], depths=list(cfg["depths"]), num_heads=list(cfg["num_heads"]),
+        window_size=cfg["window_size"], image_size=224, attn_implementation="eager",
+        out_features=["stage1", "stage2", "stage3", "stage4"])  # eager: count q·kᵀ and w·v too
+    hf = transformers.SwinBackbone(config).eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        hf(torch.zeros(1, 3, *hw))
+    ours = SwinTransformer(**cfg)
+    x = jax.ShapeDtypeStruct((1, *hw, 3), jnp.float32)
+    macs = count_macs(ours.apply, jax.eval_shape(ours.init, jax.random.PRNGKey(0), x), x)
+    padding = ours.window_padding_macs(hw)
+    assert padding > 0.25 * macs
+    assert macs + padding == counter.get_total_flops() // 2
+
+
 def test_shift_mask_regions() -> None:
     """On an 8x8 map with window 4, shift 2: window 0 unmasked, the last window has 4 regions."""
     mask = np.asarray(shift_attention_mask(8, 8, 4, 2))  # (4, 16, 16)

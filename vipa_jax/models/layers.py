@@ -188,7 +188,18 @@ class MultiHeadAttention(nn.Module):
         mask: Array | None = None,  # bool, broadcastable to (..., H, Lq, Lk)
         bias: Array | None = None,  # broadcastable to (..., H, Lq, Lk)
         deterministic: bool = True,
+        regroup: Callable[[Array, Array], Array] | None = None,
+        ungroup: Callable[[Array], Array] | None = None,
     ) -> Array:
+        """Attend from `inputs_q` to `inputs_kv` (default: itself).
+
+        `regroup(t, fill)`, if given, maps each projected query/key/value tensor to the layout
+        attention runs in; `fill` (C,) is what a zero input token projects to (the bias), the
+        value of any zero-padding token it inserts. `ungroup` maps the attended values back
+        before the output projection. Projections are per token, so projecting first and
+        padding / regrouping afterwards equals regrouping the inputs, without projecting the
+        padding (Swin's window attention: stage 3 at 480 projects 900 tokens instead of 1296).
+        """
         if inputs_kv is None:
             inputs_kv = inputs_q
         features = self.qkv_features or inputs_q.shape[-1]
@@ -208,9 +219,16 @@ class MultiHeadAttention(nn.Module):
         def split(x: Array) -> Array:
             return x.reshape(*x.shape[:-1], self.num_heads, head_dim)
 
-        q = split(dense(name="query")(inputs_q))
-        k = split(dense(name="key")(inputs_kv))
-        v = split(dense(name="value")(inputs_kv))
+        projected = []
+        for name, inputs in (("query", inputs_q), ("key", inputs_kv), ("value", inputs_kv)):
+            proj = dense(name=name)
+            t = proj(inputs)  # (..., L, features)
+            if regroup is not None:
+                fill = (proj.variables["params"]["bias"].astype(t.dtype) if self.use_bias
+                        else jnp.zeros((features,), t.dtype))
+                t = regroup(t, fill)
+            projected.append(split(t))
+        q, k, v = projected
         dropout_rng = None
         if not deterministic and self.dropout_rate > 0.0:
             dropout_rng = self.make_rng("dropout")
@@ -226,6 +244,8 @@ class MultiHeadAttention(nn.Module):
             dtype=self.dtype,
         )
         out = out.reshape(*out.shape[:-2], features)
+        if ungroup is not None:
+            out = ungroup(out)
         if self.use_output_proj:
             out = nn.Dense(
                 self.out_features or inputs_q.shape[-1],
