@@ -1,6 +1,9 @@
-"""Custom-gradient building blocks: same forward as flax/jax, less kept for the backward pass."""
+"""Building blocks: custom-gradient GELU / LayerNorm (same forward as flax/jax, less kept for the
+backward pass) and the attention implementations."""
 
 from __future__ import annotations
+
+import functools
 
 import flax.linen as nn
 import jax
@@ -9,7 +12,7 @@ import numpy as np
 import pytest
 
 from benchmarks.common import saved_residual_bytes
-from vipa_jax.models.layers import LayerNorm, exact_gelu
+from vipa_jax.models.layers import LayerNorm, dot_product_attention, exact_gelu
 
 
 def test_exact_gelu_forward_gradients_and_residuals() -> None:
@@ -68,3 +71,63 @@ def test_layer_norm_constant_rows_and_default_dtype() -> None:
     assert out.dtype == jnp.float32 and bool((out == 0).all())
     gx = jax.grad(lambda x: LayerNorm().apply(v, x).sum())(x)
     assert bool(jnp.isfinite(gx).all()) and bool((gx == 0).all())
+
+
+def _attention_inputs(lead: tuple[int, ...], lq: int, lk: int, heads: int = 2, depth: int = 8,
+                      seed: int = 0) -> tuple[jax.Array, jax.Array, jax.Array]:
+    kq, kk, kv = jax.random.split(jax.random.PRNGKey(seed), 3)
+    return (jax.random.normal(kq, (*lead, lq, heads, depth)),
+            jax.random.normal(kk, (*lead, lk, heads, depth)),
+            jax.random.normal(kv, (*lead, lk, heads, depth)))
+
+
+@pytest.mark.parametrize("case", ["swin_windows", "padding_mask", "cross", "unbatched"])
+def test_fused_attention_matches_einsum(case: str) -> None:
+    """jax.nn.dot_product_attention (XLA) through `fused_attention`'s folding = our einsums, with
+    Swin's (nW, H, T, T) bias over (B, nW, T, H, D), a (B, 1, 1, Lk) padding mask, Lq != Lk,
+    and no batch dims; gradients too."""
+
+    kw: dict = {}
+    if case == "swin_windows":
+        q, k, v = _attention_inputs((3, 4), 16, 16)
+        kw["bias"] = 3.0 * jax.random.normal(jax.random.PRNGKey(5), (4, 2, 16, 16))
+    elif case == "padding_mask":
+        q, k, v = _attention_inputs((3,), 7, 7)
+        kw["mask"] = (jnp.arange(7)[None, :] < jnp.array([7, 4, 1])[:, None])[:, None, None, :]
+    elif case == "cross":
+        q, k, v = _attention_inputs((2,), 5, 9)
+        kw["bias"] = jax.random.normal(jax.random.PRNGKey(6), (2, 1, 5, 9))
+        keep = jax.random.bernoulli(jax.random.PRNGKey(7), 0.7, (2, 1, 5, 9))
+        kw["mask"] = keep.at[..., 0].set(True)
+    else:
+        q, k, v = _attention_inputs((), 6, 6)
+
+    def loss(impl: str, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+        out = dot_product_attention(q, k, v, implementation=impl, **kw)
+        return jnp.sum(out * jnp.cos(jnp.arange(out.size).reshape(out.shape))), out
+
+    (_, ref), g_ref = jax.value_and_grad(functools.partial(loss, "einsum"), (0, 1, 2),
+                                         has_aux=True)(q, k, v)
+    (_, out), g = jax.value_and_grad(functools.partial(loss, "xla"), (0, 1, 2),
+                                     has_aux=True)(q, k, v)
+    assert out.shape == ref.shape == q.shape
+    np.testing.assert_allclose(out, ref, atol=2e-6, rtol=2e-5)
+    for a, b in zip(g, g_ref, strict=True):
+        np.testing.assert_allclose(a, b, atol=2e-5, rtol=2e-4)
+    # the bias / mask matter here (else this test would not see a wrong folding)
+    if kw:
+        plain = dot_product_attention(q, k, v, implementation="xla")
+        assert float(jnp.abs(plain - ref).max()) > 0.1
+
+
+def test_fused_attention_errors() -> None:
+
+    q, k, v = _attention_inputs((1,), 4, 4)
+    if jax.default_backend() != "gpu":
+        with pytest.raises(ValueError, match="'cudnn' needs a GPU backend"):
+            dot_product_attention(q, k, v, implementation="cudnn")
+    with pytest.raises(ValueError, match="no attention dropout"):
+        dot_product_attention(q, k, v, implementation="xla", dropout_rate=0.1,
+                              dropout_rng=jax.random.PRNGKey(0), deterministic=False)
+    with pytest.raises(ValueError, match="must be one of"):
+        dot_product_attention(q, k, v, implementation="flash")

@@ -393,6 +393,35 @@ def test_macs_plus_skipped_padding_equal_pytorch_swin() -> None:
     assert macs + padding == counter.get_total_flops() // 2
 
 
+def test_attention_impl_xla_matches_einsum() -> None:
+    """swin.attention_impl='xla' (jax.nn.dot_product_attention, windows folded into heads) gives
+    the einsum implementation's features and gradients on a padded, shifted Swin. ('cudnn' is
+    the same call with another backend; it needs a GPU: benchmarks/attention.py.)"""
+    cfg = dict(embed_dim=16, depths=(2, 2), num_heads=(1, 2), window_size=7)
+    x = jnp.asarray(_images(2, 38, 50))  # maps 10x13 -> 14x14 and 5x7 -> 7x7 (padded)
+    ref_model = SwinTransformer(**cfg)
+    params = ref_model.init(jax.random.PRNGKey(0), x)
+    params = jax.tree.map(  # O(1) relative-position biases, so the bias folding matters
+        lambda p: p * 50.0 if p.ndim == 2 and p.shape[0] == 13 * 13 else p, params)
+
+    def loss(model: SwinTransformer, p: Any) -> Any:
+        feats = model.apply(p, x)
+        return sum(jnp.sum(f * jnp.sin(f)) for f in feats), feats
+
+    def grads(model: SwinTransformer) -> Any:
+        return jax.jit(jax.value_and_grad(functools.partial(loss, model), has_aux=True))(params)
+
+    (_, ref), g_ref = grads(ref_model)
+    (_, out), g = grads(SwinTransformer(**cfg, attention_impl="xla"))
+    for a, b in zip(out, ref, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+    scale = max(float(jnp.abs(leaf).max()) for leaf in jax.tree.leaves(g_ref))
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5 * scale)
+    with pytest.raises(ValueError, match="swin.attention_impl must be one of"):
+        SwinTransformer(**cfg, attention_impl="flash").init(jax.random.PRNGKey(0), x)
+
+
 def test_shift_mask_regions() -> None:
     """On an 8x8 map with window 4, shift 2: window 0 unmasked, the last window has 4 regions."""
     mask = np.asarray(shift_attention_mask(8, 8, 4, 2))  # (4, 16, 16)

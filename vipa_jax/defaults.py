@@ -29,6 +29,9 @@ def get_base_config() -> ml_collections.ConfigDict:
             mlp_ratio=4.0, drop_path_rate=0.3, patch_size=4,
             ape=False,  # learned absolute position embedding (Swin's `ape`; not in Swin-B)
             ape_init="trunc_normal",  # 'trunc_normal' (Swin's) | 'sine' (2-D sinusoidal start)
+            # window attention: 'einsum' (ours) | 'xla' | 'cudnn' (jax.nn.dot_product_attention;
+            # cudnn = cuDNN fused attention, GPU with bfloat16/float16 compute only)
+            attention_impl="einsum",
         )
     )
     c.model.bert = ml_collections.ConfigDict(

@@ -126,6 +126,9 @@ def padding_mask_to_attention_mask(key_mask: Array) -> Array:
     return key_mask.astype(bool)[:, None, None, :]
 
 
+ATTENTION_IMPLS = ("einsum", "xla", "cudnn")
+
+
 def dot_product_attention(
     q: Array,
     k: Array,
@@ -137,12 +140,26 @@ def dot_product_attention(
     dropout_rng: Array | None = None,
     deterministic: bool = True,
     dtype: Dtype | None = None,
+    implementation: str = "einsum",
 ) -> Array:
     """softmax(q kᵀ / √d + bias, masked) v.
 
     q: (..., Lq, H, D), k/v: (..., Lk, H, D) -> (..., Lq, H, D). Softmax runs in float32.
     A query row whose keys are all masked gets uniform weights (as HF's additive mask does).
+
+    `implementation`: 'einsum' (this function's own two einsums, the default), or
+    `jax.nn.dot_product_attention` with 'xla' (its XLA implementation) or 'cudnn' (cuDNN's fused
+    flash attention: GPU, float16 / bfloat16, no attention dropout); see `fused_attention`.
     """
+    if implementation != "einsum":
+        if implementation not in ATTENTION_IMPLS:
+            raise ValueError(f"attention implementation must be one of {ATTENTION_IMPLS}, "
+                             f"got {implementation!r}")
+        if not deterministic and dropout_rate > 0.0:
+            raise ValueError(f"attention implementation {implementation!r} has no attention "
+                             "dropout; use 'einsum' or dropout_rate=0")
+        return fused_attention(q, k, v, bias=bias, mask=mask, implementation=implementation,
+                               dtype=dtype)
     dtype = dtype or q.dtype
     depth = q.shape[-1]
     q = q / jnp.sqrt(jnp.asarray(depth, dtype=q.dtype))
@@ -158,6 +175,53 @@ def dot_product_attention(
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
         weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0).astype(dtype)
     return jnp.einsum("...hqk,...khd->...qhd", weights, v.astype(dtype))
+
+
+def fused_attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    *,
+    bias: Array | None = None,
+    mask: Array | None = None,
+    implementation: str = "xla",
+    dtype: Dtype | None = None,
+) -> Array:
+    """`dot_product_attention` through `jax.nn.dot_product_attention` (4-D inputs only).
+
+    Leading dims after the first, e.g. Swin's windows in (B, nW, T, H, D), fold into the head
+    axis, so a bias that broadcasts over the batch, like Swin's (nW, H, T, T) relative-position
+    bias + shift mask, stays (1, nW·H, T, T) instead of being copied for every image.
+    """
+    dtype = dtype or q.dtype
+    if implementation == "cudnn" and jax.default_backend() != "gpu":
+        raise ValueError("attention implementation 'cudnn' needs a GPU backend "
+                         f"(this one is {jax.default_backend()!r}); use 'einsum' or 'xla'")
+    *lead, lq, heads, depth = q.shape
+    batch = lead[0] if lead else 1
+    groups = int(np.prod(lead[1:], dtype=np.int64))  # folded into the heads
+
+    def fold(t: Array) -> Array:  # (B, *G, L, H, D) -> (B, L, G·H, D)
+        t = t.astype(dtype).reshape(batch, groups, t.shape[-3], heads, depth)
+        return t.transpose(0, 2, 1, 3, 4).reshape(batch, t.shape[2], groups * heads, depth)
+
+    def fold_logits(x: Array | None) -> Array | None:  # ~(B, *G, H, Lq, Lk) -> (B|1, G·H, ..)
+        if x is None:
+            return None
+        x = jnp.asarray(x)
+        x = x.reshape((1,) * (len(lead) + 3 - x.ndim) + x.shape)
+        b = x.shape[0] if lead else 1
+        x = jnp.broadcast_to(x, (b, *lead[1:], heads, *x.shape[-2:]))
+        return x.reshape(b, groups * heads, *x.shape[-2:])
+
+    out = jax.nn.dot_product_attention(
+        fold(q), fold(k), fold(v),
+        bias=None if bias is None else fold_logits(bias).astype(dtype),
+        mask=None if mask is None else fold_logits(mask.astype(bool)),
+        implementation=implementation,
+    )  # (B, Lq, G·H, D)
+    out = out.reshape(batch, lq, groups, heads, depth).transpose(0, 2, 1, 3, 4)
+    return out.reshape(*lead, lq, heads, depth) if lead else out.reshape(lq, heads, depth)
 
 
 class MultiHeadAttention(nn.Module):
@@ -178,6 +242,7 @@ class MultiHeadAttention(nn.Module):
     param_dtype: Dtype = jnp.float32
     kernel_init: Initializer = nn.initializers.lecun_normal()
     bias_init: Initializer = nn.initializers.zeros
+    implementation: str = "einsum"  # dot_product_attention's: einsum | xla | cudnn
 
     @nn.compact
     def __call__(
@@ -242,6 +307,7 @@ class MultiHeadAttention(nn.Module):
             dropout_rng=dropout_rng,
             deterministic=deterministic,
             dtype=self.dtype,
+            implementation=self.implementation,
         )
         out = out.reshape(*out.shape[:-2], features)
         if ungroup is not None:

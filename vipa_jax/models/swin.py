@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vipa_jax.models.layers import (
+    ATTENTION_IMPLS,
     DropPath,
     LayerNorm,
     Mlp,
@@ -65,7 +66,8 @@ SWIN_CONFIGS: dict[str, dict[str, Any]] = {
 }
 _CONFIG_KEYS = frozenset(
     {"embed_dim", "depths", "num_heads", "window_size", "mlp_ratio", "drop_path_rate",
-     "patch_size", "always_partition", "layer_norm_eps", "remat", "dtype", "ape", "ape_init"}
+     "patch_size", "always_partition", "layer_norm_eps", "remat", "dtype", "ape", "ape_init",
+     "attention_impl"}
 )
 
 _SHIFT_MASK_VALUE = -100.0  # the official / HF additive value for cross-region pairs
@@ -210,6 +212,7 @@ class SwinBlock(nn.Module):
     always_partition: bool = True
     layer_norm_eps: float = 1e-5
     dtype: Dtype = jnp.float32
+    attention_impl: str = "einsum"  # layers.dot_product_attention's implementation
 
     def effective_window(self, height: int, width: int) -> tuple[int, int]:
         """(window, shift) actually used on a (height, width) map."""
@@ -252,7 +255,7 @@ class SwinBlock(nn.Module):
             bias = bias[None] + mask[:, None]  # (nW, heads, T, T)
         attn = MultiHeadAttention(
             self.num_heads, use_output_proj=True, dtype=self.dtype,
-            kernel_init=_dense_init, name="attn",
+            kernel_init=_dense_init, implementation=self.attention_impl, name="attn",
         )
         x_norm = ln(name="norm1")(x)  # (B, H, W, C)
         if (hp, wp) != (h, w):
@@ -282,6 +285,7 @@ class SwinStage(nn.Module):
     layer_norm_eps: float = 1e-5
     remat: bool = False
     dtype: Dtype = jnp.float32
+    attention_impl: str = "einsum"
 
     @nn.compact
     def __call__(self, x: Array, deterministic: bool = True) -> Array:
@@ -300,6 +304,7 @@ class SwinStage(nn.Module):
                 always_partition=self.always_partition,
                 layer_norm_eps=self.layer_norm_eps,
                 dtype=self.dtype,
+                attention_impl=self.attention_impl,
                 name=f"blocks_{j}",
             )(x, deterministic)
         return x
@@ -341,6 +346,9 @@ class SwinTransformer(nn.Module):
     dtype: Dtype = jnp.float32  # compute dtype; params are float32
     ape: bool = False  # learned absolute position embedding on the patch grid (Swin's `ape`)
     ape_init: str = "trunc_normal"  # or 'sine' (see AbsolutePositionEmbedding)
+    # Window attention: 'einsum' (ours), 'xla' / 'cudnn' (jax.nn.dot_product_attention's; cuDNN's
+    # fused attention needs a GPU and float16 / bfloat16 compute).
+    attention_impl: str = "einsum"
 
     @classmethod
     def from_config(
@@ -395,6 +403,9 @@ class SwinTransformer(nn.Module):
         return total
 
     def setup(self) -> None:
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"swin.attention_impl must be one of {ATTENTION_IMPLS}, "
+                             f"got {self.attention_impl!r}")
         if len(self.depths) != len(self.num_heads):
             raise ValueError(
                 f"depths {self.depths} and num_heads {self.num_heads} differ in length"
@@ -414,6 +425,7 @@ class SwinTransformer(nn.Module):
                 layer_norm_eps=self.layer_norm_eps,
                 remat=self.remat,
                 dtype=self.dtype,
+                attention_impl=self.attention_impl,
             )
             for i in range(self.num_stages)
         ]
