@@ -12,12 +12,15 @@
 # 3. profile: where the bfloat16 batch-1 forward spends its time;
 # 4. profile-train: where the bfloat16 train step at batch 16 spends its time (MFU's profile);
 # 5. if time is left: the float32 train step at batch 16 (no remat), merged into the result.
+# Steps not in the default list: `memory-remat` (the batch-64 remat row alone) and `attention`
+# (Swin-B forward + backward with each `swin.attention_impl`, einsum / xla / cudnn, bfloat16,
+# batch 8: `benchmarks.attention`, one `attention-*.json`).
 # `SUITE_STEPS` picks and orders the steps (default "inference memory+train profile
 # profile-train train-float32"), so a later lease can measure what an earlier one did not.
 # Steps 1, 2 and 5 write one `run-*.json` (the later ones merge the earlier sections), steps 3
-# and 4 a `profile-*.json` each; the log is `device_suite.log`. Python packages the machine lacks travel as
-# wheels in `.whl/` (installed to /tmp/site). Set `VIPA_GIT_COMMIT` (and `VIPA_GIT_DIRTY=0`) where
-# the tree travels without .git, so the results name their commit.
+# and 4 a `profile-*.json` each; the log is `device_suite.log`. Python packages the machine
+# lacks travel as wheels in `.whl/` (installed to /tmp/site). Set `VIPA_GIT_COMMIT` (and
+# `VIPA_GIT_DIRTY=0`) where the tree travels without .git, so the results name their commit.
 # `SUITE_QUICK=1` runs the same steps on the tiny model on the CPU (to check this script).
 # `SUITE_TIME_SCALE=N` multiplies every step's time limit and reserve, and the default budget
 # (default 1, the GPU's timings): the CPU check on a slow or shared machine uses 2.
@@ -35,10 +38,12 @@ left() { echo $((BUDGET - ($(date +%s) - START))); }
 if [[ ${SUITE_QUICK:-0} == 1 ]]; then
   DEV=(--device cpu --quick --no-torch)  # the GPU suite has no PyTorch comparison
   PROFILE_DEV=(--device cpu --quick)
+  ATTN_DEV=(--device cpu --quick)
   TRAIN_BATCH=2
 else
   DEV=(--device gpu)
   PROFILE_DEV=(--device gpu)
+  ATTN_DEV=(--device gpu)
   TRAIN_BATCH=16
 fi
 
@@ -82,6 +87,8 @@ step() {
         step memory-remat 400 70 $PY -m benchmarks.run "${DEV[@]}" --no-infer \
           --memory-dtypes bfloat16 --memory-targets 64:on --train-at-memory-targets \
           --out "$OUT" ;;
+      attention)  # swin.attention_impl A/B: einsum / xla / cudnn, bfloat16 Swin-B, batch 8
+        step attention 150 5 $PY -m benchmarks.attention "${ATTN_DEV[@]}" --train --out "$OUT" ;;
       profile)
         step profile 90 5 $PY -m benchmarks.profile "${PROFILE_DEV[@]}" --dtype bfloat16 \
           --out "$OUT" ;;
@@ -95,8 +102,8 @@ step() {
         else
           echo "== train-float32: skipped, $(left) s of the budget left"
         fi ;;
-      *) echo "== $name: unknown step (inference memory+train memory-remat profile" \
-           "profile-train train-float32)"; exit 2 ;;
+      *) echo "== $name: unknown step (inference memory+train memory-remat attention" \
+           "profile profile-train train-float32)"; exit 2 ;;
     esac
   done
   echo "== done after $(($(date +%s) - START)) s"

@@ -306,3 +306,23 @@ def test_device_suite_quick(tmp_path: Path, jax_cache: str) -> None:
                          env={**env, "SUITE_STEPS": "inference-b1"}, capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode == 2 and "unknown step" in bad.stdout
+
+
+def test_device_suite_attention_step_quick(tmp_path: Path, jax_cache: str) -> None:
+    """The suite's `attention` step (`benchmarks.attention --train` on the tiny Swin on the CPU):
+    each CPU implementation compiles, is timed, and the JSON says so."""
+    env = quick_env(SUITE_QUICK="1", OUT=str(tmp_path), PYTHON=sys.executable,
+                    SUITE_STEPS="attention", SUITE_TIME_SCALE="2",
+                    JAX_COMPILATION_CACHE_DIR=jax_cache)
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "device_suite.sh")], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
+    log = (tmp_path / "device_suite.log").read_text()
+    assert proc.returncode == 0 and "== attention: exit 0 after" in log, log[-3000:]
+    (path,) = tmp_path.glob("attention-*-train-float32.json")
+    res = json.loads(path.read_text())
+    assert res["mode"] == "train" and res["quick"] and set(res["impls"]) == {"einsum", "xla"}
+    for impl, e in res["impls"].items():
+        assert "error" not in e and e["median_ms"] > 0 and e["compile_s"] > 0, (impl, e)
+    assert res["impls"]["xla"]["speedup_vs_einsum"] > 0
+    assert res["impls"]["einsum"]["max_rel_diff"] == 0.0
+    assert res["impls"]["xla"]["max_rel_diff"] < 1e-4  # same gradients (float32)

@@ -1,0 +1,141 @@
+"""Swin window attention implementations side by side: `swin.attention_impl` A/B (issue 8).
+
+``python -m benchmarks.attention [--device gpu] [--batch 8] [--dtype bfloat16] [--train]
+[--impls einsum cudnn]`` writes ``benchmarks/results/attention-<machine>.json``; ``--quick`` =
+a tiny Swin at 64 px, 2 iterations (the smoke test).
+
+Swin-B w12 at 480×480 (its 24 blocks are where VIPA's attention FLOPs are) with the same random
+weights, compiled once per implementation:
+- `einsum`: `layers.dot_product_attention`'s two einsums with a float32 softmax (the default);
+- `xla`: `jax.nn.dot_product_attention`'s XLA implementation;
+- `cudnn`: `jax.nn.dot_product_attention(implementation='cudnn')`, cuDNN's fused (flash)
+  attention; GPU only, float16 / bfloat16 compute.
+Timed in alternating blocks (`common.time_calls`): the forward, and with `--train` the forward
++ backward (gradient of a scalar of the four stage outputs with respect to the parameters).
+An implementation that fails to compile (e.g. cuDNN rejecting a shape) is recorded with its
+error instead of stopping the run. `max_rel_diff`: the largest difference from the einsum
+implementation's outputs (the four stage features, or the gradients with `--train`), relative
+to their largest entry (a per-array scale would divide by the key biases' gradients, which are
+zero up to rounding: softmax ignores a shift shared by all keys). Default implementations: einsum, xla and, on a GPU, cudnn;
+default dtype: bfloat16 on a GPU, float32 on a CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+import numpy as np
+
+from benchmarks import common
+
+QUICK_SWIN = dict(embed_dim=16, depths=(1, 1, 2, 1), num_heads=(1, 1, 2, 2), window_size=4)
+
+
+def _compile(model: Any, params: Any, images: Any, train: bool) -> tuple[Any, dict[str, Any]]:
+    import jax
+    import jax.numpy as jnp
+
+    if not train:
+        return common.compile_jax(model.apply, params, images)
+
+    def loss(p: Any, x: Any) -> Any:
+        return sum(jnp.mean(f.astype(jnp.float32) ** 2) for f in model.apply(p, x))
+
+    return common.compile_jax(jax.grad(loss), params, images)
+
+
+def run(
+    quick: bool = False, batch: int | None = None, dtype: str | None = None,
+    impls: list[str] | None = None, iters: int | None = None, train: bool = False,
+    image_size: int = 480, out_dir: str | None = None, write: bool = True,
+) -> dict[str, Any]:
+    import jax
+    import jax.numpy as jnp
+
+    from vipa_jax.models.swin import SWIN_CONFIGS, SwinTransformer
+
+    gpu = jax.default_backend() == "gpu"
+    dtype = dtype or ("bfloat16" if gpu else "float32")
+    impls = impls or (["einsum", "xla", "cudnn"] if gpu else ["einsum", "xla"])
+    cfg = dict(QUICK_SWIN) if quick else dict(SWIN_CONFIGS["base"])
+    size = 64 if quick else image_size
+    batch = batch or (1 if quick or not gpu else 8)
+    iters = iters or (2 if quick else 20 if gpu else 5)
+    rng = np.random.default_rng(0)
+    images = jax.device_put(rng.standard_normal((batch, size, size, 3), np.float32))
+    base = SwinTransformer(**cfg, dtype=jnp.dtype(dtype))
+    params = jax.jit(base.init)(jax.random.PRNGKey(0), images[:1])
+    print(f"Swin {'quick' if quick else 'base w12'} @ {size}, batch {batch}, {dtype}, "
+          f"{'forward + backward' if train else 'forward'} on {jax.devices()[0].device_kind}; "
+          f"{iters} timed runs", flush=True)
+
+    entries: dict[str, dict[str, Any]] = {}
+    fns = {}
+    for impl in impls:
+        model = SwinTransformer(**cfg, dtype=jnp.dtype(dtype), attention_impl=impl)
+        try:
+            compiled, info = _compile(model, params, images, train)
+        except Exception as e:  # noqa: BLE001 - record why (cuDNN's shape limits) and go on
+            entries[impl] = {"error": f"{type(e).__name__}: {str(e)[:500]}"}
+            print(f"  {impl:7s} failed to compile: {entries[impl]['error'][:200]}", flush=True)
+            continue
+        entries[impl] = {"compile_s": info["compile_s"], "hlo_flops": info["hlo_flops"]}
+        fns[impl] = lambda c=compiled: c(params, images)
+    timings = common.time_calls(fns, iters=iters, warmup=1) if fns else {}
+    def leaves(out: Any) -> list[np.ndarray]:
+        return [np.asarray(x, np.float32) for x in jax.tree.leaves(out)]
+
+    ref = leaves(fns["einsum"]()) if "einsum" in fns else None
+    for impl, t in timings.items():
+        e = entries[impl]
+        e.update(median_ms=t["median_s"] * 1e3, p90_ms=t["p90_s"] * 1e3, n=t["n"])
+        if ref is not None:  # features (inference) or gradients (train)
+            diff = max(float(np.abs(a - b).max())
+                       for a, b in zip(leaves(fns[impl]()), ref, strict=True))
+            e["max_rel_diff"] = diff / (max(float(np.abs(b).max()) for b in ref) or 1.0)
+        if "einsum" in timings:
+            e["speedup_vs_einsum"] = timings["einsum"]["median_s"] / t["median_s"]
+    rows = [[impl, e.get("compile_s"), e.get("median_ms"), e.get("p90_ms"),
+             e.get("speedup_vs_einsum"), e.get("max_rel_diff"), e.get("error", "")[:60]]
+            for impl, e in entries.items()]
+    common.print_table(rows, ["impl", "compile s", "median ms", "p90 ms", "x einsum",
+                              "max rel diff", "error"])
+    result: dict[str, Any] = {
+        "quick": quick, "swin": cfg, "image_size": size, "batch": batch, "dtype": dtype,
+        "mode": "train" if train else "inference", "iters": iters,
+        "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
+        "impls": entries,
+    }
+    if write:
+        tag = f"{'train' if train else 'infer'}-{dtype}"
+        result["path"] = common.write_result("attention", result, out_dir, tag=tag)
+        print("wrote", result["path"])
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
+    p.add_argument("--quick", action="store_true", help="tiny Swin at 64 px, 2 iterations")
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
+    p.add_argument("--impls", nargs="+", choices=("einsum", "xla", "cudnn"), default=None)
+    p.add_argument("--iters", type=int, default=None)
+    p.add_argument("--image-size", type=int, default=480)
+    p.add_argument("--train", action="store_true", help="time forward + backward")
+    p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    a = p.parse_args()
+    if a.device == "cpu":
+        os.environ["JAX_PLATFORMS"] = "cpu"  # before jax is imported
+    import jax
+
+    if a.device == "gpu" and jax.default_backend() != "gpu":
+        raise SystemExit(f"--device gpu but JAX's backend is {jax.default_backend()!r}")
+    run(quick=a.quick, batch=a.batch, dtype=a.dtype, impls=a.impls, iters=a.iters,
+        train=a.train, image_size=a.image_size, out_dir=a.out)
+
+
+if __name__ == "__main__":
+    main()
