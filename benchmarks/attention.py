@@ -16,8 +16,8 @@ An implementation that fails to compile (e.g. cuDNN rejecting a shape) is record
 error instead of stopping the run. `max_rel_diff`: the largest difference from the einsum
 implementation's outputs (the four stage features, or the gradients with `--train`), relative
 to their largest entry (a per-array scale would divide by the key biases' gradients, which are
-zero up to rounding: softmax ignores a shift shared by all keys). Default implementations: einsum, xla and, on a GPU, cudnn;
-default dtype: bfloat16 on a GPU, float32 on a CPU.
+zero up to rounding: softmax ignores a shift shared by all keys). Default implementations:
+einsum, xla and, on a GPU, cudnn; default dtype: bfloat16 on a GPU, float32 on a CPU.
 """
 
 from __future__ import annotations

@@ -123,9 +123,13 @@ def _pad_hw(x: Array, multiple_h: int, multiple_w: int, fill: Array | None = Non
     if ph or pw:
         x = jnp.pad(x, ((0, 0), (0, ph), (0, pw), (0, 0)))
         if fill is not None:
-            real = np.zeros(x.shape[1:3], bool)
-            real[:h, :w] = True
-            x = jnp.where(real[:, :, None], x, fill.astype(x.dtype))
+            # x + 1[padding]·fill: exact (0·fill = 0), fuses with the pad, and its backward
+            # keeps only the constant indicator; a `where` would keep its broadcast mask
+            # (3 × 0.66 MB per image and block in stage 3 at 480); a concatenation ran slower
+            # (Swin-B forward on CPU, two A/B rounds).
+            pad = np.ones(x.shape[1:3] + (1,), np.float32)
+            pad[:h, :w] = 0.0
+            x = x + jnp.asarray(pad, x.dtype) * fill.astype(x.dtype)
     return x
 
 
