@@ -187,10 +187,10 @@ def fused_attention(
     implementation: str = "xla",
     dtype: Dtype | None = None,
 ) -> Array:
-    """`dot_product_attention` through `jax.nn.dot_product_attention` (4-D inputs only).
+    """`dot_product_attention` through `jax.nn.dot_product_attention`, which takes (B, L, N, D).
 
     Leading dims after the first, e.g. Swin's windows in (B, nW, T, H, D), fold into the head
-    axis, so a bias that broadcasts over the batch, like Swin's (nW, H, T, T) relative-position
+    axis N, so a bias that broadcasts over the batch, like Swin's (nW, H, T, T) relative-position
     bias + shift mask, stays (1, nW·H, T, T) instead of being copied for every image.
     """
     dtype = dtype or q.dtype

@@ -4,10 +4,12 @@ Behaviour follows the official segmentation backbone (Swin-Transformer-Semantic-
 used by LAVT/CrossVLT) which equals HF `SwinBackbone` (`always_partition=True`): every block
 pads its (H, W) map to a multiple of the window (480² input, window 12: stage 3 30→36,
 stage 4 15→24), odd blocks shift by window // 2 with the −100 shift mask, and padding is
-cropped afterwards. With `always_partition=False` a block whose map has min(H, W) <= window
-uses window = min(H, W) and no shift, as HF `SwinModel` and the official classification
-code do; if that window is smaller than the trained one, the bias is read from the trained
-table at the same relative offsets.
+cropped afterwards (the padding tokens are zeros after `norm1`, so their q/k/v are the projection
+biases: only the real tokens are projected, the same result with fewer multiply-adds, see
+`SwinTransformer.window_padding_macs`). With `always_partition=False` a block whose map has
+min(H, W) <= window uses window = min(H, W) and no shift, as HF `SwinModel` and the official
+classification code do; if that window is smaller than the trained one, the bias is read from
+the trained table at the same relative offsets.
 
 The model is decomposable so the VIPA fusion encoder can interleave fusion between stages:
 
