@@ -84,6 +84,7 @@ def run(
         entries[impl] = {"compile_s": info["compile_s"], "hlo_flops": info["hlo_flops"]}
         fns[impl] = lambda c=compiled: c(params, images)
     timings = common.time_calls(fns, iters=iters, warmup=1) if fns else {}
+
     def leaves(out: Any) -> list[np.ndarray]:
         return [np.asarray(x, np.float32) for x in jax.tree.leaves(out)]
 

@@ -205,9 +205,7 @@ def fused_attention(
         t = t.astype(dtype).reshape(batch, groups, t.shape[-3], heads, depth)
         return t.transpose(0, 2, 1, 3, 4).reshape(batch, t.shape[2], groups * heads, depth)
 
-    def fold_logits(x: Array | None) -> Array | None:  # ~(B, *G, H, Lq, Lk) -> (B|1, G·H, ..)
-        if x is None:
-            return None
+    def fold_logits(x: Array) -> Array:  # ~(B, *G, H, Lq, Lk) -> (B|1, G·H, Lq, Lk)
         x = jnp.asarray(x)
         x = x.reshape((1,) * (len(lead) + 3 - x.ndim) + x.shape)
         b = x.shape[0] if lead else 1

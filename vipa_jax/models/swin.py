@@ -115,13 +115,18 @@ def window_reverse(windows: Array, window: int, height: int, width: int) -> Arra
     return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, height, width, c)
 
 
+def _round_up(n: int, multiple: int) -> int:
+    """The smallest multiple of `multiple` that is >= n (a padded map side)."""
+    return -(-n // multiple) * multiple
+
+
 def _pad_hw(x: Array, multiple_h: int, multiple_w: int, fill: Array | None = None) -> Array:
     """Pad (B, H, W, C) at the bottom/right to multiples of (multiple_h, multiple_w).
 
     The new tokens are zeros, or the (C,) vector `fill`.
     """
     _, h, w, _ = x.shape
-    ph, pw = (-h) % multiple_h, (-w) % multiple_w
+    ph, pw = _round_up(h, multiple_h) - h, _round_up(w, multiple_w) - w
     if ph or pw:
         x = jnp.pad(x, ((0, 0), (0, ph), (0, pw), (0, 0)))
         if fill is not None:
@@ -238,7 +243,7 @@ class SwinBlock(nn.Module):
             ((2 * self.window_size - 1) ** 2, self.num_heads),
         )  # ((2w-1)², heads), float32
 
-        hp, wp = h + (-h) % window, w + (-w) % window  # the padded map
+        hp, wp = _round_up(h, window), _round_up(w, window)  # the padded map
 
         def to_windows(t: Array, fill: Array | None = None) -> Array:
             """(B, H, W, C') -> (B, nW, T, C'): pad (with `fill`), shift, partition."""
@@ -395,17 +400,15 @@ class SwinTransformer(nn.Module):
         """Multiply-adds per image that the reference Swin (official, HF, LAVT) spends on the
         q/k/v and output projections of window-padding tokens, and this one skips (SwinBlock).
         Swin-B at 480: 10.4 G of its 85.2 G."""
-        h, w = (-(-s // self.patch_size) for s in image_hw)
+        h, w = (_round_up(s, self.patch_size) // self.patch_size for s in image_hw)
         total = 0
-        for i, depth in enumerate(self.depths):
-            c = self.embed_dim * 2**i
-            for j in range(depth):
-                block = SwinBlock(self.num_heads[i], self.window_size,
-                                  0 if j % 2 == 0 else self.window_size // 2,
-                                  always_partition=self.always_partition, parent=None)
-                win, _ = block.effective_window(h, w)
-                total += 4 * c * c * (-(-h // win) * win * -(-w // win) * win - h * w)
-            h, w = -(-h // 2), -(-w // 2)
+        for i, (depth, c) in enumerate(zip(self.depths, self.num_features, strict=True)):
+            block = SwinBlock(self.num_heads[i], self.window_size,
+                              always_partition=self.always_partition, parent=None)
+            win, _ = block.effective_window(h, w)  # the same for every block of the stage
+            padding_tokens = _round_up(h, win) * _round_up(w, win) - h * w
+            total += depth * 4 * c * c * padding_tokens  # q, k, v and out: C×C each
+            h, w = _round_up(h, 2) // 2, _round_up(w, 2) // 2  # patch merging
         return total
 
     def setup(self) -> None:
