@@ -31,7 +31,9 @@ Sections (every figure carries dtype, batch, image size and device kind, and the
   ignores `jax.checkpoint` (jax#19822: XLA:CPU drops the optimization barriers that keep the
   recomputation apart, so it is CSE'd with the forward), so there the remat rows say nothing
   about remat. Next to it, JAX's own count of the bytes saved for the backward pass (one image,
-  × batch; `common.saved_residual_bytes`), which is backend-independent. `--no-memory` skips
+  × batch; `common.saved_residual_bytes`), which is backend-independent. Both count the decoder
+  convolution a GPU runs (`decoder.conv_impl='auto'` → XLA's, not the CPU's Winograd, whose
+  tiles add ~0.25 GiB per image: `_as_on_gpu`). `--no-memory` skips
   it (on CPU it costs ~1 min of compile per row). The GPU run sets
   `XLA_PYTHON_CLIENT_MEM_FRACTION=0.95` unless set.
 - cpu_vs_torch (CPU, needs torch): `benchmarks.backbones.run` (our Swin-B and BERT-base vs
@@ -118,6 +120,17 @@ def _with(cfg: Any, **model: Any) -> Any:
     out = copy.deepcopy(cfg)
     for k, v in model.items():
         setattr(out.model, k, v)
+    return out
+
+
+def _as_on_gpu(cfg: Any) -> Any:
+    """`cfg` with the decoder convolution a GPU runs: 'auto' resolves to Winograd on a CPU
+    backend (float32), whose transformed tiles the backward keeps (+253 MiB per image for the
+    paper config in float32), but to XLA's convolution on a GPU, which the memory rows are about."""
+    if cfg.model.decoder.conv_impl != "auto":
+        return cfg
+    out = copy.deepcopy(cfg)
+    out.model.decoder.conv_impl = "xla"
     return out
 
 
@@ -289,7 +302,7 @@ def memory_section(
     saved: dict[tuple[str, bool], int] = {}
     for dtype in dtypes:
         for batch, remat in targets:
-            row_cfg = _with(cfg, dtype=dtype, remat=remat)
+            row_cfg = _as_on_gpu(_with(cfg, dtype=dtype, remat=remat))
             if (dtype, remat) not in saved:
                 saved[dtype, remat] = saved_per_image(row_cfg)
             entry: dict[str, Any] = {
@@ -297,6 +310,7 @@ def memory_section(
                 "image_size": cfg.model.image_size, "limit_bytes": TARGETS["gpu_memory_bytes"],
                 "xla_memory": None, "estimate_bytes": None,
                 "saved_for_backward_per_image_bytes": saved[dtype, remat],
+                "conv_impl": row_cfg.model.decoder.conv_impl,
             }
             try:  # on a GPU, running out of memory (compile, transfer or step) is a result
                 if time_iters is not None:

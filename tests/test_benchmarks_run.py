@@ -69,6 +69,7 @@ def test_quick_json_sections(quick_run: tuple[dict, Path]) -> None:
     assert (mem["dtype"], mem["remat"], mem["batch"]) == ("bfloat16", True, 2)
     assert mem["estimate_bytes"] == tr["xla_memory"]["estimate_bytes"] and "ran" not in mem
     assert mem["saved_for_backward_per_image_bytes"] > 0
+    assert mem["conv_impl"] == "xla"  # the memory rows count what a GPU runs ('auto' -> XLA)
 
     cvt = res["cpu_vs_torch"]
     if "skipped" in cvt:  # no torch in this environment
@@ -280,6 +281,22 @@ def test_memory_rows_become_train_rows() -> None:
     _, train = split_memory_rows(rows, "NVIDIA H200")
     assert train[1]["model_flops_per_step"] == pytest.approx(8e13)
     assert train[1]["hfu"] == pytest.approx(1e14 / 0.1 / 989.4e12)
+
+
+def test_memory_rows_count_the_gpu_convolution() -> None:
+    """The memory rows are about a GPU: the default 'auto' (Winograd on a CPU backend, whose
+    tiles the backward keeps) becomes XLA's convolution there; an explicit choice is kept, and
+    the caller's config is not changed."""
+    from benchmarks.run import _as_on_gpu
+    from configs import refcoco
+    from vipa_jax.models.decoder import resolve_conv_impl
+
+    cfg = refcoco.get_config()
+    assert cfg.model.decoder.conv_impl == "auto" and resolve_conv_impl("auto") == "winograd"
+    assert _as_on_gpu(cfg).model.decoder.conv_impl == "xla"
+    assert cfg.model.decoder.conv_impl == "auto"
+    cfg.model.decoder.conv_impl = "winograd4"
+    assert _as_on_gpu(cfg) is cfg
 
 
 def test_device_suite_quick(tmp_path: Path, jax_cache: str) -> None:
