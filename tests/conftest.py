@@ -3,9 +3,13 @@ the tiny random VIPA (`synthetic:test`), its inference bundle and a 2-image synt
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import pickle
+import shutil
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +26,18 @@ flags.FLAGS.mark_as_parsed()
 # The suite compiles far more XLA than it runs: unoptimized (LLVM -O0) CPU code compiles ~2x
 # faster. Set before any test touches jax; VIPA_TEST_OPTIMIZED=1 keeps XLA's default.
 os.environ["XLA_FLAGS"] = with_test_xla_flags(os.environ.get("XLA_FLAGS", ""))
+
+# One persistent XLA compilation cache for the whole run: the tests build the same tiny models in
+# several files and in the processes they start (train.py, demo, multi-host workers), and a
+# cache hit loads a program instead of compiling it again. The first process to import this file
+# (the xdist controller, or the only process) makes a fresh directory and removes it at exit;
+# the workers and subprocesses inherit the variable. A run that sets the variable keeps its own.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache_dir = tempfile.mkdtemp(prefix="vipa_jax-test-xla-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache_dir
+    atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
+    if "jax" in sys.modules:  # jax read the variable when it was imported
+        sys.modules["jax"].config.update("jax_compilation_cache_dir", _cache_dir)
 
 # `make test` runs the suite on 2 pytest-xdist workers with `--dist loadfile` (a file's tests on
 # one worker, so module fixtures are built once). XLA compiles on one core, so two workers fill
