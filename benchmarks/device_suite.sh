@@ -40,12 +40,17 @@ if [[ ${SUITE_QUICK:-0} == 1 ]]; then
   PROFILE_DEV=(--device cpu --quick)
   ATTN_DEV=(--device cpu --quick)
   TRAIN_BATCH=2
+  PROFILE_TRAIN=(--remat)  # the quick memory row's step (batch 2, remat): loaded, not compiled
 else
   DEV=(--device gpu)
   PROFILE_DEV=(--device gpu)
   ATTN_DEV=(--device gpu)
   TRAIN_BATCH=16
+  PROFILE_TRAIN=()  # the memory row's batch-16 step without remat
 fi
+# One persistent XLA compilation cache for the steps: a program compiled by an earlier step (or
+# an earlier call of this script in the same lease) is loaded instead of compiled again.
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/vipa_jax-xla-cache}
 
 # step NAME MAX_SECONDS RESERVE_SECONDS CMD...: run CMD for at most MAX_SECONDS, and never into
 # the last RESERVE_SECONDS of the budget (kept for the steps after it).
@@ -94,7 +99,7 @@ step() {
           --out "$OUT" ;;
       profile-train)
         step profile-train 240 5 $PY -m benchmarks.profile "${PROFILE_DEV[@]}" --train \
-          --dtype bfloat16 --batch "$TRAIN_BATCH" --out "$OUT" ;;
+          --dtype bfloat16 --batch "$TRAIN_BATCH" "${PROFILE_TRAIN[@]}" --out "$OUT" ;;
       train-float32)
         if (($(left) > 150 * SCALE)); then
           step train-float32 400 5 $PY -m benchmarks.run "${DEV[@]}" --no-infer --no-memory \

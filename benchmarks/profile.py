@@ -12,7 +12,9 @@
   CPU, ``*copy*``/``*transpose*`` = layout copies, ...): what to look at before optimizing.
 - top ops: the slowest single ops with their shapes and full module paths.
 
-Method: the function is jitted, compiled and run twice untraced; then ``--reps`` calls run under
+Method: the function is jitted, compiled and run twice untraced (the train step as
+`benchmarks.run` times it: the state donated, each call fed the state the last one returned);
+then ``--reps`` calls run under
 `jax.profiler.trace` and the trace (`*.xplane.pb`, readable by TensorBoard / XProf / Perfetto;
 kept with ``--trace-dir``) is read back with `jax.profiler.ProfileData`. An event counts when its
 `hlo_op` stat or its name (a GPU kernel is named after its instruction with `.` -> `_`) is an
@@ -33,7 +35,7 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 from benchmarks import common
@@ -108,10 +110,10 @@ def _event_op(ev: Any) -> str:
 
 
 def trace_op_times(
-    compiled: Callable[..., Any], args: Sequence[Any], hlo_text: str, reps: int,
-    trace_dir: str | None = None,
+    call: Callable[[], Any], hlo_text: str, reps: int, trace_dir: str | None = None,
 ) -> dict[str, Any]:
-    """Run `compiled(*args)` `reps` times under the profiler -> per-instruction mean ns per call.
+    """Run `call()` (one call of the compiled program whose HLO is `hlo_text`) `reps` times
+    under the profiler -> per-instruction mean ns per call.
 
     Returns {"ops": {name: {"ns": float, "count": int, "shape": str, "op_name": str}},
     "planes": [names of the planes that counted], "trace": path of the .xplane.pb}.
@@ -123,7 +125,7 @@ def trace_op_times(
     trace_dir = trace_dir or tempfile.mkdtemp(prefix="vipa_trace_")
     with jax.profiler.trace(trace_dir):
         for _ in range(reps):
-            jax.block_until_ready(compiled(*args))
+            jax.block_until_ready(call())
     files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True),
                    key=os.path.getmtime)
     if not files:
@@ -207,16 +209,23 @@ def profile(
         from benchmarks.input_pipeline import train_step_setup
 
         step_fn, state, data = train_step_setup(cfg, batch)
-        args: tuple[Any, ...] = (state, jax.device_put(data), jax.random.key(1))
-        # No donation: the same state is fed to every call.
-        compiled, info = common.compile_jax(step_fn, *args)
+        data, key = jax.device_put(data), jax.random.key(1)
+        # The program `benchmarks.run` times: the state donated (updated in place on a GPU),
+        # so each call feeds the state the previous one returned.
+        compiled, info = common.compile_jax(step_fn, state, data, key, donate_argnums=(0,))
+        carry = {"state": state}
+
+        def call() -> Any:
+            carry["state"], metrics = compiled(carry["state"], data, key)
+            return metrics
     else:
         from benchmarks.input_pipeline import forward_setup
 
         fn, args = forward_setup(cfg, batch)
         compiled, info = common.compile_jax(fn, *args)
-    timing = common.time_call(lambda: compiled(*args), iters=max(reps, 2), warmup=1)
-    traced = trace_op_times(compiled, args, compiled.as_text(), reps, trace_dir)
+        call = lambda: compiled(*args)  # noqa: E731
+    timing = common.time_call(call, iters=max(reps, 2), warmup=1)
+    traced = trace_op_times(call, compiled.as_text(), reps, trace_dir)
     summary = summarize_ops(traced["ops"], depth)
     return {
         "mode": "train" if train else "inference", "batch": batch,
