@@ -10,6 +10,9 @@ Sections (every figure carries dtype, batch, image size and device kind, and the
 - inference: the full VIPA forward (`train=False`), paper config (`configs/refcoco.py`: Swin-B w12
   + BERT-base, 480×480, 21 tokens), batch 1 and 8 on GPU (1 on CPU; `--infer-batch`), float32
   and bfloat16 compute (`model.dtype`; parameters stay float32). Compile = lower + XLA compile;
+  a program that JAX's persistent compilation cache supplied (`JAX_COMPILATION_CACHE_DIR`, e.g.
+  a second `device_suite.sh` call in one lease) is marked `compile_cache_hit` and its load time
+  does not count against the compile target;
   latency = median and p90 of `--iters` timed calls after one warm-up (`common.time_call`).
 - train: the real jitted train step (`benchmarks.input_pipeline.train_step_setup`: loss, grads,
   AdamW update, frozen-parameter mask; state donated), with and without `model.remat`, float32
@@ -169,6 +172,7 @@ def inference_section(
             entry = {
                 "dtype": dtype, "batch": batch, "image_size": m.image_size,
                 "tokens": m.max_tokens, "compile_s": info["lower_s"] + info["compile_s"],
+                "compile_cache_hit": info["cache_hit"],
                 "lower_s": info["lower_s"], "xla_compile_s": info["compile_s"],
                 "xla_flops": info["flops"], "hlo_flops": info["hlo_flops"],
                 "median_ms": t["median_s"] * 1e3,
@@ -214,6 +218,7 @@ def train_one(cfg: Any, batch: int, iters: int) -> dict[str, Any]:
     return {
         "batch": batch, "image_size": cfg.model.image_size, "tokens": cfg.model.max_tokens,
         "compile_s": info["lower_s"] + info["compile_s"], "lower_s": info["lower_s"],
+        "compile_cache_hit": info["cache_hit"],
         "xla_compile_s": info["compile_s"], "xla_flops_per_step": info["flops"],
         "hlo_flops_per_step": info["hlo_flops"],
         "first_step_s": first, "step_median_ms": s["median_s"] * 1e3,
@@ -317,6 +322,7 @@ def memory_section(
                     step = train_one(row_cfg, batch, time_iters)
                     xm = step["xla_memory"]
                     entry.update(compile_s=step["compile_s"], xla_memory=xm,
+                                 compile_cache_hit=step["compile_cache_hit"],
                                  estimate_bytes=xm["estimate_bytes"] if xm else None,
                                  ran=True, device_memory=step["device_memory"], step=step)
                 else:
@@ -327,7 +333,8 @@ def memory_section(
                                                         donate_argnums=(0,))
                     xm = common.memory_of(compiled)
                     entry.update(compile_s=info["lower_s"] + info["compile_s"], xla_memory=xm,
-                                 estimate_bytes=xm["estimate_bytes"] if xm else None)
+                                 estimate_bytes=xm["estimate_bytes"] if xm else None,
+                                 compile_cache_hit=info["cache_hit"])
                     if gpu:
                         jax.block_until_ready(compiled(state, data, key))
                         entry["ran"], entry["device_memory"] = True, common.device_memory()
@@ -459,24 +466,29 @@ def figures(result: dict[str, Any]) -> list[dict[str, Any]]:
                      "device": device, "value": value, "p90": p90, "target": target,
                      "status": status or "n/a"})
 
+    def add_compile(fig: str, e: dict[str, Any]) -> None:
+        """A compile-time row; a program loaded from the compilation cache is no compile time."""
+        hit = e.get("compile_cache_hit")
+        add(fig, e["dtype"], e["batch"], e["image_size"], f"{e['compile_s']:.1f} s",
+            "loaded from the compilation cache" if hit else "",
+            f"<= {TARGETS['gpu_compile_s']:g} s (GPU)",
+            "n/a (cache hit)" if hit else
+            _status(e["compile_s"], TARGETS["gpu_compile_s"], False, gpu, True))
+
     for e in result.get("inference", []):
         tgt = TARGETS["gpu_inference_ms_batch1"].get(e["dtype"]) if e["batch"] == 1 else None
         add("inference latency (median)", e["dtype"], e["batch"], e["image_size"],
             f"{_ms(e['median_ms'])} ms", f"{_ms(e['p90_ms'])} ms",
             f"<= {tgt:g} ms (H100)" if tgt else "",
             _status(e["median_ms"], tgt, False, gpu, True))
-        add("inference compile", e["dtype"], e["batch"], e["image_size"],
-            f"{e['compile_s']:.1f} s", target=f"<= {TARGETS['gpu_compile_s']:g} s (GPU)",
-            status=_status(e["compile_s"], TARGETS["gpu_compile_s"], False, gpu, True))
+        add_compile("inference compile", e)
     for e in result.get("train", []):
         name = f"train, remat {'on' if e['remat'] else 'off'}"
         add(f"{name}: throughput", e["dtype"], e["batch"], e["image_size"],
             f"{e['images_per_s']:.2f} img/s")
         add(f"{name}: step time (median)", e["dtype"], e["batch"], e["image_size"],
             f"{_ms(e['step_median_ms'])} ms", f"{_ms(e['step_p90_ms'])} ms")
-        add(f"{name}: compile", e["dtype"], e["batch"], e["image_size"],
-            f"{e['compile_s']:.1f} s", target=f"<= {TARGETS['gpu_compile_s']:g} s (GPU)",
-            status=_status(e["compile_s"], TARGETS["gpu_compile_s"], False, gpu, True))
+        add_compile(f"{name}: compile", e)
         dm = e.get("device_memory")
         peak = (f"{dm['peak_bytes_in_use'] / 2**30:.2f} GiB (process peak)"
                 if dm and "peak_bytes_in_use" in dm else "n/a (CPU: no memory_stats)")

@@ -65,11 +65,15 @@ def test_quick_json_sections(quick_run: tuple[dict, Path]) -> None:
     assert tr["images_per_s"] == pytest.approx(2 / (tr["step_median_ms"] / 1e3))
     assert tr["xla_memory"]["estimate_bytes"] > 0
     assert tr["device_memory"] is None and tr["mfu"] is None  # CPU: n/a
-    (mem,) = res["memory"]  # the same step compiled again: the same buffer assignment
+    (mem,) = res["memory"]  # the same step compiled: the same buffer assignment
     assert (mem["dtype"], mem["remat"], mem["batch"]) == ("bfloat16", True, 2)
     assert mem["estimate_bytes"] == tr["xla_memory"]["estimate_bytes"] and "ran" not in mem
     assert mem["saved_for_backward_per_image_bytes"] > 0
     assert mem["conv_impl"] == "xla"  # the memory rows count what a GPU runs ('auto' -> XLA)
+    # the module's compilation cache is fresh: the first compiles are compiles, and the train
+    # section's step (the memory row's, which runs first, compiled again) is loaded from it
+    assert not any(e["compile_cache_hit"] for e in inf.values()) and not mem["compile_cache_hit"]
+    assert tr["compile_cache_hit"] is True
 
     cvt = res["cpu_vs_torch"]
     if "skipped" in cvt:  # no torch in this environment
@@ -157,7 +161,9 @@ def test_markdown_and_mfu_from_results(tmp_path: Path) -> None:
                       {"dtype": "bfloat16", "batch": 64, "remat": True, "image_size": 480,
                        "estimate_bytes": 70e9, "ran": False, "error": "out of memory"}],
            "inference": [{"dtype": "float32", "batch": 1, "image_size": 480, "median_ms": 50.0,
-                          "p90_ms": 52.0, "compile_s": 70.0}]}
+                          "p90_ms": 52.0, "compile_s": 70.0},
+                         {"dtype": "bfloat16", "batch": 1, "image_size": 480, "median_ms": 9.0,
+                          "p90_ms": 9.5, "compile_s": 95.0, "compile_cache_hit": True}]}
     (tmp_path / "run-box-nvidia_h100-2026-01-01.json").write_text(json.dumps(gpu))
     profile = {"benchmark": "profile", "quick": False, "backend": "gpu", "machine_info": machine,
                "mode": "inference", "batch": 1, "image_size": 480, "dtype": "bfloat16",
@@ -174,6 +180,9 @@ def test_markdown_and_mfu_from_results(tmp_path: Path) -> None:
     assert text.count("Where the time goes") == 1  # the quick profile is not a result
     assert "| inference latency (median) | float32 | 1 | 480 | 50.0 ms |" in text
     assert "misses" in text  # 50 ms > 41 ms and 70 s > 60 s
+    # a program from the compilation cache: its load time is no compile time, met or missed
+    assert ("| inference compile | bfloat16 | 1 | 480 | 95.0 s | loaded from the compilation "
+            "cache | <= 60 s (GPU) | n/a (cache hit) |") in text
     assert "| train, remat off: MFU | bfloat16 | 8 | 480 | 40.4% |" in text
     assert "meets" in text  # 40.4% >= 40%
     assert ("| train memory, remat off (XLA estimate) | bfloat16 | 16 | 480 | 55.9 GiB "
