@@ -46,7 +46,8 @@ else
   PROFILE_DEV=(--device gpu)
   ATTN_DEV=(--device gpu)
   TRAIN_BATCH=16
-  PROFILE_TRAIN=()  # the memory row's batch-16 step without remat
+  PROFILE_TRAIN=()  # the memory row's batch-16 step without remat (compiled again: the
+                    # profile turns XLA's command buffers off, which changes the cache key)
 fi
 # One persistent XLA compilation cache for the steps: a program compiled by an earlier step (or
 # an earlier call of this script in the same lease) is loaded instead of compiled again.
