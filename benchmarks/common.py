@@ -261,12 +261,18 @@ def time_calls(
 
 
 _CACHE_HITS = [0]  # persistent compilation cache hits in this process (`compile_jax`)
-_LISTENING = [False]
 
 
-def _count_cache_hit(event: str, **_: Any) -> None:
-    if event == "/jax/compilation_cache/cache_hits":
-        _CACHE_HITS[0] += 1
+@functools.cache
+def _count_cache_hits() -> None:
+    """Register, once per process, a listener that counts cache hits in `_CACHE_HITS`."""
+    import jax
+
+    def on_event(event: str, **_: Any) -> None:
+        if event == "/jax/compilation_cache/cache_hits":
+            _CACHE_HITS[0] += 1
+
+    jax.monitoring.register_event_listener(on_event)
 
 
 def compile_jax(
@@ -285,9 +291,7 @@ def compile_jax(
     """
     import jax
 
-    if not _LISTENING[0]:
-        jax.monitoring.register_event_listener(_count_cache_hit)
-        _LISTENING[0] = True
+    _count_cache_hits()
     hits = _CACHE_HITS[0]
     t0 = time.perf_counter()
     lowered = jax.jit(fn, **jit_kwargs).lower(*args)
