@@ -69,9 +69,9 @@ def test_winograd_gradients_match_convolution(tile):
 
 
 def test_winograd_tile_policy():
-    """'winograd' picks F(4×4) for large maps, F(2×2) for medium, XLA's conv for small (the
-    paper config at 480: 120, 60 and 30 pixel maps); bad names and tiles are errors."""
-    assert [winograd_tile("winograd", s, s) for s in (120, 60, 30)] == [4, 2, None]
+    """'winograd' picks F(4×4) from 48 px, XLA's conv below (the paper config at 480: 120, 60
+    and 30 pixel maps); bad names and tiles are errors."""
+    assert [winograd_tile("winograd", s, s) for s in (120, 60, 48, 47, 30)] == [4, 4, 4, None, None]
     assert winograd_tile("winograd", 120, 40) is None  # the shorter side decides
     assert winograd_tile("xla", 120, 120) is None
     assert winograd_tile("winograd2", 8, 8) == 2 and winograd_tile("winograd4", 8, 8) == 4
@@ -89,7 +89,7 @@ def test_auto_conv_impl_by_backend_and_dtype(monkeypatch):
     assert get_base_config().model.decoder.conv_impl == "auto" == ConvNormReLU.conv_impl
     assert jax.default_backend() == "cpu"
     assert resolve_conv_impl("auto") == "winograd"
-    assert [winograd_tile("auto", s, s) for s in (120, 60, 30)] == [4, 2, None]
+    assert [winograd_tile("auto", s, s) for s in (120, 60, 30)] == [4, 4, None]
     assert winograd_tile("auto", 120, 120, jnp.bfloat16) is None
     assert resolve_conv_impl("winograd4", jnp.bfloat16) == "winograd4"
     assert resolve_conv_impl("xla") == "xla"

@@ -103,17 +103,18 @@ def winograd_tile(conv_impl: str, height: int, width: int,
     convolution.
 
     'auto': see `resolve_conv_impl`. 'winograd' picks by map size, from single-convolution
-    timings on a 2-core AVX2 VM (README): F(4×4) from 96×96 up (120×120, 640→512: 368 vs 672 ms
-    for F(2×2) and 855 ms for XLA's conv), F(2×2) from 48×48 (60×60, 768→512: 137 vs 158 /
-    161 ms), XLA's convolution below (30×30, 1536→512: 83 vs 104 / 194 ms). 'winograd2' /
-    'winograd4' use one tile everywhere.
+    timings of the GEMM-transform version on a 2-core AVX-512 VM (README): F(4×4) from 48×48 up
+    (120×120, 640→512: 205 ms against 295 for F(2×2) and 505 for XLA's conv; 60×60, 768→512:
+    81 against 97 / 123 ms), XLA's convolution below (its 30×30 maps: F(2×2) was faster alone,
+    60 vs 71 ms for 1536→512, but not in the whole forward; the demo's and tests' maps, ≤ 32 px,
+    keep XLA's). 'winograd2' / 'winograd4' use one tile everywhere.
     """
     conv_impl = resolve_conv_impl(conv_impl, dtype)
     if conv_impl == "xla":
         return None
     if conv_impl == "winograd":
         side = min(height, width)
-        return 4 if side >= 96 else 2 if side >= 48 else None
+        return 4 if side >= 48 else None
     if conv_impl in ("winograd2", "winograd4"):
         return int(conv_impl[-1])
     raise ValueError(f"decoder.conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}")
