@@ -43,6 +43,8 @@ from benchmarks import common
 PAPER_GFLOPS = 431.0
 PAPER_MS = 82.0  # FP32 inference, on the paper's GPU
 PARTS = ("swin", "bert", "fusion", "advanced_lang", "veg", "decoder")
+# The forward functions `part_functions` builds (`benchmarks.profile --part`).
+FORWARD_PARTS = ("total", "encoder", "swin", "bert", "advanced_lang", "veg", "decoder")
 
 
 def _config(quick: bool) -> Any:
@@ -168,6 +170,32 @@ def abstract_inputs(model: Any, variables: Any, cfg: Any) -> dict[str, tuple[Any
         "full": (images, ids, mask), "images": (images,), "tokens": (ids, mask),
         "adv": (lang, vis), "veg": (vis, lang_adv, mask), "decoder": (tuple(feats), kv, kv_mask),
     }
+
+
+def part_setup(cfg: Any, part: str, variables: Any = None) -> tuple[Callable[..., Any], tuple]:
+    """One part of the VIPA inference forward (`part_functions`: total, encoder, swin, bert,
+    advanced_lang, veg, decoder) on random inputs of the shapes the full forward feeds it, batch
+    1 -> (fn, args): `fn(*args)` runs it; `args` = (variables, *inputs) on the device."""
+    import jax
+    import jax.numpy as jnp
+
+    from vipa_jax.models.vipa import build_model, init_variables
+
+    model = build_model(cfg)
+    fns = part_functions(model, cfg)
+    if part not in fns:
+        raise ValueError(f"part must be one of {sorted(fns)}, got {part!r}")
+    if variables is None:
+        variables = random_variables(jax.eval_shape(
+            lambda k: init_variables(model, k, cfg.image_size, cfg.max_tokens),
+            jax.random.key(0)))
+    fn, which = fns[part]
+    rng = np.random.default_rng(0)
+    inputs = jax.tree.map(  # token ids and masks all 1 (a real token, nothing padded)
+        lambda s: (rng.standard_normal(s.shape).astype(s.dtype)
+                   if jnp.issubdtype(s.dtype, jnp.floating) else np.ones(s.shape, s.dtype)),
+        abstract_inputs(model, variables, cfg)[which])
+    return fn, (variables, *jax.device_put(inputs))
 
 
 def flop_breakdown(

@@ -1,8 +1,13 @@
 """Where the time goes: a `jax.profiler` trace of the VIPA forward (or train step), per module.
 
 ``python -m benchmarks.profile [--config refcoco|synthetic] [--quick] [--train] [--dtype D]
-[--batch N] [--reps 3] [--depth 2] [--trace-dir DIR]`` prints three tables and writes
-``benchmarks/results/profile-<machine>-<gpu or CPU ISA>-<config>-<infer|train>-<dtype>.json``:
+[--batch N] [--part P] [--reps 3] [--depth 2] [--trace-dir DIR]`` prints three tables and writes
+``benchmarks/results/profile-<machine>-<gpu or CPU ISA>-<config>[-<part>]-<infer|train>-<dtype>``
+``.json``.
+``--part`` (inference, batch 1) traces one part of the forward on its own, as
+`benchmarks.model` splits it: ``swin``, ``bert``, ``encoder``, ``advanced_lang``, ``veg``,
+``decoder`` (default ``total``, the whole forward; only that one goes into RESULTS.md).
+The tables:
 
 - by module: the time of every XLA op, summed over the flax module path that produced it (the
   op's `op_name` metadata, e.g. ``encoder/backbone.run_stage/layers_2/blocks_3/attn/...``), cut
@@ -39,6 +44,7 @@ from collections.abc import Callable
 from typing import Any
 
 from benchmarks import common
+from benchmarks.model import FORWARD_PARTS
 
 # `%name = f32[1,2]{1,0} opcode(...), ..., metadata={op_name="jit(f)/VIPA/encoder/..."`
 _HLO_LINE = re.compile(
@@ -201,11 +207,21 @@ def summarize_ops(ops: dict[str, dict[str, Any]], depth: int) -> dict[str, Any]:
 
 def profile(
     cfg: Any, *, train: bool, batch: int, reps: int, depth: int, trace_dir: str | None = None,
+    part: str = "total",
 ) -> dict[str, Any]:
-    """Compile the forward (or train step), time it, trace it -> the JSON result (no machine)."""
+    """Compile the forward (or train step, or one `part` of the forward), time it, trace it ->
+    the JSON result (no machine)."""
     import jax
 
-    if train:
+    if part != "total" and (train or batch != 1):
+        raise ValueError(f"--part {part} profiles the inference forward at batch 1 only")
+    if part != "total":
+        from benchmarks.model import part_setup
+
+        fn, args = part_setup(cfg.model, part)
+        compiled, info = common.compile_jax(fn, *args)
+        call = lambda: compiled(*args)  # noqa: E731
+    elif train:
         from benchmarks.input_pipeline import train_step_setup
 
         step_fn, state, data = train_step_setup(cfg, batch)
@@ -228,7 +244,7 @@ def profile(
     traced = trace_op_times(call, compiled.as_text(), reps, trace_dir)
     summary = summarize_ops(traced["ops"], depth)
     return {
-        "mode": "train" if train else "inference", "batch": batch,
+        "mode": "train" if train else "inference", "part": part, "batch": batch,
         "image_size": cfg.model.image_size, "tokens": cfg.model.max_tokens,
         "dtype": cfg.model.dtype, "remat": bool(cfg.model.remat), "reps": reps, "depth": depth,
         "compile_s": info["lower_s"] + info["compile_s"], "xla_flops": info["flops"],
@@ -243,7 +259,8 @@ def profile(
 
 
 def print_profile(r: dict[str, Any], top: int) -> None:
-    print(f"{r['mode']}, batch {r['batch']}, {r['image_size']}x{r['image_size']}, "
+    part = "" if r.get("part", "total") == "total" else f" ({r['part']} only)"
+    print(f"{r['mode']}{part}, batch {r['batch']}, {r['image_size']}x{r['image_size']}, "
           f"{r['dtype']}{', remat' if r['remat'] else ''}: wall median "
           f"{r['wall_median_ms']:.1f} ms; traced op time {r['op_time_ms']:.1f} ms per call "
           f"({r['ops_traced']} ops; planes: {', '.join(r['planes'])})")
@@ -272,6 +289,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--remat", action="store_true")
     p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--part", default="total",
+                   choices=FORWARD_PARTS,
+                   help="one part of the inference forward at batch 1 (benchmarks.model's split)")
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--reps", type=int, default=3, help="traced calls (times are per call)")
     p.add_argument("--depth", type=int, default=2, help="module path levels per group")
@@ -300,8 +320,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if a.image_size:
         cfg.model.image_size = a.image_size
     t0 = time.perf_counter()
+    if a.part != "total" and (a.train or a.batch != 1):
+        p.error("--part profiles the inference forward at batch 1 (no --train, --batch 1)")
     r = profile(cfg, train=a.train, batch=a.batch, reps=a.reps, depth=a.depth,
-                trace_dir=a.trace_dir)
+                trace_dir=a.trace_dir, part=a.part)
     r.update(quick=a.quick, config="synthetic:test" if a.quick else a.config,
              backend=jax.default_backend(),
              device_kind=jax.devices()[0].device_kind, total_s=time.perf_counter() - t0,
@@ -310,7 +332,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # The GPU's name, or the CPU's vector ISA (an AVX2 and an AVX-512 VM share a machine name).
     where = (common.cpu_isa() if r["backend"] == "cpu"
              else re.sub(r"\W+", "_", r["device_kind"].lower()))
-    tag = f"{r['config'].replace(':', '_')}-{'train' if a.train else 'infer'}-{a.dtype}"
+    part = "" if a.part == "total" else f"-{a.part}"
+    tag = f"{r['config'].replace(':', '_')}{part}-{'train' if a.train else 'infer'}-{a.dtype}"
     r["path"] = common.write_result("profile", r, a.out, tag=f"{where}-{tag}")
     print("wrote", r["path"])
     return r

@@ -576,12 +576,13 @@ def section_key(r: dict[str, Any]) -> str:
 
 def latest_results(results_dir: str, benchmark: str = "run") -> dict[str, dict[str, Any]]:
     """{`section_key`: the newest non-quick `<benchmark>-*.json` result} in a folder (`run`
-    results of this suite, or `profile` results of `benchmarks.profile`)."""
+    results of this suite, or `profile` results of `benchmarks.profile` of the whole model, not
+    of one `--part`)."""
     latest: dict[str, dict[str, Any]] = {}
     for path in glob.glob(os.path.join(results_dir, f"{benchmark}-*.json")):
         with open(path) as f:
             r = json.load(f)
-        if r.get("benchmark") != benchmark or r.get("quick"):
+        if r.get("benchmark") != benchmark or r.get("quick") or r.get("part", "total") != "total":
             continue
         r["_file"] = os.path.basename(path)
         b = section_key(r)

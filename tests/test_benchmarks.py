@@ -174,6 +174,29 @@ def test_profile_event_to_instruction() -> None:
     assert "loop_add_fusion_1" not in alias  # no prefix matches
 
 
+def test_part_setup_runs_each_part_alone() -> None:
+    """`benchmarks.profile --part`'s inputs: every part of the tiny model's forward runs on its
+    own with random inputs of the full forward's shapes, and gives what the full forward's
+    pieces give; an unknown part is an error naming the choices."""
+    from benchmarks.model import FORWARD_PARTS, part_functions, part_setup
+    from configs import synthetic
+    from vipa_jax.models.vipa import build_model
+
+    cfg = synthetic.get_config("test").model
+    assert set(part_functions(build_model(cfg), cfg)) == set(FORWARD_PARTS)
+    fn, args = part_setup(cfg, "swin")
+    assert args[1].shape == (1, cfg.image_size, cfg.image_size, 3)
+    feats = jax.jit(fn)(*args)
+    assert len(feats) == 4 and feats[0].shape[:3] == (1, cfg.image_size // 4, cfg.image_size // 4)
+    fn, args = part_setup(cfg, "decoder", variables=args[0])
+    assert len(args[1]) == 4 and args[3].dtype == jnp.bool_ and bool(args[3].all())
+    logits = np.asarray(jax.jit(fn)(*args))
+    assert logits.shape == (1, cfg.image_size, cfg.image_size) and np.isfinite(logits).all()
+    assert logits.std() > 0
+    with pytest.raises(ValueError, match="part must be one of"):
+        part_setup(cfg, "fusion")
+
+
 def test_profile_quick(tmp_path: Path) -> None:
     """The profiler on the tiny model: the trace is read back and the ops land in the modules."""
     res = _run_module("benchmarks.profile", tmp_path, "--reps", "2")

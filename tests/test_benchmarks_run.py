@@ -172,12 +172,17 @@ def test_markdown_and_mfu_from_results(tmp_path: Path) -> None:
                "by_kind": [{"name": "gemm_fusion", "ms": 7.0, "percent": 70.0}]}
     (tmp_path / "profile-box-gpu.json").write_text(json.dumps(profile))
     (tmp_path / "profile-box-quick.json").write_text(json.dumps({**profile, "quick": True}))
+    later = {**machine, "time_utc": "2099-01-01T00:00:00Z"}  # a newer profile of one part only
+    (tmp_path / "profile-box-gpu-swin.json").write_text(json.dumps(
+        {**profile, "part": "swin", "machine_info": later,
+         "by_module": [{"name": "backbone/backbone.run_stage", "ms": 9.0, "percent": 90.0}]}))
     text = Path(write_markdown(str(tmp_path), str(tmp_path / "R.md"))).read_text()
     assert "No CPU run yet" in text and "No GPU run yet" not in text
     assert "Partial run: it stopped after the memory section" in text
     assert "Only 83% of the wall time" not in text  # 10 of 12 ms attributed: no warning
     assert "| encoder/backbone.run_stage | 6 | 60.0% |" in text  # the GPU profile's breakdown
     assert text.count("Where the time goes") == 1  # the quick profile is not a result
+    assert "backbone/backbone.run_stage" not in text  # nor is the newer one of Swin alone
     assert "| inference latency (median) | float32 | 1 | 480 | 50.0 ms |" in text
     assert "misses" in text  # 50 ms > 41 ms and 70 s > 60 s
     # a program from the compilation cache: its load time is no compile time, met or missed
