@@ -214,14 +214,9 @@ def profile(
     import jax
 
     if part != "total" and (train or batch != 1):
-        raise ValueError(f"--part {part} profiles the inference forward at batch 1 only")
-    if part != "total":
-        from benchmarks.model import part_setup
-
-        fn, args = part_setup(cfg.model, part)
-        compiled, info = common.compile_jax(fn, *args)
-        call = lambda: compiled(*args)  # noqa: E731
-    elif train:
+        raise ValueError(f"--part {part} profiles the inference forward at batch 1 only "
+                         "(no --train, --batch 1)")
+    if train:
         from benchmarks.input_pipeline import train_step_setup
 
         step_fn, state, data = train_step_setup(cfg, batch)
@@ -236,8 +231,9 @@ def profile(
             return metrics
     else:
         from benchmarks.input_pipeline import forward_setup
+        from benchmarks.model import part_setup
 
-        fn, args = forward_setup(cfg, batch)
+        fn, args = forward_setup(cfg, batch) if part == "total" else part_setup(cfg.model, part)
         compiled, info = common.compile_jax(fn, *args)
         call = lambda: compiled(*args)  # noqa: E731
     timing = common.time_call(call, iters=max(reps, 2), warmup=1)
@@ -289,8 +285,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--remat", action="store_true")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--part", default="total",
-                   choices=FORWARD_PARTS,
+    p.add_argument("--part", default="total", choices=FORWARD_PARTS,
                    help="one part of the inference forward at batch 1 (benchmarks.model's split)")
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--reps", type=int, default=3, help="traced calls (times are per call)")
@@ -320,8 +315,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if a.image_size:
         cfg.model.image_size = a.image_size
     t0 = time.perf_counter()
-    if a.part != "total" and (a.train or a.batch != 1):
-        p.error("--part profiles the inference forward at batch 1 (no --train, --batch 1)")
     r = profile(cfg, train=a.train, batch=a.batch, reps=a.reps, depth=a.depth,
                 trace_dir=a.trace_dir, part=a.part)
     r.update(quick=a.quick, config="synthetic:test" if a.quick else a.config,
