@@ -65,14 +65,13 @@ def forward_setup(
     """
     import jax
 
-    from benchmarks.model import random_variables
-    from vipa_jax.models.vipa import build_model, init_variables
+    from benchmarks.model import random_model_variables
+    from vipa_jax.models.vipa import build_model
 
     m = cfg.model
     model = build_model(m)
     if variables is None:
-        variables = random_variables(jax.eval_shape(
-            lambda k: init_variables(model, k, m.image_size, m.max_tokens), jax.random.key(0)))
+        variables = random_model_variables(model, m)
     data = random_batch(batch, m.image_size, m.max_tokens)
 
     def fwd(v: Any, im: Any, ids: Any, mask: Any) -> Any:

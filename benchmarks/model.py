@@ -172,6 +172,16 @@ def abstract_inputs(model: Any, variables: Any, cfg: Any) -> dict[str, tuple[Any
     }
 
 
+def random_model_variables(model: Any, cfg: Any) -> Any:
+    """`random_variables` of a VIPA model's init shapes for model config `cfg` (no jitted init)."""
+    import jax
+
+    from vipa_jax.models.vipa import init_variables
+
+    return random_variables(jax.eval_shape(
+        lambda k: init_variables(model, k, cfg.image_size, cfg.max_tokens), jax.random.key(0)))
+
+
 def part_setup(cfg: Any, part: str, variables: Any = None) -> tuple[Callable[..., Any], tuple]:
     """One part of the VIPA inference forward (`part_functions`: total, encoder, swin, bert,
     advanced_lang, veg, decoder) on random inputs of the shapes the full forward feeds it, batch
@@ -179,16 +189,14 @@ def part_setup(cfg: Any, part: str, variables: Any = None) -> tuple[Callable[...
     import jax
     import jax.numpy as jnp
 
-    from vipa_jax.models.vipa import build_model, init_variables
+    from vipa_jax.models.vipa import build_model
 
     model = build_model(cfg)
     fns = part_functions(model, cfg)
     if part not in fns:
         raise ValueError(f"part must be one of {sorted(fns)}, got {part!r}")
     if variables is None:
-        variables = random_variables(jax.eval_shape(
-            lambda k: init_variables(model, k, cfg.image_size, cfg.max_tokens),
-            jax.random.key(0)))
+        variables = random_model_variables(model, cfg)
     fn, which = fns[part]
     rng = np.random.default_rng(0)
     inputs = jax.tree.map(  # token ids and masks all 1 (a real token, nothing padded)
