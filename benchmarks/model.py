@@ -278,10 +278,11 @@ def run(
     result["note"] = convention_note(result)
     if time_model:
         conv_impl = resolve_conv_impl(cfg.decoder.conv_impl)
-        if conv_impl != "xla":  # time the configured model
+        if conv_impl != "xla":  # time the configured model, with its inference Winograd cache
             fn, which = part_functions(build_model(cfg), cfg)["total"]
-            args = (shapes, *abstract_inputs(model, shapes, cfg)[which])
-            compiled = common.compile_jax(fn, *args)[0]
+            inputs = abstract_inputs(model, shapes, cfg)[which]
+            compiled = common.compile_jax(fn, inference_variables(cfg, shapes, *inputs),
+                                          *inputs)[0]
         result["timing"] = time_forward(compiled, shapes, cfg, iters, torch_baseline, quick)
         result["timing"]["conv_impl"] = conv_impl
     _print(result)
@@ -291,14 +292,23 @@ def run(
     return result
 
 
+def inference_variables(cfg: Any, variables: Any, *inputs: Any) -> Any:
+    """`variables` + the Winograd cache the model config `cfg` uses at inference on `inputs`."""
+    from vipa_jax.models.vipa import build_model, with_winograd_cache
+
+    return with_winograd_cache(build_model(cfg), variables, *inputs)
+
+
 def time_forward(
     compiled: Any, shapes: Any, cfg: Any, iters: int, torch_baseline: bool, quick: bool,
-    variants: dict[str, Any] | None = None,
+    variants: dict[str, tuple[Any, Any]] | None = None,
 ) -> dict[str, Any]:
     """Median forward time of the compiled full model, and of PyTorch Swin + BERT backbones.
 
-    `variants`: {name: another compiled forward of the same signature and parameter tree (e.g.
-    another `decoder.conv_impl`)}, timed in the same alternating blocks as `vipa_jax:<name>`.
+    `compiled` runs the model config `cfg` on the random variables of `shapes` plus their
+    Winograd cache (`inference_variables`). `variants`: {name: (another compiled forward of the
+    same signature, its model config, e.g. another `decoder.conv_impl`)}, timed in the same
+    alternating blocks as `vipa_jax:<name>`.
     """
     import jax
 
@@ -310,9 +320,12 @@ def time_forward(
     ids = rng.integers(1, cfg.bert.vocab_size, (1, n)).astype(np.int32)
     mask = np.ones((1, n), np.int32)
     mask[:, max(2, n - 5):] = 0
-    fns: dict[str, Callable[[], Any]] = {"vipa_jax": lambda: compiled(variables, images, ids, mask)}
-    for name, fn in (variants or {}).items():
-        fns[f"vipa_jax:{name}"] = lambda fn=fn: fn(variables, images, ids, mask)
+    inputs = (images, ids, mask)
+    main = inference_variables(cfg, variables, *inputs)
+    fns: dict[str, Callable[[], Any]] = {"vipa_jax": lambda: compiled(main, *inputs)}
+    for name, (fn, fn_cfg) in (variants or {}).items():
+        v = inference_variables(fn_cfg, variables, *inputs)
+        fns[f"vipa_jax:{name}"] = lambda fn=fn, v=v: fn(v, *inputs)
     if torch_baseline:
         import torch
 

@@ -418,8 +418,9 @@ def cpu_vs_torch(
     ocfg = _with(cfg, dtype="float32")
     ocfg.model.decoder.conv_impl = other
     fwd, args = forward_setup(ocfg, 1, shapes)
-    variants = {other: common.compile_jax(fwd, *args)[0]}
-    t = model.time_forward(compiled_f32_b1, shapes, cfg.model, iters, True, quick, variants)
+    variants = {other: (common.compile_jax(fwd, *args)[0], ocfg.model)}
+    t = model.time_forward(compiled_f32_b1, shapes, _with(cfg, dtype="float32").model, iters,
+                           True, quick, variants)
     out["full_forward"] = {**pair(t["vipa_jax"], t["torch_swin_bert"]),
                            "ratio": t["ratio_vipa_over_torch_backbones"],
                            "conv_impl": impl, "conv_impl_config": configured,

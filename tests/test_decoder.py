@@ -11,9 +11,10 @@ from vipa_jax.models.decoder import (
     ConvNormReLU,
     resolve_conv_impl,
     winograd_conv3x3,
+    winograd_kernel,
     winograd_tile,
 )
-from vipa_jax.models.vipa import build_model
+from vipa_jax.models.vipa import build_model, init_variables, with_winograd_cache
 
 
 def _conv(x, kernel):
@@ -73,6 +74,10 @@ def test_winograd_tile_policy():
     and 30 pixel maps); bad names and tiles are errors."""
     assert [winograd_tile("winograd", s, s) for s in (120, 60, 48, 47, 30)] == [4, 4, 4, None, None]
     assert winograd_tile("winograd", 120, 40) is None  # the shorter side decides
+    # with the transformed kernel cached (inference), from 24 px: the paper config's 30 px maps too
+    cached = [winograd_tile("winograd", s, s, cached=True) for s in (120, 30, 24, 23)]
+    assert cached == [4, 4, 4, None]
+    assert winograd_tile("xla", 120, 120, cached=True) is None
     assert winograd_tile("xla", 120, 120) is None
     assert winograd_tile("winograd2", 8, 8) == 2 and winograd_tile("winograd4", 8, 8) == 4
     with pytest.raises(ValueError, match="decoder.conv_impl must be one of"):
@@ -137,3 +142,42 @@ def test_model_conv_impl_switch(tiny_model):
         variables) for m in (model, model_w))
     assert float(jnp.abs(la).max()) > 1e-3
     np.testing.assert_allclose(np.asarray(lb), np.asarray(la), rtol=1e-4, atol=1e-5)
+
+
+def test_winograd_cache(tiny_model):
+    """`with_winograd_cache` stores U = G g Gᵀ of every Winograd conv once; inference with it
+    gives the logits of the uncached forward (which at these map sizes uses XLA's conv: the cache
+    lets F(4×4) run from 24 px); init never creates the collection; a cache of another tile is an
+    error that names the conv; without Winograd convs nothing is added."""
+    cfg = tiny_model["config"].model.copy_and_resolve_references()
+    cfg.image_size, n = 96, cfg.max_tokens  # 1/4, 1/8, 1/16 maps: 24, 12, 6 px
+    cfg.decoder.conv_impl = "winograd"
+    model = build_model(cfg)
+    variables = jax.jit(lambda k: init_variables(model, k, 96, n))(jax.random.key(0))
+    assert "winograd" not in variables
+    images = jax.random.normal(jax.random.key(1), (1, 96, 96, 3))
+    ids = jnp.asarray(np.array([[101, 7, 9, 102] + [0] * (n - 4)], np.int32))
+    mask = (ids > 0).astype(jnp.int32)
+    cached = with_winograd_cache(model, variables, images, ids, mask)
+    cache = cached["winograd"]["decoder"]
+    assert sorted(cache) == ["up1_0", "up1_1"]  # only the 1/4 maps reach 24 px
+    kernel = variables["params"]["decoder"]["up1_0"]["Conv_0"]["kernel"]
+    np.testing.assert_allclose(np.asarray(cache["up1_0"]["Conv_0"]["u"]),
+                               np.asarray(winograd_kernel(kernel, 4)), rtol=1e-6, atol=1e-7)
+
+    def logits(m, v):
+        return m.apply(v, images, ids, mask, train=False)["logits"]
+
+    fwd = jax.jit(logits, static_argnums=0)  # one compile per model and variable tree
+    want = fwd(model, variables)
+    assert float(jnp.abs(want).max()) > 1e-3
+    np.testing.assert_allclose(np.asarray(fwd(model, cached)), np.asarray(want),
+                               rtol=1e-4, atol=1e-5)
+    # the cache is what runs: another U changes the output (−U: the convs' norm keeps the sign)
+    stale = {**cached, "winograd": jax.tree.map(lambda u: -u, cached["winograd"])}
+    assert float(jnp.abs(fwd(model, stale) - want).max()) > 1e-3
+    cfg.decoder.conv_impl = "winograd2"  # F(2×2) expects (16, C, F), the cache holds F(4×4)'s
+    with pytest.raises(ValueError, match="up1_0/Conv_0: cached Winograd kernel"):
+        jax.eval_shape(lambda v: logits(build_model(cfg), v), cached)
+    cfg.decoder.conv_impl = "xla"
+    assert "winograd" not in with_winograd_cache(build_model(cfg), cached, images, ids, mask)

@@ -76,10 +76,17 @@ class Predictor:
     """A model + variables + tokenizer with a jitted single-example forward pass."""
 
     def __init__(self, model: Any, variables: Any, tokenizer: Any, image_size: int) -> None:
+        from vipa_jax.models.vipa import with_winograd_cache
+
         self.model = model
-        self.variables = variables
         self.tokenizer = tokenizer
         self.image_size = int(image_size)
+        n = int(model.config.max_tokens)
+        # inference: the Winograd decoder convs' kernel transforms once, not per call
+        self.variables = with_winograd_cache(
+            model, variables, jax.ShapeDtypeStruct((1, self.image_size, self.image_size, 3),
+                                                   np.float32),
+            *[jax.ShapeDtypeStruct((1, n), np.int32)] * 2)
         self._vocab = Path(tokenizer.vocab_path).read_text(encoding="utf-8").splitlines()
         self._fwd = jax.jit(lambda v, img, ids, m: model.apply(v, img, ids, m, train=False))
 

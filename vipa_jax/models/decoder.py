@@ -28,6 +28,9 @@ from vipa_jax.models.layers import (
 Array = jax.Array
 NORMS = ("batch", "group", "layer")
 CONV_IMPLS = ("auto", "xla", "winograd", "winograd2", "winograd4")
+# The variable collection that holds inference's transformed Winograd kernels (`WinogradConv`,
+# `vipa.with_winograd_cache`).
+WINOGRAD_CACHE = "winograd"
 
 # Winograd F(m×m, 3×3) transforms (Lavin & Gray, CVPR 2016): Bᵀ (input), G (kernel), Aᵀ (output).
 WINOGRAD: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {
@@ -56,6 +59,14 @@ def _transform_2d(matrix: np.ndarray, x: Array) -> Array:
     return jnp.einsum("st,t...->s...", kron, x)
 
 
+def winograd_kernel(kernel: Array, tile: int) -> Array:
+    """U = G g Gᵀ (Lavin & Gray, eq. 8) for every (input, output) channel pair:
+    kernel (3, 3, C, F) HWIO → ((m+2)², C, F), m = `tile`."""
+    if tile not in WINOGRAD:
+        raise ValueError(f"Winograd tile must be one of {sorted(WINOGRAD)}, got {tile}")
+    return _transform_2d(WINOGRAD[tile][1], kernel.reshape(9, kernel.shape[2], -1))
+
+
 def winograd_conv3x3(x: Array, kernel: Array, tile: int = 2) -> Array:
     """3×3 stride-1 'SAME' convolution by Winograd F(m×m, 3×3), m = `tile` ∈ {2, 4} (Lavin &
     Gray, CVPR 2016).
@@ -69,18 +80,27 @@ def winograd_conv3x3(x: Array, kernel: Array, tile: int = 2) -> Array:
     transforms written as additions of strided slices (README). H/W that are not multiples of m
     are padded to whole tiles and cropped. Differentiable (everything is linear), so it trains.
     """
+    return winograd_conv3x3_u(x, winograd_kernel(kernel, tile), tile)
+
+
+def winograd_conv3x3_u(x: Array, u: Array, tile: int) -> Array:
+    """`winograd_conv3x3` from the transformed kernel u = `winograd_kernel(kernel, tile)`
+    ((m+2)², C, F): Aᵀ[U ⊙ (Bᵀ d B)]A per tile (Lavin & Gray, eq. 8), x (B, H, W, C) → (B, H, W, F).
+    """
     if tile not in WINOGRAD:
         raise ValueError(f"Winograd tile must be one of {sorted(WINOGRAD)}, got {tile}")
-    bt, g, at = WINOGRAD[tile]
+    bt, _, at = WINOGRAD[tile]
     b, h, w, c = x.shape
     n = (tile + 2) ** 2  # input tile size, (m+2)²
+    if u.shape[:2] != (n, c):
+        raise ValueError(f"transformed kernel of shape {u.shape} does not fit F({tile}×{tile}, "
+                         f"3×3) on {c} input channels: expected ({n}, {c}, F)")
     th, tw = -(-h // tile), -(-w // tile)  # output tiles per axis
     xp = jnp.pad(x, ((0, 0), (1, 1 + tile * th - h), (1, 1 + tile * tw - w), (0, 0)))
     # The input tiles, tap by tap: (m+2, m+2, B, th, tw, C). Stacked row by row, XLA:CPU makes
     # one fusion of it; one flat stack of the n taps became n slice copies and a stack (+30%).
     d = jnp.stack([jnp.stack(_tile_taps(row, 2, tile, tw)) for row in _tile_taps(xp, 1, tile, th)])
     v = _transform_2d(bt, d.reshape(n, b * th * tw, c))  # Bᵀ d B: (n, tiles, C)
-    u = _transform_2d(g, kernel.reshape(9, c, -1))  # G g Gᵀ: (n, C, F)
     prod = jnp.einsum("tnc,tcf->tnf", v, u)  # n GEMMs
     y = _transform_2d(at, prod)  # Aᵀ[·]A: (m², tiles, F)
     y = y.reshape(tile, tile, b, th, tw, -1).transpose(2, 3, 0, 4, 1, 5)  # (B, th, m, tw, m, F)
@@ -98,23 +118,26 @@ def resolve_conv_impl(conv_impl: str, dtype: Any = jnp.float32) -> str:
 
 
 def winograd_tile(conv_impl: str, height: int, width: int,
-                  dtype: Any = jnp.float32) -> int | None:
+                  dtype: Any = jnp.float32, cached: bool = False) -> int | None:
     """The Winograd tile a `conv_impl` uses on a (height, width) map in `dtype`; None = XLA's
-    convolution.
+    convolution. `cached`: the transformed kernel comes precomputed (inference with
+    `vipa.with_winograd_cache`), so only the input and output transforms cost time.
 
     'auto': see `resolve_conv_impl`. 'winograd' picks by map size, from single-convolution
     timings of the GEMM-transform version on a 2-core AVX-512 VM (README): F(4×4) from 48×48 up
     (120×120, 640→512: 205 ms against 295 for F(2×2) and 505 for XLA's conv; 60×60, 768→512:
     81 against 97 / 123 ms), XLA's convolution below (its 30×30 maps: F(2×2) was faster alone,
     60 vs 71 ms for 1536→512, but not in the whole forward; the demo's and tests' maps, ≤ 32 px,
-    keep XLA's). 'winograd2' / 'winograd4' use one tile everywhere.
+    keep XLA's). With `cached`, F(4×4) from 24×24 up: at 30×30 the kernel transform is most of
+    the cost (1536→512: 32 ms with the transform cached, 84 without, 68 for XLA's conv).
+    'winograd2' / 'winograd4' use one tile everywhere.
     """
     conv_impl = resolve_conv_impl(conv_impl, dtype)
     if conv_impl == "xla":
         return None
     if conv_impl == "winograd":
         side = min(height, width)
-        return 4 if side >= 48 else None
+        return 4 if side >= (24 if cached else 48) else None
     if conv_impl in ("winograd2", "winograd4"):
         return int(conv_impl[-1])
     raise ValueError(f"decoder.conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}")
@@ -123,7 +146,13 @@ def winograd_tile(conv_impl: str, height: int, width: int,
 class WinogradConv(nn.Module):
     """`nn.Conv(features, (3, 3), padding=1, use_bias=False)` computed by `winograd_conv3x3`:
     the same parameter (`kernel`, (3, 3, C, F), lecun-normal init), so checkpoints load either
-    way."""
+    way.
+
+    Inference may precompute the transformed kernel U = G g Gᵀ once (`vipa.with_winograd_cache`):
+    it is then read from the `WINOGRAD_CACHE` collection ('winograd', variable 'u') instead of
+    being recomputed from `kernel` on every call; applying with that collection mutable (outside
+    `init`) stores it. The cache is not tied to `kernel`: rebuild it whenever the params change.
+    """
 
     features: int
     tile: int = 2
@@ -134,7 +163,25 @@ class WinogradConv(nn.Module):
     def __call__(self, x: Array) -> Array:
         kernel = self.param("kernel", nn.initializers.lecun_normal(),
                             (3, 3, x.shape[-1], self.features), self.param_dtype)
-        return winograd_conv3x3(x.astype(self.dtype), kernel.astype(self.dtype), self.tile)
+        u = self.transformed_kernel(kernel)
+        return winograd_conv3x3_u(x.astype(self.dtype), u.astype(self.dtype), self.tile)
+
+    def transformed_kernel(self, kernel: Array) -> Array:
+        """U ((m+2)², C, F): the cached one if present, else computed (and stored when the cache
+        collection is mutable)."""
+        shape = ((self.tile + 2) ** 2, *kernel.shape[2:])
+        if self.has_variable(WINOGRAD_CACHE, "u"):
+            u = self.get_variable(WINOGRAD_CACHE, "u")
+            if tuple(u.shape) != shape:
+                raise ValueError(
+                    f"{'/'.join(self.path)}: cached Winograd kernel {WINOGRAD_CACHE}/u has shape "
+                    f"{tuple(u.shape)}, expected {shape} for F({self.tile}×{self.tile}) on this "
+                    "input; rebuild the cache with vipa.with_winograd_cache for this input size")
+            return u
+        u = winograd_kernel(kernel, self.tile)
+        if self.is_mutable_collection(WINOGRAD_CACHE) and not self.is_initializing():
+            self.put_variable(WINOGRAD_CACHE, "u", u)
+        return u
 
 
 class ConvNormReLU(nn.Module):
@@ -153,7 +200,11 @@ class ConvNormReLU(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:  # (B, H, W, C) → (B, H, W, F)
-        tile = winograd_tile(self.conv_impl, x.shape[1], x.shape[2], self.dtype)
+        # Inference whose transformed Winograd kernels are (or are being) cached.
+        cached = not train and not self.is_initializing() and (
+            self.is_mutable_collection(WINOGRAD_CACHE)
+            or self.has_variable(WINOGRAD_CACHE, "Conv_0"))
+        tile = winograd_tile(self.conv_impl, x.shape[1], x.shape[2], self.dtype, cached)
         if tile is None:
             x = nn.Conv(self.features, (3, 3), padding=1, use_bias=False, dtype=self.dtype)(x)
         else:

@@ -17,9 +17,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+from flax import traverse_util
 
 from vipa_jax.models.bert import BertConfig
-from vipa_jax.models.decoder import Decoder
+from vipa_jax.models.decoder import WINOGRAD, WINOGRAD_CACHE, Decoder, winograd_kernel
 from vipa_jax.models.fusion import FusionEncoder
 from vipa_jax.models.layers import AttentionBlock, FeedForwardBlock, resize_bilinear_align_corners
 from vipa_jax.models.veg import build_veg
@@ -116,3 +117,40 @@ def init_variables(model: VIPA, rng: Array, image_size: int, max_tokens: int) ->
     ids = jnp.zeros((1, max_tokens), jnp.int32)
     mask = jnp.ones((1, max_tokens), jnp.int32)
     return model.init({"params": k1, "gumbel": k2, "dropout": k3}, images, ids, mask, train=False)
+
+
+def with_winograd_cache(model: VIPA, variables: Any, images: Any, input_ids: Any,
+                        attention_mask: Any) -> Any:
+    """`variables` + the 'winograd' collection: the transformed kernel U = G g Gᵀ of every
+    Winograd decoder conv, computed once so that inference stops recomputing it per call (and may
+    use Winograd on smaller maps, `decoder.winograd_tile`). For inference only: the cache is not
+    tied to the params, so rebuild it whenever they change.
+
+    The inputs (arrays or `jax.ShapeDtypeStruct`s, any batch size) give the map sizes, which pick
+    the convs that run Winograd; U itself does not depend on them, and at another image size a
+    conv without a cached U computes its own. With no Winograd conv (a GPU backend,
+    `decoder.conv_impl=xla`, bfloat16 under 'auto'), `variables` come back without the
+    collection. Any stale 'winograd' collection in `variables` is replaced. Abstract variables
+    (`jax.ShapeDtypeStruct` leaves, for ahead-of-time compiles) get an abstract cache.
+    """
+    base = {k: v for k, v in variables.items() if k != WINOGRAD_CACHE}
+
+    def trace(v: Any, im: Any, ids: Any, mask: Any) -> Any:
+        return model.apply(v, im, ids, mask, train=False, mutable=[WINOGRAD_CACHE])[1]
+
+    shapes = jax.eval_shape(trace, base, images, input_ids, attention_mask)
+    flat = traverse_util.flatten_dict(shapes.get(WINOGRAD_CACHE, {}))
+    if not flat:
+        return base
+    params = traverse_util.flatten_dict(base["params"])
+    tiles = {(t + 2) ** 2: t for t in WINOGRAD}
+
+    @jax.jit
+    def build(kernels: dict[tuple[str, ...], Array]) -> dict[tuple[str, ...], Array]:
+        return {path: winograd_kernel(kernels[path], tiles[flat[path].shape[0]]).astype(
+            flat[path].dtype) for path in kernels}
+
+    kernels = {path: params[(*path[:-1], "kernel")] for path in flat}
+    abstract = any(isinstance(k, jax.ShapeDtypeStruct) for k in kernels.values())
+    cache = jax.eval_shape(build, kernels) if abstract else build(kernels)
+    return {**base, WINOGRAD_CACHE: traverse_util.unflatten_dict(cache)}
