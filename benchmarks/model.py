@@ -199,10 +199,13 @@ def part_setup(cfg: Any, part: str, variables: Any = None) -> tuple[Callable[...
         variables = random_model_variables(model, cfg)
     fn, which = fns[part]
     rng = np.random.default_rng(0)
+    abstract = abstract_inputs(model, variables, cfg)
     inputs = jax.tree.map(  # token ids and masks all 1 (a real token, nothing padded)
         lambda s: (rng.standard_normal(s.shape).astype(s.dtype)
                    if jnp.issubdtype(s.dtype, jnp.floating) else np.ones(s.shape, s.dtype)),
-        abstract_inputs(model, variables, cfg)[which])
+        abstract[which])
+    if part in ("total", "decoder"):  # as inference runs them: Winograd kernels precomputed
+        variables = inference_variables(cfg, variables, *abstract["full"])
     return fn, (variables, *jax.device_put(inputs))
 
 
