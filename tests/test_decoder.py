@@ -176,6 +176,21 @@ def test_winograd_cache(tiny_model):
     # the cache is what runs: another U changes the output (−U: the convs' norm keeps the sign)
     stale = {**cached, "winograd": jax.tree.map(lambda u: -u, cached["winograd"])}
     assert float(jnp.abs(fwd(model, stale) - want).max()) > 1e-3
+    # training ignores a cache: U comes from the kernel, and the gradient reaches it
+    unit = ConvNormReLU(8, norm="group", conv_impl="winograd4")
+    x = jax.random.normal(jax.random.key(4), (1, 8, 8, 3))
+    v = unit.init(jax.random.key(5), x)
+    bogus = {"Conv_0": {"u": jnp.zeros((36, 3, 8))}}
+
+    def unit_loss(params, extra):
+        return jnp.sum(unit.apply({"params": params, **extra}, x, train=True) ** 2)
+
+    grads = [jax.grad(unit_loss)(v["params"], extra)["Conv_0"]["kernel"]
+             for extra in ({}, {"winograd": bogus})]
+    assert float(jnp.abs(grads[0]).max()) > 0
+    np.testing.assert_allclose(np.asarray(grads[1]), np.asarray(grads[0]), rtol=1e-6)
+    # ...while inference reads it (all-zero U: the conv's output is 0, the norm's too)
+    assert float(jnp.abs(unit.apply({**v, "winograd": bogus}, x)).max()) == 0
     cfg.decoder.conv_impl = "winograd2"  # F(2×2) expects (16, C, F), the cache holds F(4×4)'s
     with pytest.raises(ValueError, match="up1_0/Conv_0: cached Winograd kernel"):
         jax.eval_shape(lambda v: logits(build_model(cfg), v), cached)

@@ -148,16 +148,19 @@ class WinogradConv(nn.Module):
     the same parameter (`kernel`, (3, 3, C, F), lecun-normal init), so checkpoints load either
     way.
 
-    Inference may precompute the transformed kernel U = G g Gᵀ once (`vipa.with_winograd_cache`):
-    it is then read from the `WINOGRAD_CACHE` collection ('winograd', variable 'u') instead of
-    being recomputed from `kernel` on every call; applying with that collection mutable (outside
-    `init`) stores it. The cache is not tied to `kernel`: rebuild it whenever the params change.
+    With `cached` (inference), the transformed kernel U = G g Gᵀ may be precomputed once
+    (`vipa.with_winograd_cache`): it is then read from the `WINOGRAD_CACHE` collection
+    ('winograd', variable 'u') instead of being recomputed from `kernel` on every call; applying
+    with that collection mutable (outside `init`) stores it. The cache is not tied to `kernel`:
+    rebuild it whenever the params change. Without `cached` (training) U always comes from
+    `kernel`, whatever the variables hold, so gradients reach it.
     """
 
     features: int
     tile: int = 2
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    cached: bool = False
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -169,6 +172,8 @@ class WinogradConv(nn.Module):
     def transformed_kernel(self, kernel: Array) -> Array:
         """U ((m+2)², C, F): the cached one if present, else computed (and stored when the cache
         collection is mutable)."""
+        if not self.cached:
+            return winograd_kernel(kernel, self.tile)
         shape = ((self.tile + 2) ** 2, *kernel.shape[2:])
         if self.has_variable(WINOGRAD_CACHE, "u"):
             u = self.get_variable(WINOGRAD_CACHE, "u")
@@ -208,7 +213,8 @@ class ConvNormReLU(nn.Module):
         if tile is None:
             x = nn.Conv(self.features, (3, 3), padding=1, use_bias=False, dtype=self.dtype)(x)
         else:
-            x = WinogradConv(self.features, tile, dtype=self.dtype, name="Conv_0")(x)
+            x = WinogradConv(self.features, tile, dtype=self.dtype, cached=cached,
+                             name="Conv_0")(x)
         if self.norm == "batch":
             x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                              dtype=self.dtype)(x)
