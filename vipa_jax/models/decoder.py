@@ -181,7 +181,8 @@ class WinogradConv(nn.Module):
                 raise ValueError(
                     f"{'/'.join(self.path)}: cached Winograd kernel {WINOGRAD_CACHE}/u has shape "
                     f"{tuple(u.shape)}, expected {shape} for F({self.tile}×{self.tile}) on this "
-                    "input; rebuild the cache with vipa.with_winograd_cache for this input size")
+                    "conv: it was built for another decoder config; rebuild it with "
+                    "vipa.with_winograd_cache")
             return u
         u = winograd_kernel(kernel, self.tile)
         if self.is_mutable_collection(WINOGRAD_CACHE) and not self.is_initializing():
