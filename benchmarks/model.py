@@ -189,7 +189,7 @@ def part_setup(cfg: Any, part: str, variables: Any = None) -> tuple[Callable[...
     import jax
     import jax.numpy as jnp
 
-    from vipa_jax.models.vipa import build_model
+    from vipa_jax.models.vipa import build_model, with_winograd_cache
 
     model = build_model(cfg)
     fns = part_functions(model, cfg)
@@ -205,7 +205,7 @@ def part_setup(cfg: Any, part: str, variables: Any = None) -> tuple[Callable[...
                    if jnp.issubdtype(s.dtype, jnp.floating) else np.ones(s.shape, s.dtype)),
         abstract[which])
     if part in ("total", "decoder"):  # as inference runs them: Winograd kernels precomputed
-        variables = inference_variables(cfg, variables, *abstract["full"])
+        variables = with_winograd_cache(model, variables, *abstract["full"])
     return fn, (variables, *jax.device_put(inputs))
 
 
@@ -251,7 +251,7 @@ def run(
 
     from vipa_jax.models.decoder import resolve_conv_impl
     from vipa_jax.models.swin import SwinTransformer
-    from vipa_jax.models.vipa import build_model, init_variables
+    from vipa_jax.models.vipa import build_model, init_variables, with_winograd_cache
 
     if quick:  # smoke test: the parts' XLA flops from the unoptimized HLO (no compiles)
         iters, compile_parts = 2, False
@@ -282,9 +282,10 @@ def run(
     if time_model:
         conv_impl = resolve_conv_impl(cfg.decoder.conv_impl)
         if conv_impl != "xla":  # time the configured model, with its inference Winograd cache
-            fn, which = part_functions(build_model(cfg), cfg)["total"]
+            timed = build_model(cfg)
+            fn, which = part_functions(timed, cfg)["total"]
             inputs = abstract_inputs(model, shapes, cfg)[which]
-            compiled = common.compile_jax(fn, inference_variables(cfg, shapes, *inputs),
+            compiled = common.compile_jax(fn, with_winograd_cache(timed, shapes, *inputs),
                                           *inputs)[0]
         result["timing"] = time_forward(compiled, shapes, cfg, iters, torch_baseline, quick)
         result["timing"]["conv_impl"] = conv_impl

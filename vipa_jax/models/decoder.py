@@ -59,12 +59,17 @@ def _transform_2d(matrix: np.ndarray, x: Array) -> Array:
     return jnp.einsum("st,t...->s...", kron, x)
 
 
+def _winograd_matrices(tile: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(Bᵀ, G, Aᵀ) of F(m×m, 3×3), m = `tile`; an unknown tile is an error."""
+    if tile not in WINOGRAD:
+        raise ValueError(f"Winograd tile must be one of {sorted(WINOGRAD)}, got {tile}")
+    return WINOGRAD[tile]
+
+
 def winograd_kernel(kernel: Array, tile: int) -> Array:
     """U = G g Gᵀ (Lavin & Gray, eq. 8) for every (input, output) channel pair:
     kernel (3, 3, C, F) HWIO → ((m+2)², C, F), m = `tile`."""
-    if tile not in WINOGRAD:
-        raise ValueError(f"Winograd tile must be one of {sorted(WINOGRAD)}, got {tile}")
-    return _transform_2d(WINOGRAD[tile][1], kernel.reshape(9, kernel.shape[2], -1))
+    return _transform_2d(_winograd_matrices(tile)[1], kernel.reshape(9, kernel.shape[2], -1))
 
 
 def winograd_conv3x3(x: Array, kernel: Array, tile: int = 2) -> Array:
@@ -87,9 +92,7 @@ def winograd_conv3x3_u(x: Array, u: Array, tile: int) -> Array:
     """`winograd_conv3x3` from the transformed kernel u = `winograd_kernel(kernel, tile)`
     ((m+2)², C, F): Aᵀ[U ⊙ (Bᵀ d B)]A per tile (Lavin & Gray, eq. 8), x (B, H, W, C) → (B, H, W, F).
     """
-    if tile not in WINOGRAD:
-        raise ValueError(f"Winograd tile must be one of {sorted(WINOGRAD)}, got {tile}")
-    bt, _, at = WINOGRAD[tile]
+    bt, _, at = _winograd_matrices(tile)
     b, h, w, c = x.shape
     n = (tile + 2) ** 2  # input tile size, (m+2)²
     if u.shape[:2] != (n, c):
