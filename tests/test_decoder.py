@@ -23,11 +23,12 @@ def _conv(x, kernel):
                                         precision=jax.lax.Precision.HIGHEST)
 
 
-# float32 error relative to the largest output: F(4×4) has larger transform coefficients.
-F32_TOL = {2: 2e-6, 4: 5e-5}
+# float32 error relative to the largest output: F(4×4) and F(6×6) have larger transform
+# coefficients.
+F32_TOL = {2: 2e-6, 4: 5e-5, 6: 1e-4}
 
 
-@pytest.mark.parametrize("tile", [2, 4])
+@pytest.mark.parametrize("tile", [2, 4, 6])
 @pytest.mark.parametrize("shape", [(2, 8, 8, 5), (1, 7, 10, 3), (1, 1, 3, 4), (3, 13, 5, 16)])
 def test_winograd_matches_convolution(shape, tile):
     """Even, odd and one-pixel maps (not multiples of the tile too); batch > 1; against lax's
@@ -51,7 +52,7 @@ def test_winograd_matches_convolution(shape, tile):
     np.testing.assert_allclose(out64, direct, rtol=1e-11, atol=1e-12 * np.abs(direct).max())
 
 
-@pytest.mark.parametrize("tile", [2, 4])
+@pytest.mark.parametrize("tile", [2, 4, 6])
 def test_winograd_gradients_match_convolution(tile):
     """Its gradients (input and kernel) are the convolution's: it trains as well."""
     rng = np.random.default_rng(0)
@@ -70,16 +71,26 @@ def test_winograd_gradients_match_convolution(tile):
 
 
 def test_winograd_tile_policy():
-    """'winograd' picks F(4×4) from 48 px, XLA's conv below (the paper config at 480: 120, 60
-    and 30 pixel maps); bad names and tiles are errors."""
-    assert [winograd_tile("winograd", s, s) for s in (120, 60, 48, 47, 30)] == [4, 4, 4, None, None]
+    """'winograd' picks F(6×6) from 96 px, F(4×4) from 48 px, XLA's conv below (the paper config
+    at 480: 120, 60 and 30 pixel maps); with the kernel transform cached, from 24 px the tile with
+    fewer multiply-adds (F(4×4) on ties); bad names and tiles are errors."""
+    sides = (120, 100, 96, 95, 60, 48, 47, 30)
+    assert [winograd_tile("winograd", s, s) for s in sides] == [6, 6, 6, 4, 4, 4, None, None]
     assert winograd_tile("winograd", 120, 40) is None  # the shorter side decides
+    # F(6×6) on 98 px pads to 102 (17² tiles × 64 = 18496 multiply-adds per channel pair), F(4×4)
+    # to 100 (25² × 36 = 22500): F(6×6). On 100×124: 17·21·64 = 22848 against 25·31·36 = 27900.
+    assert winograd_tile("winograd", 98, 98) == 6 and winograd_tile("winograd", 100, 124) == 6
     # with the transformed kernel cached (inference), from 24 px: the paper config's 30 px maps too
-    cached = [winograd_tile("winograd", s, s, cached=True) for s in (120, 30, 24, 23)]
-    assert cached == [4, 4, 4, None]
+    cached = [winograd_tile("winograd", s, s, cached=True) for s in (120, 60, 30, 24, 23)]
+    assert cached == [6, 6, 6, 6, None]
+    # 32 px: 6² tiles × 64 = 2304 for F(6×6), 8² × 36 = 2304 for F(4×4): a tie, F(4×4);
+    # 40 px: 7² × 64 = 3136 against 10² × 36 = 3600
+    assert winograd_tile("winograd", 32, 32, cached=True) == 4
+    assert winograd_tile("winograd", 40, 40, cached=True) == 6
     assert winograd_tile("xla", 120, 120, cached=True) is None
     assert winograd_tile("xla", 120, 120) is None
     assert winograd_tile("winograd2", 8, 8) == 2 and winograd_tile("winograd4", 8, 8) == 4
+    assert winograd_tile("winograd6", 8, 8) == 6
     with pytest.raises(ValueError, match="decoder.conv_impl must be one of"):
         winograd_tile("fft", 8, 8)
     with pytest.raises(ValueError, match="tile must be one of"):
@@ -94,7 +105,7 @@ def test_auto_conv_impl_by_backend_and_dtype(monkeypatch):
     assert get_base_config().model.decoder.conv_impl == "auto" == ConvNormReLU.conv_impl
     assert jax.default_backend() == "cpu"
     assert resolve_conv_impl("auto") == "winograd"
-    assert [winograd_tile("auto", s, s) for s in (120, 60, 30)] == [4, 4, None]
+    assert [winograd_tile("auto", s, s) for s in (120, 60, 30)] == [6, 4, None]
     assert winograd_tile("auto", 120, 120, jnp.bfloat16) is None
     assert resolve_conv_impl("winograd4", jnp.bfloat16) == "winograd4"
     assert resolve_conv_impl("xla") == "xla"
@@ -147,8 +158,8 @@ def test_model_conv_impl_switch(tiny_model):
 def test_winograd_cache(tiny_model):
     """`with_winograd_cache` stores U = G g Gᵀ of every Winograd conv once; inference with it
     gives the logits of the uncached forward (which at these map sizes uses XLA's conv: the cache
-    lets F(4×4) run from 24 px); init never creates the collection; a cache of another tile is an
-    error that names the conv; without Winograd convs nothing is added."""
+    lets F(6×6) run on the 24 px maps); init never creates the collection; a cache of another
+    tile is an error that names the conv; without Winograd convs nothing is added."""
     cfg = tiny_model["config"].model.copy_and_resolve_references()
     cfg.image_size, n = 96, cfg.max_tokens  # 1/4, 1/8, 1/16 maps: 24, 12, 6 px
     cfg.decoder.conv_impl = "winograd"
@@ -163,7 +174,7 @@ def test_winograd_cache(tiny_model):
     assert sorted(cache) == ["up1_0", "up1_1"]  # only the 1/4 maps reach 24 px
     kernel = variables["params"]["decoder"]["up1_0"]["Conv_0"]["kernel"]
     np.testing.assert_allclose(np.asarray(cache["up1_0"]["Conv_0"]["u"]),
-                               np.asarray(winograd_kernel(kernel, 4)), rtol=1e-6, atol=1e-7)
+                               np.asarray(winograd_kernel(kernel, 6)), rtol=1e-6, atol=1e-7)
 
     def logits(m, v):
         return m.apply(v, images, ids, mask, train=False)["logits"]
@@ -191,7 +202,7 @@ def test_winograd_cache(tiny_model):
     np.testing.assert_allclose(np.asarray(grads[1]), np.asarray(grads[0]), rtol=1e-6)
     # ...while inference reads it (all-zero U: the conv's output is 0, the norm's too)
     assert float(jnp.abs(unit.apply({**v, "winograd": bogus}, x)).max()) == 0
-    cfg.decoder.conv_impl = "winograd2"  # F(2×2) expects (16, C, F), the cache holds F(4×4)'s
+    cfg.decoder.conv_impl = "winograd2"  # F(2×2) expects (16, C, F), the cache holds F(6×6)'s
     with pytest.raises(ValueError, match="up1_0/Conv_0: cached Winograd kernel"):
         jax.eval_shape(lambda v: logits(build_model(cfg), v), cached)
     cfg.decoder.conv_impl = "xla"

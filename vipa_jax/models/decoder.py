@@ -27,12 +27,13 @@ from vipa_jax.models.layers import (
 
 Array = jax.Array
 NORMS = ("batch", "group", "layer")
-CONV_IMPLS = ("auto", "xla", "winograd", "winograd2", "winograd4")
+CONV_IMPLS = ("auto", "xla", "winograd", "winograd2", "winograd4", "winograd6")
 # The variable collection that holds inference's transformed Winograd kernels (`WinogradConv`,
 # `vipa.with_winograd_cache`).
 WINOGRAD_CACHE = "winograd"
 
 # Winograd F(m×m, 3×3) transforms (Lavin & Gray, CVPR 2016): Bᵀ (input), G (kernel), Aᵀ (output).
+# F(6×6) interpolates at 0, ±1, ±2, ±1/2 and ∞ (the points of Lavin's wincnn and of NNPACK).
 WINOGRAD: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {
     2: (np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]),
         np.array([[1, 0, 0], [1 / 2, 1 / 2, 1 / 2], [1 / 2, -1 / 2, 1 / 2], [0, 0, 1]]),
@@ -43,6 +44,21 @@ WINOGRAD: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {
                   [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]]),
         np.array([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0],
                   [0, 1, -1, 8, -8, 1]])),
+    6: (np.array([[1, 0, -21 / 4, 0, 21 / 4, 0, -1, 0],
+                  [0, 1, 1, -17 / 4, -17 / 4, 1, 1, 0],
+                  [0, -1, 1, 17 / 4, -17 / 4, -1, 1, 0],
+                  [0, 1 / 2, 1 / 4, -5 / 2, -5 / 4, 2, 1, 0],
+                  [0, -1 / 2, 1 / 4, 5 / 2, -5 / 4, -2, 1, 0],
+                  [0, 2, 4, -5 / 2, -5, 1 / 2, 1, 0],
+                  [0, -2, 4, 5 / 2, -5, -1 / 2, 1, 0],
+                  [0, -1, 0, 21 / 4, 0, -21 / 4, 0, 1]]),
+        np.array([[1, 0, 0], [-2 / 9, -2 / 9, -2 / 9], [-2 / 9, 2 / 9, -2 / 9],
+                  [1 / 90, 1 / 45, 2 / 45], [1 / 90, -1 / 45, 2 / 45],
+                  [32 / 45, 16 / 45, 8 / 45], [32 / 45, -16 / 45, 8 / 45], [0, 0, 1]]),
+        np.array([[1, 1, 1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 1 / 2, -1 / 2, 0],
+                  [0, 1, 1, 4, 4, 1 / 4, 1 / 4, 0], [0, 1, -1, 8, -8, 1 / 8, -1 / 8, 0],
+                  [0, 1, 1, 16, 16, 1 / 16, 1 / 16, 0],
+                  [0, 1, -1, 32, -32, 1 / 32, -1 / 32, 1]])),
 }
 
 
@@ -73,16 +89,17 @@ def winograd_kernel(kernel: Array, tile: int) -> Array:
 
 
 def winograd_conv3x3(x: Array, kernel: Array, tile: int = 2) -> Array:
-    """3×3 stride-1 'SAME' convolution by Winograd F(m×m, 3×3), m = `tile` ∈ {2, 4} (Lavin &
+    """3×3 stride-1 'SAME' convolution by Winograd F(m×m, 3×3), m = `tile` ∈ {2, 4, 6} (Lavin &
     Gray, CVPR 2016).
 
     x (B, H, W, C), kernel (3, 3, C, F) HWIO → (B, H, W, F), the same function as
     `lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)))` up to float rounding
-    (float32, relative to the largest output: ~2e-6 for m = 2, ~3e-5 for m = 4). Every m×m output
-    tile is Aᵀ[(G g Gᵀ) ⊙ (Bᵀ d B)]A: (m+2)² (tiles, C) × (C, F) GEMMs instead of 9m² per tile,
-    i.e. 2.25× (m = 2) or 4× (m = 4) fewer multiply-adds. The three tile transforms are GEMMs
-    with Kronecker-product matrices (`_transform_2d`), which XLA:CPU runs faster than the same
-    transforms written as additions of strided slices (README). H/W that are not multiples of m
+    (float32, relative to the largest output: ~2e-6 for m = 2, 1–3e-5 for m = 4, 2–4e-5 for
+    m = 6). Every m×m output tile is Aᵀ[(G g Gᵀ) ⊙ (Bᵀ d B)]A: (m+2)² (tiles, C) × (C, F) GEMMs
+    instead of 9m² per tile, i.e. 2.25× (m = 2), 4× (m = 4) or 5.06× (m = 6) fewer
+    multiply-adds. The three tile transforms are GEMMs with Kronecker-product matrices
+    (`_transform_2d`), which XLA:CPU runs faster than the same transforms written as additions of
+    strided slices (README). H/W that are not multiples of m
     are padded to whole tiles and cropped. Differentiable (everything is linear), so it trains.
     """
     return winograd_conv3x3_u(x, winograd_kernel(kernel, tile), tile)
@@ -120,6 +137,12 @@ def resolve_conv_impl(conv_impl: str, dtype: Any = jnp.float32) -> str:
     return "winograd" if cpu and jnp.dtype(dtype) == jnp.float32 else "xla"
 
 
+def _winograd_macs(tile: int, height: int, width: int) -> float:
+    """Multiply-adds of F(m×m, 3×3)'s GEMMs per channel pair on a (height, width) map, its
+    padding to whole tiles included: (m+2)² per m×m output tile."""
+    return -(-height // tile) * -(-width // tile) * (tile + 2) ** 2
+
+
 def winograd_tile(conv_impl: str, height: int, width: int,
                   dtype: Any = jnp.float32, cached: bool = False) -> int | None:
     """The Winograd tile a `conv_impl` uses on a (height, width) map in `dtype`; None = XLA's
@@ -127,21 +150,30 @@ def winograd_tile(conv_impl: str, height: int, width: int,
     `vipa.with_winograd_cache`), so only the input and output transforms cost time.
 
     'auto': see `resolve_conv_impl`. 'winograd' picks by map size, from single-convolution
-    timings of the GEMM-transform version on a 2-core AVX-512 VM (README): F(4×4) from 48×48 up
-    (120×120, 640→512: 205 ms against 295 for F(2×2) and 505 for XLA's conv; 60×60, 768→512:
-    81 against 97 / 123 ms), XLA's convolution below (its 30×30 maps: F(2×2) was faster alone,
-    60 vs 71 ms for 1536→512, but not in the whole forward; the demo's and tests' maps, ≤ 32 px,
-    keep XLA's). With `cached`, F(4×4) from 24×24 up: at 30×30 the kernel transform is most of
-    the cost (1536→512: 32 ms with the transform cached, 84 without, 68 for XLA's conv).
-    'winograd2' / 'winograd4' use one tile everywhere.
+    timings on a 2-core AVX-512 VM (README), by the shorter side s:
+    - s < 48 (< 24 with `cached`): XLA's convolution. Without the cache, F(4×4) there costs more
+      in its kernel transform than it saves (30×30, 1536→512: 84 ms against 68 for XLA's conv;
+      32 ms with U cached).
+    - cached, s ≥ 24: F(6×6) or F(4×4), whichever does fewer GEMM multiply-adds counting the
+      padding to whole tiles (F(4×4) on ties: less rounding). The paper config's 120, 60 and
+      30 px maps divide by 6: F(6×6) is 16, 8 and 15% faster there than F(4×4) (120×120,
+      640→512: 161 against 192 ms).
+    - not cached: F(6×6) by the same count from s ≥ 96, F(4×4) below. Its kernel transform is
+      1.8× F(4×4)'s, so it only pays on the large maps: 120×120, 640→512, forward + backward
+      537 against 595 ms; 60×60, 768→512, 231 against 207 ms.
+    'winograd2' / 'winograd4' / 'winograd6' use one tile everywhere.
     """
     conv_impl = resolve_conv_impl(conv_impl, dtype)
     if conv_impl == "xla":
         return None
     if conv_impl == "winograd":
         side = min(height, width)
-        return 4 if side >= (24 if cached else 48) else None
-    if conv_impl in ("winograd2", "winograd4"):
+        if side < (24 if cached else 48):
+            return None
+        if side < (24 if cached else 96):
+            return 4
+        return min((4, 6), key=lambda t: (_winograd_macs(t, height, width), t))
+    if conv_impl in ("winograd2", "winograd4", "winograd6"):
         return int(conv_impl[-1])
     raise ValueError(f"decoder.conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}")
 
@@ -197,9 +229,9 @@ class ConvNormReLU(nn.Module):
     """3×3 conv (no bias) → norm → ReLU, LAVT's decoder unit (BatchNorm = SyncBN under jit).
 
     `conv_impl`: 'auto' (`resolve_conv_impl`: 'winograd' for float32 on CPU, else 'xla'),
-    'xla' (XLA's convolution; cuDNN on GPU) or 'winograd' / 'winograd2' / 'winograd4'
-    (`winograd_conv3x3` with the tile `winograd_tile` picks; the same parameters, 2.25× or 4×
-    fewer multiply-adds: faster on CPU for the large maps).
+    'xla' (XLA's convolution; cuDNN on GPU) or 'winograd' / 'winograd2' / 'winograd4' /
+    'winograd6' (`winograd_conv3x3` with the tile `winograd_tile` picks; the same parameters,
+    2.25×, 4× or 5.06× fewer multiply-adds: faster on CPU for the large maps).
     """
 
     features: int
@@ -263,7 +295,7 @@ class Decoder(nn.Module):
     dropout_rate: float = 0.0
     remat: bool = False  # keep only each stage block's / conv block's input for the backward
     dtype: Any = jnp.float32
-    conv_impl: str = "auto"  # 3×3 convs: auto | xla | winograd | winograd2 | winograd4
+    conv_impl: str = "auto"  # 3×3 convs: auto | xla | winograd | winograd2|4|6
 
     @nn.compact
     def __call__(
