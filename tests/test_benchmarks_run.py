@@ -83,6 +83,7 @@ def test_quick_json_sections(quick_run: tuple[dict, Path]) -> None:
     assert names[0].startswith("swin-") and names[1].startswith("bert-")
     for r in (*cvt["backbones"].values(), cvt["full_forward"], cvt["full_forward_xla"]):
         assert r["ratio"] > 0 and r["ours_median_ms"] > 0 and r["torch_median_ms"] > 0
+        assert r["ratio_of_min_times"] > 0
     # the default decoder conv ('auto': Winograd's policy in float32 on CPU) and XLA's conv are
     # timed in the same blocks, against the same PyTorch time
     ff, xla = cvt["full_forward"], cvt["full_forward_xla"]
@@ -112,6 +113,8 @@ def test_quick_figures_labelled(quick_run: tuple[dict, Path]) -> None:
         xla = by_fig[("full VIPA forward / PyTorch Swin+BERT (decoder.conv_impl=xla)",
                       "float32")]
         assert xla["target"] == "<= 1.2x" and xla["value"].endswith(" ms)")
+        ratio = res["cpu_vs_torch"]["full_forward_xla"]["ratio_of_min_times"]
+        assert xla["p90"] == f"min/min {ratio:.2f}x"
         assert ("full VIPA forward / PyTorch Swin+BERT (decoder.conv_impl=auto: winograd)",
                 "float32") in by_fig
     saved = by_fig[("saved for backward, remat on (JAX count)", "bfloat16")]
