@@ -34,13 +34,17 @@ _MASK_VALUE = -1e9
 
 @jax.custom_jvp
 def exact_gelu(x: Array) -> Array:
-    """GELU with the exact erf form, x·Φ(x) (BERT, Swin and PyTorch's nn.GELU default).
+    """GELU with the exact erf form, x·Φ(x) = x·(1 + erf(x/√2))/2 (BERT, Swin and PyTorch's
+    nn.GELU default, which computes this same expression).
 
-    Same forward as `nn.gelu(x, approximate=False)`; the derivative Φ(x) + x·φ(x) is computed
-    in float32 in the forward and is the one array kept for the backward pass (autodiff through
-    `erfc` keeps four arrays the size of the MLP's hidden layer).
+    `nn.gelu(x, approximate=False)` computes Φ through `erfc`, which XLA:CPU evaluates 2.5×
+    slower than `erf` (14400×512: 4.6 vs 1.9 ms); the two differ by float rounding (≤ 1e-6 here).
+    The derivative Φ(x) + x·φ(x) is computed in float32 in the forward and is the one array kept
+    for the backward pass (autodiff through `erf` keeps several arrays the size of the MLP's
+    hidden layer).
     """
-    return nn.gelu(x, approximate=False)
+    x = jnp.asarray(x)
+    return 0.5 * x * (1 + jax.lax.erf(x * np.asarray(1 / np.sqrt(2), x.dtype)))
 
 
 @exact_gelu.defjvp
@@ -48,7 +52,7 @@ def _exact_gelu_jvp(primals: tuple[Array], tangents: tuple[Array]) -> tuple[Arra
     (x,), (t,) = primals, tangents
     x = jnp.asarray(x)
     xf = x.astype(jnp.float32)
-    cdf = 0.5 * jax.lax.erfc(-xf * np.float32(1 / np.sqrt(2)))  # Φ(x)
+    cdf = 0.5 * (1 + jax.lax.erf(xf * np.float32(1 / np.sqrt(2))))  # Φ(x)
     pdf = jnp.exp(-0.5 * xf * xf) * np.float32(1 / np.sqrt(2 * np.pi))  # φ(x)
     return exact_gelu(x), (cdf + xf * pdf).astype(x.dtype) * t
 
