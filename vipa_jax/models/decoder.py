@@ -170,7 +170,7 @@ def winograd_tile(conv_impl: str, height: int, width: int,
         side = min(height, width)
         if side < (24 if cached else 48):
             return None
-        if side < (24 if cached else 96):
+        if not cached and side < 96:
             return 4
         return min((4, 6), key=lambda t: (_winograd_macs(t, height, width), t))
     if conv_impl in ("winograd2", "winograd4", "winograd6"):

@@ -151,7 +151,8 @@ def dot_product_attention(
     q: (..., Lq, H, D), k/v: (..., Lk, H, D) -> (..., Lq, H, D). Softmax runs in float32.
     A query row whose keys are all masked gets uniform weights (as HF's additive mask does).
 
-    `implementation`: 'einsum' (this function's own two einsums, the default), or
+    `implementation`: 'einsum' (the default: this function's own two head-major batched
+    matmuls, with the softmax's division after the value product, `attention_weights`), or
     `jax.nn.dot_product_attention` with 'xla' (its XLA implementation) or 'cudnn' (cuDNN's fused
     flash attention: GPU, float16 / bfloat16, no attention dropout); see `fused_attention`.
     """
