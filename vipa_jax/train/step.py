@@ -163,18 +163,16 @@ def make_train_step(
 
         grad_norm = global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, new_opt = tx.update(grads, state.opt_state, state.params)
-        new_params = optax.apply_updates(state.params, updates)
 
-        def keep(new: Any, old: Any) -> Any:
-            return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        def update(s: TrainState) -> TrainState:
+            updates, new_opt = tx.update(grads, s.opt_state, s.params)
+            return s.replace(step=s.step + 1, params=optax.apply_updates(s.params, updates),
+                             batch_stats=new_bs, opt_state=new_opt)
 
-        new_state = state.replace(
-            step=state.step + 1,
-            params=keep(new_params, state.params),
-            batch_stats=keep(new_bs, state.batch_stats),
-            opt_state=keep(new_opt, state.opt_state),
-        )
+        # A non-finite loss or gradient skips the update (the step still counts). One `cond`
+        # instead of a `where` per state leaf: the demo's step has ~1400 leaves, and their
+        # selects took 50 of the optimizer's 75 ms per step on the 2-core Zen 4 VM (29 ms now).
+        new_state = jax.lax.cond(finite, update, lambda s: s.replace(step=s.step + 1), state)
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step),
                    "finite": finite.astype(jnp.float32), **aux}
         return new_state, metrics
