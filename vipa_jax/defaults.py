@@ -124,6 +124,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.train.log_every = 50
     c.train.eval_every = 0  # steps; 0 = once per epoch
     c.train.skip_nonfinite = False
+    # How the step keeps its state on a non-finite loss/gradient: auto | cond | select
+    # (`train.step.make_train_step`; auto = one lax.cond on CPU, a where per leaf elsewhere).
+    c.train.finite_guard = "auto"
     c.train.init_swin = ""  # official .pth or HF folder/safetensors; "" = random
     c.train.init_bert = ""  # HF folder (safetensors or flax_model.msgpack); "minilm"; "" = random
     c.train.swin_params_path = "encoder/backbone"  # where init_swin lands in the param tree
