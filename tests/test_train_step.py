@@ -149,8 +149,8 @@ def test_overfit_tiny_batch():
     assert losses[-1] < losses[0] / 10, (losses[0], losses[-1])
 
 
-@pytest.mark.parametrize("skip", ["cond", "select"])
-def test_nonfinite_step_keeps_state(skip):
+def _standin_step(finite_guard: str):
+    """(jitted stand-in train step with this finite_guard, initial state, batch)."""
     from vipa_jax.train import optim, step
 
     cfg = _standin.get_config()
@@ -162,7 +162,13 @@ def test_nonfinite_step_keeps_state(skip):
     state = step.create_train_state(model, tx, jax.random.PRNGKey(0), batch)
     fn = jax.jit(step.make_train_step(model, _standin.loss_fn, tx, sched,
                                       optim.trainable_mask(params, cfg.optim),
-                                      finite_guard=skip))
+                                      finite_guard=finite_guard))
+    return fn, state, batch
+
+
+@pytest.mark.parametrize("skip", ["cond", "select"])
+def test_nonfinite_step_keeps_state(skip):
+    fn, state, batch = _standin_step(skip)
     bad = dict(batch, image=batch["image"].at[0, 0, 0, 0].set(jnp.nan))
     new, m = fn(state, bad, jax.random.PRNGKey(0))
     assert float(m["finite"]) == 0.0 and not np.isfinite(float(m["loss"]))
@@ -175,8 +181,7 @@ def test_nonfinite_step_keeps_state(skip):
     assert not np.array_equal(np.asarray(good.params["decoder_head"]["kernel"]),
                               np.asarray(state.params["decoder_head"]["kernel"]))
     with pytest.raises(ValueError, match="finite_guard"):
-        step.make_train_step(model, _standin.loss_fn, tx, sched,
-                             optim.trainable_mask(params, cfg.optim), finite_guard="where")
+        _standin_step("where")
 
 
 def _tiny_cfg(**data):
@@ -307,20 +312,9 @@ def test_init_pretrained_swin_from_own_safetensors(tmp_path):
 
 def test_nonfinite_skip_modes_agree():
     """'cond' and 'select' take the same finite step (up to float rounding of the fusion)."""
-    from vipa_jax.train import optim, step
-
-    cfg = _standin.get_config()
-    model = _standin.StandIn()
-    batch = {k: jnp.asarray(v) for k, v in _standin.make_batch(4).items()}
-    params = jax.eval_shape(lambda: step.init_variables(model, jax.random.PRNGKey(0),
-                                                        batch))["params"]
-    tx, sched = optim.make_optimizer(cfg.optim, params, 10)
-    state = step.create_train_state(model, tx, jax.random.PRNGKey(0), batch)
     out = {}
     for skip in ("cond", "select"):
-        fn = jax.jit(step.make_train_step(model, _standin.loss_fn, tx, sched,
-                                          optim.trainable_mask(params, cfg.optim),
-                                          finite_guard=skip))
+        fn, state, batch = _standin_step(skip)
         out[skip], _ = fn(state, batch, jax.random.PRNGKey(0))
     moved = 0
     for a, b, p in zip(jax.tree.leaves(out["cond"]), jax.tree.leaves(out["select"]),
