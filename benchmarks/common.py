@@ -275,6 +275,17 @@ def _count_cache_hits() -> None:
     jax.monitoring.register_event_listener(on_event)
 
 
+COMPILE_ONLY_ENV = "VIPA_BENCH_COMPILE_ONLY"
+
+
+class CompiledOnly(BaseException):
+    """Raised by `compile_jax` after compiling when `$VIPA_BENCH_COMPILE_ONLY` is set: the
+    program is in JAX's persistent compilation cache, nothing runs (`device_suite.sh`'s
+    `precompile` compiles the later steps' programs in parallel processes this way). A
+    `BaseException`, so that the scripts' `except Exception` (out-of-memory, compile errors)
+    let it through; a script that compiles several programs catches it per program."""
+
+
 def compile_jax(
     fn: Callable[..., Any], *args: Any, **jit_kwargs: Any,
 ) -> tuple[Any, dict[str, Any]]:
@@ -287,7 +298,8 @@ def compile_jax(
     calls that its compiled count leaves out (the paper-config forward: 435 GFLOPs before, 0.16
     T after on an H200), so utilization figures use `hlo_flops`. `cache_hit`: the program came
     from JAX's persistent compilation cache (`JAX_COMPILATION_CACHE_DIR`), so `compile_s` is a
-    load time, not a compile time.
+    load time, not a compile time. With `$VIPA_BENCH_COMPILE_ONLY` set it raises
+    `CompiledOnly(info)` once the program is compiled (and cached).
     """
     import jax
 
@@ -302,6 +314,11 @@ def compile_jax(
                             "cache_hit": _CACHE_HITS[0] > hits}
     info.update(cost_of(compiled))
     info["hlo_flops"] = cost_of(lowered)["flops"]
+    if os.environ.get(COMPILE_ONLY_ENV):
+        print(f"compiled only (${COMPILE_ONLY_ENV}): {getattr(fn, '__name__', 'fn')}, lower "
+              f"{info['lower_s']:.1f} s + compile {info['compile_s']:.1f} s, cache hit "
+              f"{info['cache_hit']}", flush=True)
+        raise CompiledOnly(info)
     return compiled, info
 
 

@@ -6,15 +6,27 @@
 #   OUT=<results dir> SUITE_BUDGET_S=540 bash benchmarks/device_suite.sh
 #
 # 1. inference: full VIPA forward, float32 / bfloat16, batch 1 and 8 (compile + latency);
-# 2. memory + train: the paper's train step in bfloat16 at batch 16 (no remat) and batch 64
+# 2. memory+train: the paper's train step in bfloat16 at batch 16 (no remat) and batch 64
 #    (remat) - does it fit 80 GB, and its throughput / MFU at those batches
 #    (`--train-at-memory-targets`: one compile per step, no batch search);
 # 3. profile: where the bfloat16 batch-1 forward spends its time;
 # 4. profile-train: where the bfloat16 train step at batch 16 spends its time (MFU's profile);
 # 5. if time is left: the float32 train step at batch 16 (no remat), merged into the result.
-# Steps not in the default list: `memory-remat` (the batch-64 remat row alone) and `attention`
-# (Swin-B forward + backward with each `swin.attention_impl`, einsum / xla / cudnn, bfloat16,
-# batch 8: `benchmarks.attention`, one `attention-*.json`).
+# Steps not in the default list:
+# - `precompile`: compiles the programs of the steps after it in SUITE_STEPS in parallel
+#   processes (`$VIPA_BENCH_COMPILE_ONLY`: compile into the persistent cache, run nothing; no GPU
+#   preallocation), one process per program, for at most PRECOMPILE_MAX_S seconds (default 330;
+#   unfinished compiles are killed, and their steps compile again). The steps after it then load
+#   their programs instead of compiling them one after another: on the H200 one train-step
+#   compile takes about 2 min on the host's CPUs. Each process's log tail goes into the log.
+# - `memory-remat`: the batch-64 remat row alone;
+# - `attention`: Swin-B forward + backward with each `swin.attention_impl` (einsum / xla /
+#   cudnn, bfloat16, batch 8: `benchmarks.attention`, one `attention-*.json`);
+# - `train-ab`: the whole bfloat16 train step at batch 16 (no remat; the quick check: batch 2,
+#   remat) under config variants, timed in alternating blocks (`benchmarks.train_ab`, one
+#   `train_ab-*.json`); the variants are AB_VARIANTS (default
+#   "cond:train.finite_guard=cond cudnn:model.swin.attention_impl=cudnn"), beside the base
+#   config, whose program is memory+train's row of that batch.
 # `SUITE_STEPS` picks and orders the steps (default "inference memory+train profile
 # profile-train train-float32"), so a later lease can measure what an earlier one did not.
 # Steps 1, 2 and 5 write one `run-*.json` (the later ones merge the earlier sections), steps 3
@@ -29,29 +41,118 @@ OUT=${OUT:-benchmarks/results}
 SCALE=${SUITE_TIME_SCALE:-1}
 BUDGET=${SUITE_BUDGET_S:-$((540 * SCALE))}
 PY=${PYTHON:-python3}
-mkdir -p "$OUT"
-LOG="$OUT/device_suite.log"
-START=$(date +%s)
+SELF=${BASH_SOURCE[0]}
+STEPS=${SUITE_STEPS:-inference memory+train profile profile-train train-float32}
+AB_VARIANTS=${AB_VARIANTS:-cond:train.finite_guard=cond cudnn:model.swin.attention_impl=cudnn}
 export PYTHONUNBUFFERED=1
-left() { echo $((BUDGET - ($(date +%s) - START))); }
 
 if [[ ${SUITE_QUICK:-0} == 1 ]]; then
   DEV=(--device cpu --quick --no-torch)  # the GPU suite has no PyTorch comparison
   PROFILE_DEV=(--device cpu --quick)
   ATTN_DEV=(--device cpu --quick)
   TRAIN_BATCH=2
-  PROFILE_TRAIN=(--remat)  # the quick memory row's step (batch 2, remat): loaded, not compiled
+  INFER_BATCHES=(1)
+  MEM_TARGETS=(2:on)
+  PROFILE_TRAIN=(--remat)  # the quick memory row's step (batch 2, remat)
+  AB_ROW=2:on  # train-ab's base: that step too
 else
   DEV=(--device gpu)
   PROFILE_DEV=(--device gpu)
   ATTN_DEV=(--device gpu)
   TRAIN_BATCH=16
+  INFER_BATCHES=(1 8)
+  MEM_TARGETS=(16:off 64:on)
   PROFILE_TRAIN=()  # the memory row's batch-16 step without remat (compiled again: the
                     # profile turns XLA's command buffers off, which changes the cache key)
+  AB_ROW=16:off  # train-ab's base: the memory row's batch-16 step (the same program)
 fi
-# One persistent XLA compilation cache for the steps: a program compiled by an earlier step (or
-# an earlier call of this script in the same lease) is loaded instead of compiled again.
+AB_ARGS=(--batch "${AB_ROW%%:*}")
+[[ $AB_ROW == *:on ]] && AB_ARGS+=(--remat)
+# One persistent XLA compilation cache for the steps: a program compiled by an earlier step,
+# `precompile` or an earlier call of this script in the same lease is loaded, not compiled.
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/vipa_jax-xla-cache}
+
+# cmd NAME [ARGS...]: exec the step's command (with ARGS appended); `bash $SELF __cmd NAME` runs
+# it in its own process, so that `timeout` can stop it.
+cmd() {
+  local name=$1
+  shift
+  case $name in
+    inference) exec $PY -m benchmarks.run "${DEV[@]}" --no-memory --no-train --out "$OUT" "$@" ;;
+    memory+train) exec $PY -m benchmarks.run "${DEV[@]}" --no-infer --memory-dtypes bfloat16 \
+      --memory-targets "${MEM_TARGETS[@]}" --train-at-memory-targets --out "$OUT" "$@" ;;
+    memory-remat) exec $PY -m benchmarks.run "${DEV[@]}" --no-infer --memory-dtypes bfloat16 \
+      --memory-targets "${MEM_TARGETS[-1]}" --train-at-memory-targets --out "$OUT" "$@" ;;
+    attention) exec $PY -m benchmarks.attention "${ATTN_DEV[@]}" --train --out "$OUT" "$@" ;;
+    profile) exec $PY -m benchmarks.profile "${PROFILE_DEV[@]}" --dtype bfloat16 --out "$OUT" \
+      "$@" ;;
+    profile-train) exec $PY -m benchmarks.profile "${PROFILE_DEV[@]}" --train --dtype bfloat16 \
+      --batch "$TRAIN_BATCH" "${PROFILE_TRAIN[@]}" --out "$OUT" "$@" ;;
+    train-float32) exec $PY -m benchmarks.run "${DEV[@]}" --no-infer --no-memory \
+      --train-configs float32:off --no-search --train-batch "$TRAIN_BATCH" --out "$OUT" "$@" ;;
+    train-ab) exec $PY -m benchmarks.train_ab "${PROFILE_DEV[@]}" --dtype bfloat16 \
+      "${AB_ARGS[@]}" --out "$OUT" "$@" ;;
+    *) echo "unknown command $name" >&2; exit 2 ;;
+  esac
+}
+
+# precompile STEP...: one compile-only process per program of each step, in parallel; wait.
+precompile() {
+  local pids=() names=() name arg v
+  rm -f /tmp/precompile-*.log
+  launch() {  # launch LABEL STEP [ARGS...]
+    local label=$1
+    shift
+    VIPA_BENCH_COMPILE_ONLY=1 XLA_PYTHON_CLIENT_PREALLOCATE=false \
+      bash "$SELF" __cmd "$@" >"/tmp/precompile-$label.log" 2>&1 &
+    pids+=($!)
+    names+=("$label")
+  }
+  for name in "$@"; do
+    case $name in
+      inference)
+        for v in float32 bfloat16; do
+          for arg in "${INFER_BATCHES[@]}"; do
+            launch "inference-$v-b$arg" inference --dtypes "$v" --infer-batch "$arg"
+          done
+        done ;;
+      memory+train)
+        for arg in "${MEM_TARGETS[@]}"; do
+          launch "memory-${arg/:/-}" memory+train --memory-targets "$arg"
+        done ;;
+      memory-remat) [[ " $* " == *" memory+train "* ]] || launch memory-remat memory-remat ;;
+      attention | profile | profile-train | train-float32) launch "$name" "$name" ;;
+      train-ab)  # the base is memory+train's batch-16 row where that step runs too
+        [[ " $* " == *" memory+train "* && " ${MEM_TARGETS[*]} " == *" $AB_ROW "* ]] ||
+          launch ab-base train-ab
+        for v in $AB_VARIANTS; do
+          launch "ab-${v%%:*}" train-ab --no-base --variant "$v"
+        done ;;
+    esac
+  done
+  echo "precompile: ${#pids[@]} processes: ${names[*]}"
+  local i rc
+  for i in "${!pids[@]}"; do
+    wait "${pids[$i]}"
+    rc=$?
+    echo "-- precompile ${names[$i]}: exit $rc"
+    grep -E "compiled only|Error|error" "/tmp/precompile-${names[$i]}.log" | tail -n 4
+  done
+}
+
+if [[ ${1:-} == __cmd ]]; then
+  shift
+  cmd "$@"
+elif [[ ${1:-} == __precompile ]]; then
+  shift
+  precompile "$@"
+  exit 0
+fi
+
+mkdir -p "$OUT"
+LOG="$OUT/device_suite.log"
+START=$(date +%s)
+left() { echo $((BUDGET - ($(date +%s) - START))); }
 
 # step NAME MAX_SECONDS RESERVE_SECONDS CMD...: run CMD for at most MAX_SECONDS, and never into
 # the last RESERVE_SECONDS of the budget (kept for the steps after it).
@@ -70,6 +171,15 @@ step() {
   echo "== $name: exit $? after $(($(date +%s) - t0)) s"
 }
 
+for name in $STEPS; do  # check the names before anything runs
+  case $name in
+    precompile | inference | memory+train | memory-remat | attention | profile | \
+      profile-train | train-float32 | train-ab) ;;
+    *) echo "== $name: unknown step (precompile inference memory+train memory-remat" \
+         "attention profile profile-train train-float32 train-ab)"; exit 2 ;;
+  esac
+done
+
 {
   echo "== device_suite $(date -u +%FT%TZ), budget $BUDGET s, commit ${VIPA_GIT_COMMIT:-from git}"
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 || true
@@ -81,35 +191,31 @@ step() {
 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())" 2>&1
   # H200 (2026-11-26): the four inference compiles took 181 s, one bfloat16 train-step compile
   # (batch 16) about 2 min, the batch-1 forward profile 60 s. MAX and RESERVE below follow.
-  for name in ${SUITE_STEPS:-inference memory+train profile profile-train train-float32}; do
+  rest=$STEPS
+  for name in $STEPS; do
+    rest=${rest#"$name"}
+    rest=${rest# }
     case $name in
-      inference)
-        step inference 200 330 $PY -m benchmarks.run "${DEV[@]}" --no-memory --no-train \
-          --out "$OUT" ;;
-      memory+train)
-        step memory+train 300 70 $PY -m benchmarks.run "${DEV[@]}" --no-infer \
-          --memory-dtypes bfloat16 --train-at-memory-targets --out "$OUT" ;;
-      memory-remat)  # the batch-64 remat row alone
-        step memory-remat 400 70 $PY -m benchmarks.run "${DEV[@]}" --no-infer \
-          --memory-dtypes bfloat16 --memory-targets 64:on --train-at-memory-targets \
-          --out "$OUT" ;;
-      attention)  # swin.attention_impl A/B: einsum / xla / cudnn, bfloat16 Swin-B, batch 8
-        step attention 150 5 $PY -m benchmarks.attention "${ATTN_DEV[@]}" --train --out "$OUT" ;;
-      profile)
-        step profile 90 5 $PY -m benchmarks.profile "${PROFILE_DEV[@]}" --dtype bfloat16 \
-          --out "$OUT" ;;
-      profile-train)
-        step profile-train 240 5 $PY -m benchmarks.profile "${PROFILE_DEV[@]}" --train \
-          --dtype bfloat16 --batch "$TRAIN_BATCH" "${PROFILE_TRAIN[@]}" --out "$OUT" ;;
+      precompile)
+        step precompile "${PRECOMPILE_MAX_S:-330}" 60 bash "$SELF" __precompile $rest
+        for f in /tmp/precompile-*.log; do  # killed at the time limit: say which
+          [[ -e $f ]] && ! grep -q "compiled only" "$f" && echo "-- precompile: no program" \
+            "cached by $(basename "$f" .log) ($(tail -n 1 "$f" | cut -c1-150))"
+        done ;;
+      inference) step inference 200 330 bash "$SELF" __cmd inference ;;
+      memory+train) step memory+train 300 70 bash "$SELF" __cmd memory+train ;;
+      memory-remat) step memory-remat 400 70 bash "$SELF" __cmd memory-remat ;;
+      attention) step attention 150 5 bash "$SELF" __cmd attention ;;
+      profile) step profile 90 5 bash "$SELF" __cmd profile ;;
+      profile-train) step profile-train 240 5 bash "$SELF" __cmd profile-train ;;
+      train-ab) step train-ab 300 5 bash "$SELF" __cmd train-ab \
+        $(for v in $AB_VARIANTS; do printf -- '--variant %s ' "$v"; done) ;;
       train-float32)
         if (($(left) > 150 * SCALE)); then
-          step train-float32 400 5 $PY -m benchmarks.run "${DEV[@]}" --no-infer --no-memory \
-            --train-configs float32:off --no-search --train-batch 16 --out "$OUT"
+          step train-float32 400 5 bash "$SELF" __cmd train-float32
         else
           echo "== train-float32: skipped, $(left) s of the budget left"
         fi ;;
-      *) echo "== $name: unknown step (inference memory+train memory-remat attention" \
-           "profile profile-train train-float32)"; exit 2 ;;
     esac
   done
   echo "== done after $(($(date +%s) - START)) s"

@@ -90,7 +90,8 @@ def train_step_setup(cfg: Any, batch: int) -> tuple[Callable[..., Any], Any, dic
     """The real VIPA train step for a full config -> (un-jitted step fn, fresh state, batch).
 
     The state is built from random parameters (`benchmarks.model.random_variables`, no jitted
-    init) and the optimizer's `init`; jit the step with `donate_argnums=(0,)`, call it as
+    init) and the optimizer's `init`; the step skips a non-finite update as
+    `cfg.train.finite_guard` says. Jit it with `donate_argnums=(0,)`, call it as
     `step(state, batch, key)`.
     """
     import jax
@@ -110,7 +111,9 @@ def train_step_setup(cfg: Any, batch: int) -> tuple[Callable[..., Any], Any, dic
         batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(variables["params"]))
     trainable = optim.trainable_mask(abstract["params"], cfg.optim)
     loss = lambda out, b: vipa_loss(out, b, cfg.loss)  # noqa: E731
-    return step.make_train_step(model, loss, tx, sched, trainable), state, data
+    guard = cfg.train.get("finite_guard", "auto") if "train" in cfg else "auto"
+    return (step.make_train_step(model, loss, tx, sched, trainable, finite_guard=guard),
+            state, data)
 
 
 def saved_per_image(cfg: Any) -> int:

@@ -315,8 +315,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if a.image_size:
         cfg.model.image_size = a.image_size
     t0 = time.perf_counter()
-    r = profile(cfg, train=a.train, batch=a.batch, reps=a.reps, depth=a.depth,
-                trace_dir=a.trace_dir, part=a.part)
+    try:
+        r = profile(cfg, train=a.train, batch=a.batch, reps=a.reps, depth=a.depth,
+                    trace_dir=a.trace_dir, part=a.part)
+    except common.CompiledOnly as done:  # $VIPA_BENCH_COMPILE_ONLY: the program is cached
+        return {"compiled_only": done.args[0]}
     r.update(quick=a.quick, config="synthetic:test" if a.quick else a.config,
              backend=jax.default_backend(),
              device_kind=jax.devices()[0].device_kind, total_s=time.perf_counter() - t0,

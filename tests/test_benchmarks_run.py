@@ -360,3 +360,66 @@ def test_device_suite_attention_step_quick(tmp_path: Path, jax_cache: str) -> No
     assert res["impls"]["xla"]["speedup_vs_einsum"] > 0
     assert res["impls"]["einsum"]["max_rel_diff"] == 0.0
     assert res["impls"]["xla"]["max_rel_diff"] < 1e-4  # same gradients (float32)
+
+
+def test_train_ab_variants_parse_and_apply() -> None:
+    """`--variant NAME:KEY=VALUE,...`: literals are parsed, bare words stay strings, and an
+    override of a key the config lacks is an error that names it (never a silent no-op)."""
+    from benchmarks.train_ab import apply_overrides, parse_variant
+    from configs import refcoco
+
+    assert parse_variant("cond:train.finite_guard=cond,model.remat=True") == (
+        "cond", {"train.finite_guard": "cond", "model.remat": True})
+    assert parse_variant("k:model.veg.topk_ratio=0.5") == ("k", {"model.veg.topk_ratio": 0.5})
+    for bad in ("cond", "cond:", ":a=b", "c:a", "c:=1"):
+        with pytest.raises(ValueError, match="--variant"):
+            parse_variant(bad)
+    cfg = refcoco.get_config()
+    out = apply_overrides(cfg, {"train.finite_guard": "cond", "model.swin.attention_impl": "xla"})
+    assert out.train.finite_guard == "cond" and out.model.swin.attention_impl == "xla"
+    assert cfg.train.finite_guard == "auto" and cfg.model.swin.attention_impl == "einsum"
+    with pytest.raises(KeyError, match="model.swin.nope"):
+        apply_overrides(cfg, {"model.swin.nope": 1})
+    with pytest.raises(KeyError, match="'modl'"):
+        apply_overrides(cfg, {"modl.remat": True})
+
+
+def test_compile_only_raises_once_compiled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`$VIPA_BENCH_COMPILE_ONLY`: `compile_jax` compiles, then raises `CompiledOnly` with the
+    compile info (a BaseException: the scripts' `except Exception` must not swallow it)."""
+    import numpy as np
+
+    from benchmarks import common
+
+    x = np.ones((4, 4), np.float32)
+    monkeypatch.setenv(common.COMPILE_ONLY_ENV, "1")
+    with pytest.raises(common.CompiledOnly) as done:
+        common.compile_jax(lambda a: a @ a, x)
+    assert not isinstance(done.value, Exception)
+    assert done.value.args[0]["hlo_flops"] == 2 * 4**3 and done.value.args[0]["compile_s"] > 0
+    monkeypatch.delenv(common.COMPILE_ONLY_ENV)
+    compiled, info = common.compile_jax(lambda a: a @ a, x)
+    np.testing.assert_allclose(np.asarray(compiled(x)), 4 * x)
+
+
+def test_train_ab_quick(tmp_path: Path, quick_run: tuple[dict, Path], jax_cache: str) -> None:
+    """`benchmarks.train_ab` on the quick memory row's step (bfloat16, batch 2, remat): the base
+    and a variant that is the same program on a CPU (`finite_guard` auto = cond) both load it
+    from the cache the quick run filled (the cache key `device_suite.sh`'s precompile relies
+    on), take the same first step and are timed side by side."""
+    env = quick_env(JAX_COMPILATION_CACHE_DIR=jax_cache)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.train_ab", "--quick", "--device", "cpu", "--dtype",
+         "bfloat16", "--batch", "2", "--remat", "--variant", "cond:train.finite_guard=cond",
+         "--out", str(tmp_path)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (path,) = tmp_path.glob("train_ab-*-cpu-bfloat16-b2-remat.json")
+    res = json.loads(path.read_text())
+    base, cond = res["variants"]["base"], res["variants"]["cond"]
+    assert cond["overrides"] == {"train.finite_guard": "cond"}
+    for e in (base, cond):
+        assert e["compile_cache_hit"] is True, e
+        assert e["step_median_ms"] > 0 and e["n"] == 2 and e["images_per_s"] > 0
+        assert e["flop_utilization"] is None  # no peak FLOP/s on a CPU
+    assert cond["first_loss"] == base["first_loss"] and cond["speedup_vs_first"] > 0
