@@ -296,10 +296,14 @@ def compile_jax(
     separately. `hlo_flops` is the same count of the HLO before XLA's optimizations, the same
     on every backend: XLA:GPU turns convolutions and most matmuls into cuDNN / cuBLAS custom
     calls that its compiled count leaves out (the paper-config forward: 435 GFLOPs before, 0.16
-    T after on an H200), so utilization figures use `hlo_flops`. `cache_hit`: the program came
-    from JAX's persistent compilation cache (`JAX_COMPILATION_CACHE_DIR`), so `compile_s` is a
-    load time, not a compile time. With `$VIPA_BENCH_COMPILE_ONLY` set it raises
-    `CompiledOnly(info)` once the program is compiled (and cached).
+    T after on an H200), so utilization figures use `hlo_flops`. Where that count is 0 (XLA:GPU
+    under jax 0.11.2 gave 0 for the paper-config train step on 2026-12-04) it is 2 x the
+    multiply-adds of the jaxpr's dots and convolutions (`count_macs`; on CPU the two counts of
+    that step at batch 2 differ by 0.3%), and `hlo_flops_source` says `jaxpr_macs`.
+    `cache_hit`: the program came from JAX's persistent compilation cache
+    (`JAX_COMPILATION_CACHE_DIR`), so `compile_s` is a load time, not a compile time. With
+    `$VIPA_BENCH_COMPILE_ONLY` set it raises `CompiledOnly(info)` once the program is compiled
+    (and cached).
     """
     import jax
 
@@ -313,7 +317,9 @@ def compile_jax(
     info: dict[str, Any] = {"lower_s": t1 - t0, "compile_s": t2 - t1,
                             "cache_hit": _CACHE_HITS[0] > hits}
     info.update(cost_of(compiled))
-    info["hlo_flops"] = cost_of(lowered)["flops"]
+    info["hlo_flops"], info["hlo_flops_source"] = cost_of(lowered)["flops"], "hlo"
+    if not info["hlo_flops"]:  # XLA:GPU (jax 0.11.2) counted 0 for the unoptimized train step
+        info["hlo_flops"], info["hlo_flops_source"] = 2.0 * count_macs(fn, *args), "jaxpr_macs"
     if os.environ.get(COMPILE_ONLY_ENV):
         print(f"compiled only (${COMPILE_ONLY_ENV}): {getattr(fn, '__name__', 'fn')}, lower "
               f"{info['lower_s']:.1f} s + compile {info['compile_s']:.1f} s, cache hit "

@@ -17,8 +17,11 @@
 #   processes (`$VIPA_BENCH_COMPILE_ONLY`: compile into the persistent cache, run nothing; no GPU
 #   preallocation), one process per program, for at most PRECOMPILE_MAX_S seconds (default 330;
 #   unfinished compiles are killed, and their steps compile again). The steps after it then load
-#   their programs instead of compiling them one after another: on the H200 one train-step
-#   compile takes about 2 min on the host's CPUs. Each process's log tail goes into the log.
+#   their programs instead of compiling them one after another. Each process's log tail goes
+#   into the log. Measured on the H200 (2026-12-04): it does not pay there. One train-step
+#   compile alone took 172 s; six of them in parallel had not finished after 330 s (XLA:GPU's
+#   compile already uses the host's cores, and its autotuning shares the one GPU). Give it two
+#   programs at most, or leave it out.
 # - `memory-remat`: the batch-64 remat row alone;
 # - `attention`: Swin-B forward + backward with each `swin.attention_impl` (einsum / xla /
 #   cudnn, bfloat16, batch 8: `benchmarks.attention`, one `attention-*.json`);
@@ -71,6 +74,13 @@ AB_ARGS=(--batch "${AB_ROW%%:*}")
 # One persistent XLA compilation cache for the steps: a program compiled by an earlier step,
 # `precompile` or an earlier call of this script in the same lease is loaded, not compiled.
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/vipa_jax-xla-cache}
+# And one cache of XLA:GPU's per-fusion autotuning results: programs that share most fusions
+# (the batch-16 train step with and without command buffers, or under an A/B variant) tune
+# each fusion once. GPU only: the flag is part of the compilation cache key, and the quick CPU
+# check shares its cache with the tests' quick runs.
+if [[ ${SUITE_QUICK:-0} != 1 ]]; then
+  export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_per_fusion_autotune_cache_dir=${AUTOTUNE_CACHE_DIR:-/tmp/vipa_jax-autotune}"
+fi
 
 # cmd NAME [ARGS...]: exec the step's command (with ARGS appended); `bash $SELF __cmd NAME` runs
 # it in its own process, so that `timeout` can stop it.

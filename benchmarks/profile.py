@@ -244,7 +244,7 @@ def profile(
         "image_size": cfg.model.image_size, "tokens": cfg.model.max_tokens,
         "dtype": cfg.model.dtype, "remat": bool(cfg.model.remat), "reps": reps, "depth": depth,
         "compile_s": info["lower_s"] + info["compile_s"], "xla_flops": info["flops"],
-        "hlo_flops": info["hlo_flops"],
+        "hlo_flops": info["hlo_flops"], "hlo_flops_source": info["hlo_flops_source"],
         "wall_median_ms": timing["median_s"] * 1e3, "wall_min_ms": timing["min_s"] * 1e3,
         "planes": traced["planes"], "trace_file": traced["trace"] if trace_dir else None,
         "unattributed_device_ms": traced["unattributed_ms"],

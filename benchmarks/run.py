@@ -220,7 +220,7 @@ def train_one(cfg: Any, batch: int, iters: int) -> dict[str, Any]:
         "compile_s": info["lower_s"] + info["compile_s"], "lower_s": info["lower_s"],
         "compile_cache_hit": info["cache_hit"],
         "xla_compile_s": info["compile_s"], "xla_flops_per_step": info["flops"],
-        "hlo_flops_per_step": info["hlo_flops"],
+        "hlo_flops_per_step": info["hlo_flops"], "hlo_flops_source": info["hlo_flops_source"],
         "first_step_s": first, "step_median_ms": s["median_s"] * 1e3,
         "step_p90_ms": s["p90_s"] * 1e3, "step_min_ms": s["min_s"] * 1e3, "n": s["n"],
         "images_per_s": batch / s["median_s"], "loss": loss,
@@ -584,7 +584,7 @@ def section_key(r: dict[str, Any]) -> str:
 def latest_results(results_dir: str, benchmark: str = "run") -> dict[str, dict[str, Any]]:
     """{`section_key`: the newest non-quick `<benchmark>-*.json` result} in a folder (`run`
     results of this suite, or `profile` results of `benchmarks.profile` of the whole model, not
-    of one `--part`)."""
+    of one `--part`, keyed `<section_key>#<mode>`: the newest inference and train profiles)."""
     latest: dict[str, dict[str, Any]] = {}
     for path in glob.glob(os.path.join(results_dir, f"{benchmark}-*.json")):
         with open(path) as f:
@@ -592,7 +592,7 @@ def latest_results(results_dir: str, benchmark: str = "run") -> dict[str, dict[s
         if r.get("benchmark") != benchmark or r.get("quick") or r.get("part", "total") != "total":
             continue
         r["_file"] = os.path.basename(path)
-        b = section_key(r)
+        b = section_key(r) + (f"#{r.get('mode', 'inference')}" if benchmark == "profile" else "")
         if b not in latest or r["machine_info"]["time_utc"] > latest[b]["machine_info"]["time_utc"]:
             latest[b] = r
     return latest
@@ -652,7 +652,9 @@ def _md_profile(p: dict[str, Any], rows: int = 8) -> list[str]:
         f"Where the time goes (`python -m benchmarks.profile`, file `benchmarks/results/"
         f"{p['_file']}`): {p['mode']}, batch {p['batch']}, {p['image_size']}x{p['image_size']}, "
         f"{p['dtype']}, on {p['device_kind']}, commit `{mi['git_commit']}`; wall median "
-        f"{p['wall_median_ms']:.1f} ms, traced op time {p['op_time_ms']:.2f} ms per call.",
+        f"{p['wall_median_ms']:.1f} ms, traced op time {p['op_time_ms']:.2f} ms per call"
+        + (f" (and {p['unattributed_device_ms']:.2f} ms of device time matched to no "
+           "instruction)" if p.get("unattributed_device_ms") else "") + ".",
     ]
     if p["op_time_ms"] < 0.5 * p["wall_median_ms"]:
         lines += ["", f"Only {100 * p['op_time_ms'] / p['wall_median_ms']:.0f}% of the wall time "
@@ -696,8 +698,9 @@ def write_markdown(results_dir: str, path: str) -> str:
             lines += _md_section(latest[key])
         else:
             lines.append(f"No {title} run yet: `python -m benchmarks.run --device {backend}`.")
-        if key in profiles:
-            lines += ["", *_md_profile(profiles[key])]
+        for mode in ("inference", "train"):
+            if f"{key}#{mode}" in profiles:
+                lines += ["", *_md_profile(profiles[f"{key}#{mode}"])]
         lines.append("")
     with open(path, "w") as f:
         f.write("\n".join(lines))

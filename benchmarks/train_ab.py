@@ -111,7 +111,8 @@ def run(
             print(f"  {name}: failed to compile: {e['error'][:200]}", flush=True)
             continue
         e.update(compile_s=info["lower_s"] + info["compile_s"], compile_cache_hit=info["cache_hit"],
-                 hlo_flops_per_step=info["hlo_flops"], xla_memory=common.memory_of(compiled))
+                 hlo_flops_per_step=info["hlo_flops"], hlo_flops_source=info["hlo_flops_source"],
+                 xla_memory=common.memory_of(compiled))
         state, metrics = compiled(state, data, key)  # the first step: same state for all
         e["first_loss"] = float(np.asarray(metrics["loss"]))
         carry = {"state": state}

@@ -400,6 +400,12 @@ def test_compile_only_raises_once_compiled(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.delenv(common.COMPILE_ONLY_ENV)
     compiled, info = common.compile_jax(lambda a: a @ a, x)
     np.testing.assert_allclose(np.asarray(compiled(x)), 4 * x)
+    assert info["hlo_flops"] == 2 * 4**3 and info["hlo_flops_source"] == "hlo"
+    # where XLA counts no FLOPs before optimization (XLA:GPU, jax 0.11.2, the train step), the
+    # count is 2 x the jaxpr's multiply-adds, and says so
+    monkeypatch.setattr(common, "cost_of", lambda c: {"flops": 0.0})
+    _, info = common.compile_jax(lambda a: a @ a + 1.0, x)
+    assert info["hlo_flops"] == 2 * 4**3 and info["hlo_flops_source"] == "jaxpr_macs"
 
 
 def test_train_ab_quick(tmp_path: Path, quick_run: tuple[dict, Path], jax_cache: str) -> None:
