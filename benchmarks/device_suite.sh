@@ -77,9 +77,13 @@ export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/vipa_jax-xla-
 # And one cache of XLA:GPU's per-fusion autotuning results: programs that share most fusions
 # (the batch-16 train step with and without command buffers, or under an A/B variant) tune
 # each fusion once. GPU only: the flag is part of the compilation cache key, and the quick CPU
-# check shares its cache with the tests' quick runs.
+# check shares its cache with the tests' quick runs. The suite starts the cache from the
+# tarball AUTOTUNE_SEED (default benchmarks/results/autotune-<GPU>.tgz, if there) and leaves
+# it as $OUT/autotune-cache.tgz: commit that as the seed, and the next lease on the same GPU
+# and jax version skips the autotuning it did (results for other fusions are just not used).
+AUTOTUNE_DIR=${AUTOTUNE_CACHE_DIR:-/tmp/vipa_jax-autotune}
 if [[ ${SUITE_QUICK:-0} != 1 ]]; then
-  export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_per_fusion_autotune_cache_dir=${AUTOTUNE_CACHE_DIR:-/tmp/vipa_jax-autotune}"
+  export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_per_fusion_autotune_cache_dir=$AUTOTUNE_DIR"
 fi
 
 # cmd NAME [ARGS...]: exec the step's command (with ARGS appended); `bash $SELF __cmd NAME` runs
@@ -99,7 +103,7 @@ cmd() {
     profile-train) exec $PY -m benchmarks.profile "${PROFILE_DEV[@]}" --train --dtype bfloat16 \
       --batch "$TRAIN_BATCH" "${PROFILE_TRAIN[@]}" --out "$OUT" "$@" ;;
     train-float32) exec $PY -m benchmarks.run "${DEV[@]}" --no-infer --no-memory \
-      --train-configs float32:off --no-search --train-batch "$TRAIN_BATCH" --out "$OUT" "$@" ;;
+      --train-configs float32:off --no-search --train-batch 16 --out "$OUT" "$@" ;;
     train-ab) exec $PY -m benchmarks.train_ab "${PROFILE_DEV[@]}" --dtype bfloat16 \
       "${AB_ARGS[@]}" --out "$OUT" "$@" ;;
     *) echo "unknown command $name" >&2; exit 2 ;;
@@ -199,6 +203,17 @@ done
   fi
   $PY -c "import sys, jax, flax, optax; print(sys.version.split()[0], 'jax', jax.__version__, \
 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())" 2>&1
+  if [[ ${SUITE_QUICK:-0} != 1 ]]; then
+    gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1 |
+          tr 'A-Z' 'a-z' | tr -c 'a-z0-9\n' '_')
+    seed=${AUTOTUNE_SEED:-benchmarks/results/autotune-${gpu:-gpu}.tgz}
+    mkdir -p "$AUTOTUNE_DIR"
+    if [[ -f $seed ]] && tar -xzf "$seed" -C "$AUTOTUNE_DIR"; then
+      echo "autotune cache: $(find "$AUTOTUNE_DIR" -type f | wc -l) results from $seed"
+    else
+      echo "autotune cache: empty (no seed at $seed)"
+    fi
+  fi
   # H200 (2026-11-26): the four inference compiles took 181 s, one bfloat16 train-step compile
   # (batch 16) about 2 min, the batch-1 forward profile 60 s. MAX and RESERVE below follow.
   rest=$STEPS
@@ -228,5 +243,10 @@ done
         fi ;;
     esac
   done
+  if [[ ${SUITE_QUICK:-0} != 1 && -d $AUTOTUNE_DIR ]] &&
+       tar -czf "$OUT/autotune-cache.tgz" -C "$AUTOTUNE_DIR" .; then
+    echo "autotune cache: $(find "$AUTOTUNE_DIR" -type f | wc -l) results," \
+         "$(du -k "$OUT/autotune-cache.tgz" | cut -f1) KiB in $OUT/autotune-cache.tgz"
+  fi
   echo "== done after $(($(date +%s) - START)) s"
 } 2>&1 | tee "$LOG"
