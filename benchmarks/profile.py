@@ -266,7 +266,11 @@ def print_profile(r: dict[str, Any], top: int) -> None:
                                              for u in r["unattributed_top"][:5]))
     flops = r.get("hlo_flops") or r.get("xla_flops")
     if flops:
-        print(f"{flops / 1e12:.2f} TFLOPs per call (XLA count before optimization): "
+        source = {"jaxpr_macs": "2 x the jaxpr's multiply-adds",
+                  "hlo": "XLA count before optimization"}.get(
+            r.get("hlo_flops_source", "hlo") if r.get("hlo_flops") else "",
+            "XLA count after optimization")
+        print(f"{flops / 1e12:.2f} TFLOPs per call ({source}): "
               f"{flops / r['wall_median_ms'] / 1e9:.1f} TFLOP/s at the wall median")
     for title, key in (("by module", "by_module"), ("by op kind", "by_kind")):
         rows = [[x["name"], f"{x['ms']:.2f}", f"{x['percent']:.1f}", x["ops"]]
