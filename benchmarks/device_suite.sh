@@ -20,8 +20,8 @@
 #   their programs instead of compiling them one after another. Each process's log tail goes
 #   into the log. Measured on the H200 (2026-12-04): it does not pay there. One train-step
 #   compile alone took 172 s; six of them in parallel had not finished after 330 s (XLA:GPU's
-#   compile already uses the host's cores, and its autotuning shares the one GPU). Give it two
-#   programs at most, or leave it out.
+#   compile already uses the host's cores, and its autotuning shares the one GPU). Fewer
+#   programs at a time are not measured: leave it out unless that is what a lease measures.
 # - `memory-remat`: the batch-64 remat row alone;
 # - `attention`: Swin-B forward + backward with each `swin.attention_impl` (einsum / xla /
 #   cudnn, bfloat16, batch 8: `benchmarks.attention`, one `attention-*.json`);
@@ -95,8 +95,7 @@ cmd() {
     inference) exec $PY -m benchmarks.run "${DEV[@]}" --no-memory --no-train --out "$OUT" "$@" ;;
     memory+train) exec $PY -m benchmarks.run "${DEV[@]}" --no-infer --memory-dtypes bfloat16 \
       --memory-targets "${MEM_TARGETS[@]}" --train-at-memory-targets --out "$OUT" "$@" ;;
-    memory-remat) exec $PY -m benchmarks.run "${DEV[@]}" --no-infer --memory-dtypes bfloat16 \
-      --memory-targets "${MEM_TARGETS[-1]}" --train-at-memory-targets --out "$OUT" "$@" ;;
+    memory-remat) cmd memory+train --memory-targets "${MEM_TARGETS[-1]}" "$@" ;;  # the last wins
     attention) exec $PY -m benchmarks.attention "${ATTN_DEV[@]}" --train --out "$OUT" "$@" ;;
     profile) exec $PY -m benchmarks.profile "${PROFILE_DEV[@]}" --dtype bfloat16 --out "$OUT" \
       "$@" ;;

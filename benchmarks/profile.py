@@ -211,24 +211,15 @@ def profile(
 ) -> dict[str, Any]:
     """Compile the forward (or train step, or one `part` of the forward), time it, trace it ->
     the JSON result (no machine)."""
-    import jax
-
     if part != "total" and (train or batch != 1):
         raise ValueError(f"--part {part} profiles the inference forward at batch 1 only "
                          "(no --train, --batch 1)")
     if train:
-        from benchmarks.input_pipeline import train_step_setup
+        from benchmarks.input_pipeline import compile_train_step
 
-        step_fn, state, data = train_step_setup(cfg, batch)
-        data, key = jax.device_put(data), jax.random.key(1)
         # The program `benchmarks.run` times: the state donated (updated in place on a GPU),
         # so each call feeds the state the previous one returned.
-        compiled, info = common.compile_jax(step_fn, state, data, key, donate_argnums=(0,))
-        carry = {"state": state}
-
-        def call() -> Any:
-            carry["state"], metrics = compiled(carry["state"], data, key)
-            return metrics
+        call, compiled, info = compile_train_step(cfg, batch)
     else:
         from benchmarks.input_pipeline import forward_setup
         from benchmarks.model import part_setup

@@ -14,7 +14,7 @@ Sections (every figure carries dtype, batch, image size and device kind, and the
   a second `device_suite.sh` call in one lease) is marked `compile_cache_hit` and its load time
   does not count against the compile target;
   latency = median and p90 of `--iters` timed calls after one warm-up (`common.time_call`).
-- train: the real jitted train step (`benchmarks.input_pipeline.train_step_setup`: loss, grads,
+- train: the real jitted train step (`benchmarks.input_pipeline.compile_train_step`: loss, grads,
   AdamW update, frozen-parameter mask; state donated), with and without `model.remat`, float32
   and bfloat16. GPU: the batch doubles from `--train-batch` until XLA runs out of memory and the
   largest batch that fitted is reported; CPU: `--train-batch` as given. Throughput = batch /
@@ -197,24 +197,20 @@ def train_one(cfg: Any, batch: int, iters: int) -> dict[str, Any]:
     import jax
     import numpy as np
 
-    from benchmarks.input_pipeline import train_step_setup
+    from benchmarks.input_pipeline import compile_train_step
 
-    step_fn, state, data = train_step_setup(cfg, batch)
-    data = jax.device_put(data)  # on the device: no host transfer in the timings
-    key = jax.random.key(1)
-    compiled, info = common.compile_jax(step_fn, state, data, key, donate_argnums=(0,))
+    call, compiled, info = compile_train_step(cfg, batch)
     t0 = time.perf_counter()
-    state, metrics = jax.block_until_ready(compiled(state, data, key))
+    metrics = jax.block_until_ready(call())
     first = time.perf_counter() - t0
     load = common.load_snapshot()
     times = []
     for _ in range(iters):
         t0 = time.perf_counter()
-        state, metrics = jax.block_until_ready(compiled(state, data, key))
+        metrics = jax.block_until_ready(call())
         times.append(time.perf_counter() - t0)
     s = common.summarize(times)
     loss = float(np.asarray(metrics["loss"]))
-    del state
     return {
         "batch": batch, "image_size": cfg.model.image_size, "tokens": cfg.model.max_tokens,
         "compile_s": info["lower_s"] + info["compile_s"], "lower_s": info["lower_s"],
@@ -301,7 +297,7 @@ def memory_section(
     after each row (the caller writes a partial result: a train step compile can take minutes)."""
     import jax
 
-    from benchmarks.input_pipeline import saved_per_image, train_step_setup
+    from benchmarks.input_pipeline import compile_train_step, saved_per_image
 
     entries = []
     saved: dict[tuple[str, bool], int] = {}
@@ -326,19 +322,15 @@ def memory_section(
                                  estimate_bytes=xm["estimate_bytes"] if xm else None,
                                  ran=True, device_memory=step["device_memory"], step=step)
                 else:
-                    step_fn, state, data = train_step_setup(row_cfg, batch)
-                    data = jax.device_put(data)
-                    key = jax.random.key(1)
-                    compiled, info = common.compile_jax(step_fn, state, data, key,
-                                                        donate_argnums=(0,))
+                    call, compiled, info = compile_train_step(row_cfg, batch)
                     xm = common.memory_of(compiled)
                     entry.update(compile_s=info["lower_s"] + info["compile_s"], xla_memory=xm,
                                  estimate_bytes=xm["estimate_bytes"] if xm else None,
                                  compile_cache_hit=info["cache_hit"])
                     if gpu:
-                        jax.block_until_ready(compiled(state, data, key))
+                        jax.block_until_ready(call())
                         entry["ran"], entry["device_memory"] = True, common.device_memory()
-                    del compiled, state, data
+                    del call, compiled
             except Exception as err:  # noqa: BLE001 - only out-of-memory is a result
                 if not (gpu and _is_oom(err)):
                     raise

@@ -9,7 +9,7 @@ Each variant is the `refcoco` config (or ``--config synthetic``) at ``--dtype`` 
 with its overrides, e.g. ``cond:train.finite_guard=cond`` or
 ``cudnn:model.swin.attention_impl=cudnn``; ``base`` (no overrides) comes first unless
 ``--no-base``. Every variant gets the same random parameters and batch
-(`benchmarks.input_pipeline.train_step_setup`: the program `benchmarks.run` times, the state
+(`benchmarks.input_pipeline.compile_train_step`: the program `benchmarks.run` times, the state
 donated and each call fed the state the last one returned; the decoder convolution as on a GPU,
 `run._as_on_gpu`), is compiled once (a compile error is recorded, not fatal) and the variants
 are timed in alternating blocks (`common.time_calls`, ``--rounds`` blocks each). Reported per
@@ -74,7 +74,7 @@ def run(
     import jax
     import numpy as np
 
-    from benchmarks.input_pipeline import train_step_setup
+    from benchmarks.input_pipeline import compile_train_step
     from benchmarks.run import _as_on_gpu, _with, load_config, peak_flops
 
     gpu = jax.default_backend() == "gpu"
@@ -100,9 +100,7 @@ def run(
         e: dict[str, Any] = {"overrides": overrides}
         entries[name] = e
         try:
-            step_fn, state, data = train_step_setup(cfgs[name], batch)
-            data, key = jax.device_put(data), jax.random.key(1)
-            compiled, info = common.compile_jax(step_fn, state, data, key, donate_argnums=(0,))
+            call, compiled, info = compile_train_step(cfgs[name], batch)
         except common.CompiledOnly as done:
             e.update(compiled_only=True, compile_s=done.args[0]["compile_s"])
             continue
@@ -113,14 +111,7 @@ def run(
         e.update(compile_s=info["lower_s"] + info["compile_s"], compile_cache_hit=info["cache_hit"],
                  hlo_flops_per_step=info["hlo_flops"], hlo_flops_source=info["hlo_flops_source"],
                  xla_memory=common.memory_of(compiled))
-        state, metrics = compiled(state, data, key)  # the first step: same state for all
-        e["first_loss"] = float(np.asarray(metrics["loss"]))
-        carry = {"state": state}
-
-        def call(c: Any = compiled, s: dict[str, Any] = carry, d: Any = data, k: Any = key) -> Any:
-            s["state"], m = c(s["state"], d, k)
-            return m
-
+        e["first_loss"] = float(np.asarray(call()["loss"]))  # the same state for all
         fns[name] = call
     timings = common.time_calls(fns, iters=iters, warmup=1, rounds=rounds) if fns else {}
     base = timings.get(names[0]) if names else None
