@@ -190,3 +190,66 @@ def test_kv_projection_auto_policy() -> None:
     assert not projects_kv_after("before", 21, 3600, 256, 768, 12)
     with pytest.raises(ValueError, match="kv_projection must be one of"):
         projects_kv_after("later", 1, 1, 1, 1, 1)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_softmax_and_qkv_projection_forms_are_the_same_function(dropout: float) -> None:
+    """Self-attention with the textbook softmax ('normalized') and / or one concatenated q/k/v
+    GEMM ('fused') gives the deferred-division, separate-projection outputs and parameter
+    gradients, with a key mask, an additive bias and attention dropout (the same keep mask)."""
+    from vipa_jax.models.layers import MultiHeadAttention
+
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((2, 3, 10, 16)), jnp.float32)  # (B, groups, L, C)
+    mask = jnp.asarray(rng.random((2, 1, 1, 1, 10)) < 0.8).at[..., 0].set(True)
+    bias = jnp.asarray(rng.standard_normal((3, 4, 10, 10)), jnp.float32)
+
+    def module(softmax: str, qkv: str) -> MultiHeadAttention:
+        return MultiHeadAttention(4, dropout_rate=dropout, softmax=softmax, qkv_projection=qkv)
+
+    ref_mod = module("deferred", "separate")
+    params = ref_mod.init(jax.random.key(0), x)["params"]
+    params = jax.tree.map(lambda p: p + 0.1 * jnp.cos(jnp.arange(p.size).reshape(p.shape)),
+                          params)  # non-zero biases
+
+    def grads(mod: MultiHeadAttention) -> tuple[jax.Array, dict]:
+        def loss(p: dict) -> tuple[jax.Array, jax.Array]:
+            out = mod.apply({"params": p}, x, mask=mask, bias=bias,
+                            deterministic=dropout == 0.0, rngs={"dropout": jax.random.key(3)})
+            return jnp.sum(out * jnp.sin(jnp.arange(out.size).reshape(out.shape))), out
+        (_, out), g = jax.value_and_grad(loss, has_aux=True)(params)
+        return out, g
+
+    ref, g_ref = grads(ref_mod)
+    for softmax, qkv in (("normalized", "separate"), ("deferred", "fused"),
+                         ("normalized", "fused")):
+        mod = module(softmax, qkv)
+        jax.tree.map(np.testing.assert_array_equal, mod.init(jax.random.key(0), x)["params"],
+                     ref_mod.init(jax.random.key(0), x)["params"])  # the same parameters
+        out, g = grads(mod)
+        np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5, err_msg=f"{softmax} {qkv}")
+        for name in ("query", "key", "value", "out"):
+            for leaf in ("kernel", "bias"):
+                b = g_ref[name][leaf]
+                if (name, leaf) == ("key", "bias"):  # cancels in the softmax: ~0 either way
+                    assert float(jnp.abs(g[name][leaf]).max()) < 1e-5
+                    continue
+                assert float(jnp.abs(b).max()) > 1e-2, (name, leaf)
+                np.testing.assert_allclose(g[name][leaf], b, atol=1e-4, rtol=1e-4,
+                                           err_msg=f"{softmax} {qkv} {name}/{leaf}")
+
+
+def test_softmax_and_qkv_projection_auto_policy() -> None:
+    """'auto' keeps XLA:CPU's faster forms (deferred division, separate projections) on a CPU
+    backend; bad values name the setting."""
+    from vipa_jax.models.layers import resolve_qkv_projection, resolve_softmax
+
+    cpu = jax.default_backend() == "cpu"
+    assert resolve_softmax("auto") == ("deferred" if cpu else "normalized")
+    assert resolve_qkv_projection("auto") == ("separate" if cpu else "fused")
+    assert resolve_softmax("normalized") == "normalized"
+    assert resolve_qkv_projection("fused") == "fused"
+    with pytest.raises(ValueError, match="attention softmax must be one of"):
+        resolve_softmax("online")
+    with pytest.raises(ValueError, match="qkv_projection must be one of"):
+        resolve_qkv_projection("packed")

@@ -393,13 +393,21 @@ def test_macs_plus_skipped_padding_equal_pytorch_swin() -> None:
     assert macs + padding == counter.get_total_flops() // 2
 
 
-def test_attention_impl_xla_matches_einsum() -> None:
-    """swin.attention_impl='xla' (jax.nn.dot_product_attention, windows folded into heads) gives
-    the einsum implementation's features and gradients on a padded, shifted Swin. ('cudnn' is
-    the same call with another backend; it needs a GPU: benchmarks/attention.py.)"""
+@pytest.mark.parametrize("variant", [
+    dict(attention_impl="xla"),
+    dict(attention_softmax="normalized"),
+    dict(qkv_projection="fused"),
+    dict(attention_softmax="normalized", qkv_projection="fused"),
+], ids=lambda v: ",".join(f"{k}={x}" for k, x in v.items()))
+def test_attention_variants_match_einsum(variant: dict[str, str]) -> None:
+    """swin.attention_impl='xla' (jax.nn.dot_product_attention, windows folded into heads), the
+    textbook softmax and the fused q/k/v projection (padded: one regroup with the concatenated
+    biases as fill) each give the einsum implementation's features and gradients (deferred
+    division, separate projections) on a padded, shifted Swin. ('cudnn' is the 'xla' call with
+    another backend; it needs a GPU: benchmarks/attention.py.)"""
     cfg = dict(embed_dim=16, depths=(2, 2), num_heads=(1, 2), window_size=7)
     x = jnp.asarray(_images(2, 38, 50))  # maps 10x13 -> 14x14 and 5x7 -> 7x7 (padded)
-    ref_model = SwinTransformer(**cfg)
+    ref_model = SwinTransformer(**cfg, attention_softmax="deferred", qkv_projection="separate")
     params = ref_model.init(jax.random.PRNGKey(0), x)
     params = jax.tree.map(  # O(1) relative-position biases, so the bias folding matters
         lambda p: p * 50.0 if p.ndim == 2 and p.shape[0] == 13 * 13 else p, params)
@@ -412,14 +420,16 @@ def test_attention_impl_xla_matches_einsum() -> None:
         return jax.jit(jax.value_and_grad(functools.partial(loss, model), has_aux=True))(params)
 
     (_, ref), g_ref = grads(ref_model)
-    (_, out), g = grads(SwinTransformer(**cfg, attention_impl="xla"))
+    (_, out), g = grads(SwinTransformer(**cfg, **variant))
     for a, b in zip(out, ref, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
     scale = max(float(jnp.abs(leaf).max()) for leaf in jax.tree.leaves(g_ref))
+    assert scale > 1.0
     for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5 * scale)
-    with pytest.raises(ValueError, match="swin.attention_impl must be one of"):
-        SwinTransformer(**cfg, attention_impl="flash").init(jax.random.PRNGKey(0), x)
+    key, value = next(iter(variant.items()))
+    with pytest.raises(ValueError, match=f"swin.{key} must be one of"):
+        SwinTransformer(**cfg, **{key: value + "_bad"}).init(jax.random.PRNGKey(0), x)
 
 
 def test_shift_mask_regions() -> None:

@@ -145,6 +145,7 @@ def dot_product_attention(
     deterministic: bool = True,
     dtype: Dtype | None = None,
     implementation: str = "einsum",
+    softmax: str = "auto",
 ) -> Array:
     """softmax(q kᵀ / √d + bias, masked) v.
 
@@ -152,7 +153,7 @@ def dot_product_attention(
     A query row whose keys are all masked gets uniform weights (as HF's additive mask does).
 
     `implementation`: 'einsum' (the default: this function's own two head-major batched
-    matmuls, with the softmax's division after the value product, `attention_weights`), or
+    matmuls, `attend_head_major`; `softmax` says where its division goes), or
     `jax.nn.dot_product_attention` with 'xla' (its XLA implementation) or 'cudnn' (cuDNN's fused
     flash attention: GPU, float16 / bfloat16, no attention dropout); see `fused_attention`.
     """
@@ -165,19 +166,57 @@ def dot_product_attention(
                              "dropout; use 'einsum' or dropout_rate=0")
         return fused_attention(q, k, v, bias=bias, mask=mask, implementation=implementation,
                                dtype=dtype)
-    dtype = dtype or q.dtype
-    depth = q.shape[-1]
-    q = q / jnp.sqrt(jnp.asarray(depth, dtype=q.dtype))
     # Head-major operands, so both products are plain batched GEMMs: (..., H, Lq, D)·(..., H, D,
     # Lk) and (..., H, Lq, Lk)·(..., H, Lk, D). Einsums over the (..., L, H, D) layout left the
     # layout to XLA:CPU, whose choice made Swin-B's stage-1 window attention 3× slower (README).
-    qh, kh, vh = (jnp.swapaxes(t, -2, -3) for t in (q, k, v.astype(dtype)))
+    qh, kh, vh = (jnp.swapaxes(t, -2, -3) for t in (q, k, v))
+    out = attend_head_major(qh, kh, vh, bias=bias, mask=mask, dropout_rate=dropout_rate,
+                            dropout_rng=dropout_rng, deterministic=deterministic, dtype=dtype,
+                            softmax=softmax)
+    return jnp.swapaxes(out, -2, -3)
+
+
+SOFTMAX_MODES = ("auto", "deferred", "normalized")
+
+
+def resolve_softmax(softmax: str) -> str:
+    """'deferred' or 'normalized' for a `softmax` setting; 'auto' is 'deferred' on a CPU backend,
+    else 'normalized'. 'deferred' divides the (Lq, D) value product by the row sums instead of
+    the (Lq, Lk) weights (`attention_weights`): Swin-B's window attention −40% on XLA:CPU
+    (README). 'normalized' is the textbook softmax, a pattern XLA:GPU emits as one Triton kernel
+    that writes the weights in the compute dtype; the deferred form makes it write float32
+    exp(·) and read it twice more (H200 profile: 4.0 ms of softmax + converts in the forward)."""
+    if softmax not in SOFTMAX_MODES:
+        raise ValueError(f"attention softmax must be one of {SOFTMAX_MODES}, got {softmax!r}")
+    if softmax == "auto":
+        return "deferred" if jax.default_backend() == "cpu" else "normalized"
+    return softmax
+
+
+def attend_head_major(
+    qh: Array,  # (..., H, Lq, D)
+    kh: Array,  # (..., H, Lk, D)
+    vh: Array,  # (..., H, Lk, D)
+    *,
+    bias: Array | None = None,
+    mask: Array | None = None,
+    dropout_rate: float = 0.0,
+    dropout_rng: Array | None = None,
+    deterministic: bool = True,
+    dtype: Dtype | None = None,
+    softmax: str = "auto",
+) -> Array:
+    """`dot_product_attention`'s einsum implementation on head-major operands:
+    -> (..., H, Lq, D). `softmax`: see `resolve_softmax`."""
+    dtype = dtype or qh.dtype
+    normalized = resolve_softmax(softmax) == "normalized"
+    qh = qh / jnp.sqrt(jnp.asarray(qh.shape[-1], dtype=qh.dtype))
     logits = qh @ jnp.swapaxes(kh, -1, -2)  # (..., H, Lq, Lk)
     weights, total = attention_weights(
         logits, bias=bias, mask=mask, dropout_rate=dropout_rate, dropout_rng=dropout_rng,
-        deterministic=deterministic, dtype=dtype)
-    out = ((weights @ vh) / total).astype(dtype)  # (..., H, Lq, D)
-    return jnp.swapaxes(out, -2, -3)
+        deterministic=deterministic, dtype=dtype, normalized=normalized)
+    out = weights @ vh.astype(dtype)  # (..., H, Lq, D)
+    return out.astype(dtype) if normalized else (out / total).astype(dtype)
 
 
 def attention_weights(
@@ -189,18 +228,23 @@ def attention_weights(
     dropout_rng: Array | None = None,
     deterministic: bool = True,
     dtype: Dtype = jnp.float32,
-) -> tuple[Array, Array]:
+    normalized: bool = False,
+) -> tuple[Array, Array | None]:
     """The softmax of (logits + bias, masked) before its division, in float32:
     (E = exp(logits − row max) after attention dropout, cast to `dtype`; Σ_k E before dropout,
     (..., H, Lq, 1), float32). softmax·V = (E·V) / Σ: dividing the (Lq, D) product instead of
-    the (Lq, Lk) weights saves a pass over them (Swin-B's window attention: −40%, README)."""
+    the (Lq, Lk) weights saves a pass over them (Swin-B's window attention: −40%, README).
+    `normalized`: (softmax after attention dropout, cast to `dtype`; None) instead."""
     logits = logits.astype(jnp.float32)
     if bias is not None:
         logits = logits + bias.astype(jnp.float32)
     if mask is not None:
         logits = jnp.where(mask, logits, _MASK_VALUE)
-    weights = jnp.exp(logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True)))
-    total = weights.sum(-1, keepdims=True)
+    if normalized:
+        weights, total = jax.nn.softmax(logits, axis=-1), None
+    else:
+        weights = jnp.exp(logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True)))
+        total = weights.sum(-1, keepdims=True)
     if not deterministic and dropout_rate > 0.0:
         if dropout_rng is None:
             raise ValueError("dropout_rng is required when dropout is active")
@@ -297,6 +341,14 @@ class MultiHeadAttention(nn.Module):
     # key/value inputs and project afterwards (einsum implementation, no regroup); 'auto':
     # the one with fewer multiply-adds (`projects_kv_after`). The same function either way.
     kv_projection: str = "auto"
+    # 'auto' | 'deferred' | 'normalized': where the einsum implementation's softmax divides
+    # (`resolve_softmax`).
+    softmax: str = "auto"
+    # Self-attention with `kv_projection` 'before': 'fused' = one (C, 3F) projection through the
+    # concatenated query/key/value kernels (the parameters stay three `nn.Dense`s) and one
+    # `regroup` and head-major transpose; 'separate' = three of each; 'auto' = 'separate' on a
+    # CPU backend (fused: Swin-B at 480 +5% on XLA:CPU), else 'fused'.
+    qkv_projection: str = "auto"
 
     @nn.compact
     def __call__(
@@ -343,12 +395,27 @@ class MultiHeadAttention(nn.Module):
             dropout_rng = self.make_rng("dropout")
         attention = dict(bias=bias, mask=mask, dropout_rate=self.dropout_rate,
                          dropout_rng=dropout_rng, deterministic=deterministic)
+        softmax = resolve_softmax(self.softmax)
         after = projects_kv_after(self.kv_projection, inputs_q.shape[-2], inputs_kv.shape[-2],
                                   inputs_kv.shape[-1], features, self.num_heads)
         if after and regroup is None and self.implementation == "einsum":
             q = split(dense(name="query")(inputs_q))
             out = self._attend_then_project(q, inputs_kv, dense(name="key"), dense(name="value"),
                                             **attention)
+        elif inputs_kv is inputs_q and resolve_qkv_projection(self.qkv_projection) == "fused":
+            projs = [dense(name=name) for name in ("query", "key", "value")]
+            t, fill = _fused_projection(projs, inputs_q, self.dtype)  # (..., L, 3·features)
+            if regroup is not None:
+                t = regroup(t, fill)
+            t = t.reshape(*t.shape[:-1], 3, self.num_heads, head_dim)  # (..., L, 3, H, d)
+            if self.implementation == "einsum":  # one transpose to head-major for q, k and v
+                t = jnp.moveaxis(t, (-4, -3), (-2, 0))  # (3, ..., H, L, d)
+                out = jnp.swapaxes(attend_head_major(t[0], t[1], t[2], **attention,
+                                                     dtype=self.dtype, softmax=softmax), -2, -3)
+            else:
+                out = dot_product_attention(t[..., 0, :, :], t[..., 1, :, :], t[..., 2, :, :],
+                                            **attention, dtype=self.dtype,
+                                            implementation=self.implementation)
         else:
             projected = []
             for name, inputs in (("query", inputs_q), ("key", inputs_kv), ("value", inputs_kv)):
@@ -360,7 +427,7 @@ class MultiHeadAttention(nn.Module):
                     t = regroup(t, fill)
                 projected.append(split(t))
             out = dot_product_attention(*projected, **attention, dtype=self.dtype,
-                                        implementation=self.implementation)
+                                        implementation=self.implementation, softmax=softmax)
         out = out.reshape(*out.shape[:-2], features)
         if ungroup is not None:
             out = ungroup(out)
@@ -411,6 +478,32 @@ def _dense_params(proj: nn.Dense, in_features: int, dtype: Dtype) -> tuple[Array
         proj(jnp.zeros((0, in_features), dtype))
     params = proj.variables["params"]
     return params["kernel"], params.get("bias")
+
+
+QKV_PROJECTIONS = ("auto", "fused", "separate")
+
+
+def resolve_qkv_projection(qkv_projection: str) -> str:
+    """'fused' or 'separate' for a `MultiHeadAttention.qkv_projection` setting."""
+    if qkv_projection not in QKV_PROJECTIONS:
+        raise ValueError(
+            f"qkv_projection must be one of {QKV_PROJECTIONS}, got {qkv_projection!r}")
+    if qkv_projection == "auto":
+        return "separate" if jax.default_backend() == "cpu" else "fused"
+    return qkv_projection
+
+
+def _fused_projection(projs: Sequence[nn.Dense], x: Array, dtype: Dtype) -> tuple[Array, Array]:
+    """x·[W_1 | W_2 | ...] + [b_1 | b_2 | ...]: several `nn.Dense` projections of one input as
+    one GEMM, (..., C) -> (..., ΣF), with the concatenated bias (zeros without biases), which is
+    also what a zero input token projects to. Each output column is the same dot product the
+    separate `nn.Dense` computes."""
+    params = [_dense_params(p, x.shape[-1], dtype) for p in projs]
+    kernel = jnp.concatenate([w.astype(dtype) for w, _ in params], axis=-1)  # (C, ΣF)
+    bias = jnp.concatenate([jnp.zeros((w.shape[-1],), dtype) if b is None else b.astype(dtype)
+                            for w, b in params])  # (ΣF,)
+    y = jax.lax.dot_general(x.astype(dtype), kernel, (((x.ndim - 1,), (0,)), ((), ())))
+    return y + bias, bias
 
 
 class Mlp(nn.Module):

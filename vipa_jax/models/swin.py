@@ -48,6 +48,8 @@ import numpy as np
 
 from vipa_jax.models.layers import (
     ATTENTION_IMPLS,
+    QKV_PROJECTIONS,
+    SOFTMAX_MODES,
     DropPath,
     LayerNorm,
     Mlp,
@@ -69,7 +71,7 @@ SWIN_CONFIGS: dict[str, dict[str, Any]] = {
 _CONFIG_KEYS = frozenset(
     {"embed_dim", "depths", "num_heads", "window_size", "mlp_ratio", "drop_path_rate",
      "patch_size", "always_partition", "layer_norm_eps", "remat", "dtype", "ape", "ape_init",
-     "attention_impl"}
+     "attention_impl", "attention_softmax", "qkv_projection"}
 )
 
 _SHIFT_MASK_VALUE = -100.0  # the official / HF additive value for cross-region pairs
@@ -224,6 +226,8 @@ class SwinBlock(nn.Module):
     layer_norm_eps: float = 1e-5
     dtype: Dtype = jnp.float32
     attention_impl: str = "einsum"  # layers.dot_product_attention's implementation
+    attention_softmax: str = "auto"  # MultiHeadAttention.softmax
+    qkv_projection: str = "auto"  # MultiHeadAttention.qkv_projection
 
     def effective_window(self, height: int, width: int) -> tuple[int, int]:
         """(window, shift) actually used on a (height, width) map."""
@@ -266,7 +270,8 @@ class SwinBlock(nn.Module):
             bias = bias[None] + mask[:, None]  # (nW, heads, T, T)
         attn = MultiHeadAttention(
             self.num_heads, use_output_proj=True, dtype=self.dtype,
-            kernel_init=_dense_init, implementation=self.attention_impl, name="attn",
+            kernel_init=_dense_init, implementation=self.attention_impl,
+            softmax=self.attention_softmax, qkv_projection=self.qkv_projection, name="attn",
         )
         x_norm = ln(name="norm1")(x)  # (B, H, W, C)
         if (hp, wp) != (h, w):
@@ -297,6 +302,8 @@ class SwinStage(nn.Module):
     remat: bool = False
     dtype: Dtype = jnp.float32
     attention_impl: str = "einsum"
+    attention_softmax: str = "auto"
+    qkv_projection: str = "auto"
 
     @nn.compact
     def __call__(self, x: Array, deterministic: bool = True) -> Array:
@@ -316,6 +323,8 @@ class SwinStage(nn.Module):
                 layer_norm_eps=self.layer_norm_eps,
                 dtype=self.dtype,
                 attention_impl=self.attention_impl,
+                attention_softmax=self.attention_softmax,
+                qkv_projection=self.qkv_projection,
                 name=f"blocks_{j}",
             )(x, deterministic)
         return x
@@ -360,6 +369,11 @@ class SwinTransformer(nn.Module):
     # Window attention: 'einsum' (ours), 'xla' / 'cudnn' (jax.nn.dot_product_attention's; cuDNN's
     # fused attention needs a GPU and float16 / bfloat16 compute).
     attention_impl: str = "einsum"
+    # The window attention's softmax division, 'auto' | 'deferred' | 'normalized', and q/k/v
+    # projection, 'auto' | 'fused' (one (C, 3C) GEMM and one window partition) | 'separate';
+    # the same parameters and function either way (layers.MultiHeadAttention).
+    attention_softmax: str = "auto"
+    qkv_projection: str = "auto"
 
     @classmethod
     def from_config(
@@ -412,9 +426,12 @@ class SwinTransformer(nn.Module):
         return total
 
     def setup(self) -> None:
-        if self.attention_impl not in ATTENTION_IMPLS:
-            raise ValueError(f"swin.attention_impl must be one of {ATTENTION_IMPLS}, "
-                             f"got {self.attention_impl!r}")
+        for key, allowed in (("attention_impl", ATTENTION_IMPLS),
+                             ("attention_softmax", SOFTMAX_MODES),
+                             ("qkv_projection", QKV_PROJECTIONS)):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"swin.{key} must be one of {allowed}, "
+                                 f"got {getattr(self, key)!r}")
         if len(self.depths) != len(self.num_heads):
             raise ValueError(
                 f"depths {self.depths} and num_heads {self.num_heads} differ in length"
@@ -435,6 +452,8 @@ class SwinTransformer(nn.Module):
                 remat=self.remat,
                 dtype=self.dtype,
                 attention_impl=self.attention_impl,
+                attention_softmax=self.attention_softmax,
+                qkv_projection=self.qkv_projection,
             )
             for i in range(self.num_stages)
         ]
