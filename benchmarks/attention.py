@@ -1,23 +1,31 @@
-"""Swin window attention implementations side by side: `swin.attention_impl` A/B (issue 8).
+"""Swin window attention forms side by side: an A/B of the `swin.attention_*` switches (issue 8).
 
 ``python -m benchmarks.attention [--device gpu] [--batch 8] [--dtype bfloat16] [--train]
-[--impls einsum cudnn]`` writes ``benchmarks/results/attention-<machine>.json``; ``--quick`` =
-a tiny Swin at 64 px, 2 iterations (the smoke test).
+[--impls einsum cudnn] [--variant NAME:KEY=VALUE[,...]]`` writes
+``benchmarks/results/attention-<machine>-<train|infer>-<dtype>.json``; ``--quick`` = a tiny Swin
+at 64 px, 2 iterations (the smoke test).
 
 Swin-B w12 at 480×480 (its 24 blocks are where VIPA's attention FLOPs are) with the same random
-weights, compiled once per implementation:
-- `einsum`: `layers.dot_product_attention`'s two einsums with a float32 softmax (the default);
+weights, compiled once per variant. A variant is a name and Swin keyword overrides:
+- `einsum`: `layers.dot_product_attention`'s two batched matmuls with a float32 softmax, its
+  division and q/k/v projection as `auto` picks for the backend (`attention_softmax`,
+  `qkv_projection`: deferred division and separate projections on a CPU, the textbook softmax
+  and one fused q/k/v GEMM elsewhere);
+- `cpu-forms` / `gpu-forms`: einsum with the other backend's `auto` choice, so both are timed;
 - `xla`: `jax.nn.dot_product_attention`'s XLA implementation;
 - `cudnn`: `jax.nn.dot_product_attention(implementation='cudnn')`, cuDNN's fused (flash)
-  attention; GPU only, float16 / bfloat16 compute.
+  attention; GPU only, float16 / bfloat16 compute;
+- ``--variant NAME:KEY=VALUE,...`` adds any other, e.g. ``fused:qkv_projection=fused``.
+``--impls`` picks among the named ones (einsum, cpu-forms, gpu-forms, xla, cudnn).
 Timed in alternating blocks (`common.time_calls`): the forward, and with `--train` the forward
 + backward (gradient of a scalar of the four stage outputs with respect to the parameters).
-An implementation that fails to compile (e.g. cuDNN rejecting a shape) is recorded with its
-error instead of stopping the run. `max_rel_diff`: the largest difference from the einsum
-implementation's outputs (the four stage features, or the gradients with `--train`), relative
-to their largest entry (a per-array scale would divide by the key biases' gradients, which are
-zero up to rounding: softmax ignores a shift shared by all keys). Default implementations:
-einsum, xla and, on a GPU, cudnn; default dtype: bfloat16 on a GPU, float32 on a CPU.
+A variant that fails to compile (e.g. cuDNN rejecting a shape) is recorded with its error
+instead of stopping the run. `max_rel_diff`: the largest difference from the first variant's
+outputs (the four stage features, or the gradients with `--train`), relative to their largest
+entry (a per-array scale would divide by the key biases' gradients, which are zero up to
+rounding: softmax ignores a shift shared by all keys); `speedup`: over the first variant.
+Default variants: einsum, the other backend's forms, xla and, on a GPU, cudnn; default dtype:
+bfloat16 on a GPU, float32 on a CPU.
 """
 
 from __future__ import annotations
@@ -46,11 +54,26 @@ def _compile(model: Any, params: Any, images: Any, train: bool) -> tuple[Any, di
     return common.compile_jax(jax.grad(loss), params, images)
 
 
+CPU_FORMS = {"attention_softmax": "deferred", "qkv_projection": "separate"}
+GPU_FORMS = {"attention_softmax": "normalized", "qkv_projection": "fused"}
+NAMED_VARIANTS: dict[str, dict[str, str]] = {
+    "einsum": {}, "cpu-forms": CPU_FORMS, "gpu-forms": GPU_FORMS,
+    "xla": {"attention_impl": "xla"}, "cudnn": {"attention_impl": "cudnn"},
+}
+
+
+def default_variants(gpu: bool) -> list[str]:
+    """einsum, einsum with the other backend's `auto` forms, xla and (GPU) cudnn."""
+    return ["einsum", "cpu-forms", "xla", "cudnn"] if gpu else ["einsum", "gpu-forms", "xla"]
+
+
 def run(
     quick: bool = False, batch: int | None = None, dtype: str | None = None,
     impls: list[str] | None = None, iters: int | None = None, train: bool = False,
     image_size: int = 480, out_dir: str | None = None, write: bool = True,
+    variants: list[tuple[str, dict[str, Any]]] | None = None,
 ) -> dict[str, Any]:
+    """Time the named variants `impls` (default `default_variants`) and then `variants`."""
     import jax
     import jax.numpy as jnp
 
@@ -58,7 +81,12 @@ def run(
 
     gpu = jax.default_backend() == "gpu"
     dtype = dtype or ("bfloat16" if gpu else "float32")
-    impls = impls or (["einsum", "xla", "cudnn"] if gpu else ["einsum", "xla"])
+    if impls is None and not variants:
+        impls = default_variants(gpu)
+    unknown = sorted(set(impls or ()) - set(NAMED_VARIANTS))
+    if unknown:
+        raise ValueError(f"unknown attention variants {unknown}; named: {sorted(NAMED_VARIANTS)}")
+    todo = [(name, NAMED_VARIANTS[name]) for name in impls or ()] + list(variants or ())
     cfg = dict(QUICK_SWIN) if quick else dict(SWIN_CONFIGS["base"])
     size = 64 if quick else image_size
     batch = batch or (1 if quick or not gpu else 8)
@@ -73,46 +101,47 @@ def run(
 
     entries: dict[str, dict[str, Any]] = {}
     fns = {}
-    for impl in impls:
-        model = SwinTransformer(**cfg, dtype=jnp.dtype(dtype), attention_impl=impl)
+    for name, overrides in todo:
+        entries[name] = {"overrides": dict(overrides)}
         try:
+            model = SwinTransformer(**{**cfg, **overrides}, dtype=jnp.dtype(dtype))
             compiled, info = _compile(model, params, images, train)
         except common.CompiledOnly:  # $VIPA_BENCH_COMPILE_ONLY: cached, go on to the next
-            entries[impl] = {"compiled_only": True}
+            entries[name]["compiled_only"] = True
             continue
         except Exception as e:  # noqa: BLE001 - record why (cuDNN's shape limits) and go on
-            entries[impl] = {"error": f"{type(e).__name__}: {str(e)[:500]}"}
-            print(f"  {impl:7s} failed to compile: {entries[impl]['error'][:200]}", flush=True)
+            entries[name]["error"] = f"{type(e).__name__}: {str(e)[:500]}"
+            print(f"  {name:9s} failed to compile: {entries[name]['error'][:200]}", flush=True)
             continue
-        entries[impl] = {"compile_s": info["compile_s"], "hlo_flops": info["hlo_flops"]}
-        fns[impl] = lambda c=compiled: c(params, images)
+        entries[name].update(compile_s=info["compile_s"], hlo_flops=info["hlo_flops"])
+        fns[name] = lambda c=compiled: c(params, images)
     if os.environ.get(common.COMPILE_ONLY_ENV):
-        return {"compile_only": True, "impls": entries}
+        return {"compile_only": True, "variants": entries}
     timings = common.time_calls(fns, iters=iters, warmup=1) if fns else {}
 
     def leaves(out: Any) -> list[np.ndarray]:
         return [np.asarray(x, np.float32) for x in jax.tree.leaves(out)]
 
-    ref = leaves(fns["einsum"]()) if "einsum" in fns else None
-    for impl, t in timings.items():
-        e = entries[impl]
+    first = next(iter(timings), None)
+    ref = leaves(fns[first]()) if first else None
+    for name, t in timings.items():
+        e = entries[name]
         e.update(median_ms=t["median_s"] * 1e3, p90_ms=t["p90_s"] * 1e3, n=t["n"])
-        if ref is not None:  # features (inference) or gradients (train)
-            diff = max(float(np.abs(a - b).max())
-                       for a, b in zip(leaves(fns[impl]()), ref, strict=True))
-            e["max_rel_diff"] = diff / (max(float(np.abs(b).max()) for b in ref) or 1.0)
-        if "einsum" in timings:
-            e["speedup_vs_einsum"] = timings["einsum"]["median_s"] / t["median_s"]
-    rows = [[impl, e.get("compile_s"), e.get("median_ms"), e.get("p90_ms"),
-             e.get("speedup_vs_einsum"), e.get("max_rel_diff"), e.get("error", "")[:60]]
-            for impl, e in entries.items()]
-    common.print_table(rows, ["impl", "compile s", "median ms", "p90 ms", "x einsum",
-                              "max rel diff", "error"])
+        e["speedup"] = timings[first]["median_s"] / t["median_s"]
+        # features (inference) or gradients (train)
+        diff = max(float(np.abs(a - b).max())
+                   for a, b in zip(leaves(fns[name]()), ref, strict=True))
+        e["max_rel_diff"] = diff / (max(float(np.abs(b).max()) for b in ref) or 1.0)
+    rows = [[name, e.get("compile_s"), e.get("median_ms"), e.get("p90_ms"),
+             e.get("speedup"), e.get("max_rel_diff"), e.get("error", "")[:60]]
+            for name, e in entries.items()]
+    common.print_table(rows, ["variant", "compile s", "median ms", "p90 ms",
+                              f"x {first or 'first'}", "max rel diff", "error"])
     result: dict[str, Any] = {
         "quick": quick, "swin": cfg, "image_size": size, "batch": batch, "dtype": dtype,
         "mode": "train" if train else "inference", "iters": iters,
         "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
-        "impls": entries,
+        "reference": first, "variants": entries,
     }
     if write:
         tag = f"{'train' if train else 'infer'}-{dtype}"
@@ -127,7 +156,11 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="tiny Swin at 64 px, 2 iterations")
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
-    p.add_argument("--impls", nargs="+", choices=("einsum", "xla", "cudnn"), default=None)
+    p.add_argument("--impls", nargs="+", choices=tuple(NAMED_VARIANTS), default=None,
+                   help="named variants (default: einsum, the other backend's forms, xla, "
+                        "cudnn on a GPU)")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,...]",
+                   help="a variant of Swin keyword overrides, e.g. fused:qkv_projection=fused")
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--image-size", type=int, default=480)
     p.add_argument("--train", action="store_true", help="time forward + backward")
@@ -139,8 +172,10 @@ def main() -> None:
 
     if a.device == "gpu" and jax.default_backend() != "gpu":
         raise SystemExit(f"--device gpu but JAX's backend is {jax.default_backend()!r}")
-    run(quick=a.quick, batch=a.batch, dtype=a.dtype, impls=a.impls, iters=a.iters,
-        train=a.train, image_size=a.image_size, out_dir=a.out)
+    variants = [common.parse_variant(v) for v in a.variant]
+    run(quick=a.quick, batch=a.batch, dtype=a.dtype, iters=a.iters, train=a.train,
+        impls=a.impls if a.impls or not variants else [], variants=variants,
+        image_size=a.image_size, out_dir=a.out)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ ratios from one run, never absolute times from different runs.
 
 from __future__ import annotations
 
+import ast
 import functools
 import json
 import os
@@ -381,6 +382,23 @@ def device_memory() -> dict[str, int] | None:
         return None
     keys = ("bytes_in_use", "peak_bytes_in_use", "bytes_limit")
     return {k: int(stats[k]) for k in keys if k in stats}
+
+
+def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
+    """'cond:train.finite_guard=cond,model.remat=True' -> ('cond', {...: 'cond', ...: True})."""
+    name, sep, rest = text.partition(":")
+    if not sep or not name or not rest:
+        raise ValueError(f"--variant {text!r}: expected NAME:KEY=VALUE[,KEY=VALUE...]")
+    overrides: dict[str, Any] = {}
+    for item in rest.split(","):
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise ValueError(f"--variant {text!r}: {item!r} is not KEY=VALUE")
+        try:
+            overrides[key.strip()] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            overrides[key.strip()] = value  # a bare word: a string
+    return name, overrides
 
 
 def result_path(name: str, out_dir: str | None = None, tag: str = "") -> str:

@@ -47,21 +47,41 @@ from benchmarks import common
 from benchmarks.model import FORWARD_PARTS
 
 # `%name = f32[1,2]{1,0} opcode(...), ..., metadata={op_name="jit(f)/VIPA/encoder/..."`
-_HLO_LINE = re.compile(
-    r'^\s*(?:ROOT\s+)?%?(?P<name>[\w.\-]+)\s*=\s*(?P<shape>\S+)\s.*?'
-    r'metadata=\{[^}]*?op_name="(?P<op>[^"]*)"')
+_HLO_LINE = re.compile(r'^\s*(?:ROOT\s+)?%?(?P<name>[\w.\-]+)\s*=\s*(?P<shape>\S+)\s')
+_OP_NAME = re.compile(r'metadata=\{[^}]*?op_name="(?P<op>[^"]*)"')
+_CALLS = re.compile(r"\bcalls=%?(?P<comp>[\w.\-]+)")
+# `%fused_transpose.41 (param_0: f32[..]) -> f32[..] {` / `ENTRY %main.5 (...) -> ... {`
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?(?P<comp>[\w.\-]+)\s.*\{\s*$")
+NO_METADATA = "(no metadata)"
 _TRANSFORM = re.compile(r"^(?:jit|pjit|jvp|transpose|vmap|remat|checkpoint|custom_jvp_call|"
                         r"custom_vjp_call|rematted_computation)\((?P<inner>.*)\)$")
 
 
 def hlo_op_names(hlo_text: str) -> dict[str, tuple[str, str]]:
-    """{HLO instruction name: (result shape, op_name metadata)} from compiled HLO text."""
-    out = {}
+    """{HLO instruction name: (result shape, op_name metadata)} from compiled HLO text.
+
+    An instruction without metadata (XLA's own, e.g. a layout transpose fusion) takes that of
+    the computation it calls (a fusion's root, else its first instruction that has one), else
+    is named `NO_METADATA`: its time still counts, under that name.
+    """
+    found: dict[str, tuple[str, str | None, str | None]] = {}  # name: (shape, op, called)
+    comp_op: dict[str, str] = {}  # computation: op_name of its root / first instruction
+    comp = None
     for line in hlo_text.splitlines():
+        if (c := _COMPUTATION.match(line)) is not None and "=" not in line.split("{")[0]:
+            comp = c.group("comp")
+            continue
         m = _HLO_LINE.match(line)
-        if m:
-            out[m.group("name")] = (m.group("shape"), m.group("op"))
-    return out
+        if not m:
+            continue
+        op = _OP_NAME.search(line)
+        op = op.group("op") if op else None
+        calls = _CALLS.search(line)
+        found[m.group("name")] = (m.group("shape"), op, calls.group("comp") if calls else None)
+        if comp is not None and op and (comp not in comp_op or line.lstrip().startswith("ROOT")):
+            comp_op[comp] = op
+    return {name: (shape, op or comp_op.get(called or "", NO_METADATA))
+            for name, (shape, op, called) in found.items()}
 
 
 def module_group(op_name: str, depth: int) -> str:

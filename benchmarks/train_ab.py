@@ -24,29 +24,12 @@ compilation cache and nothing runs (`device_suite.sh`'s `precompile`).
 from __future__ import annotations
 
 import argparse
-import ast
 import copy
 import os
 from typing import Any
 
 from benchmarks import common
-
-
-def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
-    """'cond:train.finite_guard=cond,model.remat=True' -> ('cond', {...: 'cond', ...: True})."""
-    name, sep, rest = text.partition(":")
-    if not sep or not name or not rest:
-        raise ValueError(f"--variant {text!r}: expected NAME:KEY=VALUE[,KEY=VALUE...]")
-    overrides: dict[str, Any] = {}
-    for item in rest.split(","):
-        key, eq, value = item.partition("=")
-        if not eq or not key:
-            raise ValueError(f"--variant {text!r}: {item!r} is not KEY=VALUE")
-        try:
-            overrides[key.strip()] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            overrides[key.strip()] = value  # a bare word: a string
-    return name, overrides
+from benchmarks.common import parse_variant  # noqa: F401 - the CLI's and tests' parser
 
 
 def apply_overrides(cfg: Any, overrides: dict[str, Any]) -> Any:

@@ -141,6 +141,25 @@ def test_profile_module_groups() -> None:
            '  ROOT dot.1 = f32[2,2]{1,0} dot(%a, %b), metadata={op_name="jit(f)/M/b/dot_general"}')
     assert hlo_op_names(hlo) == {"fusion.3": ("f32[2,8]{1,0}", "jit(f)/M/a/add"),
                                  "dot.1": ("f32[2,2]{1,0}", "jit(f)/M/b/dot_general")}
+    # XLA's own instructions (no metadata) take their fused computation's root op_name, else
+    # count as "(no metadata)"
+    hlo2 = ('%fused_transpose.4 (param_0: f32[8,2]) -> f32[2,8] {\n'
+            '  %param_0 = f32[8,2]{1,0} parameter(0)\n'
+            '  %neg = f32[8,2]{1,0} negate(%param_0), metadata={op_name="jit(f)/M/c/neg"}\n'
+            '  ROOT %transpose.2 = f32[2,8]{1,0} transpose(%neg), dimensions={1,0}, '
+            'metadata={op_name="jit(f)/M/c/transpose"}\n}\n\n'
+            'ENTRY %main.9 (p: f32[8,2]) -> (f32[2,8], f32[8,2]) {\n'
+            '  %p = f32[8,2]{1,0} parameter(0)\n'
+            '  %input_transpose_fusion.41 = f32[2,8]{1,0} fusion(%p), kind=kInput, '
+            'calls=%fused_transpose.4\n'
+            '  %copy.7 = f32[8,2]{0,1} copy(%p)\n'
+            '  ROOT %tuple.1 = (f32[2,8]{1,0}, f32[8,2]{0,1}) tuple(%input_transpose_fusion.41, '
+            '%copy.7)\n}\n')
+    names = hlo_op_names(hlo2)
+    assert names["input_transpose_fusion.41"] == ("f32[2,8]{1,0}", "jit(f)/M/c/transpose")
+    assert names["copy.7"] == ("f32[8,2]{0,1}", "(no metadata)")
+    assert names["neg"][1] == "jit(f)/M/c/neg" and names["p"][1] == "(no metadata)"
+    assert module_group(names["input_transpose_fusion.41"][1], 1) == "c"
     ops = {"fusion.3": {"ns": 3e6, "count": 1, "shape": "", "op_name": "jit(f)/M/a/add"},
            "fusion.4": {"ns": 1e6, "count": 1, "shape": "", "op_name": "jit(f)/M/a/mul"},
            "dot.1": {"ns": 4e6, "count": 1, "shape": "", "op_name": "jit(f)/M/b/dot_general"}}

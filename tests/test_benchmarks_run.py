@@ -344,7 +344,8 @@ def test_device_suite_quick(tmp_path: Path, jax_cache: str) -> None:
 
 def test_device_suite_attention_step_quick(tmp_path: Path, jax_cache: str) -> None:
     """The suite's `attention` step (`benchmarks.attention --train` on the tiny Swin on the CPU):
-    each CPU implementation compiles, is timed, and the JSON says so."""
+    each CPU variant (einsum, the GPU's softmax and q/k/v forms, xla) compiles and is timed, all
+    give the first one's gradients, and the JSON says so."""
     env = quick_env(SUITE_QUICK="1", OUT=str(tmp_path), PYTHON=sys.executable,
                     SUITE_STEPS="attention", SUITE_TIME_SCALE="2",
                     JAX_COMPILATION_CACHE_DIR=jax_cache)
@@ -354,12 +355,29 @@ def test_device_suite_attention_step_quick(tmp_path: Path, jax_cache: str) -> No
     assert proc.returncode == 0 and "== attention: exit 0 after" in log, log[-3000:]
     (path,) = tmp_path.glob("attention-*-train-float32.json")
     res = json.loads(path.read_text())
-    assert res["mode"] == "train" and res["quick"] and set(res["impls"]) == {"einsum", "xla"}
-    for impl, e in res["impls"].items():
-        assert "error" not in e and e["median_ms"] > 0 and e["compile_s"] > 0, (impl, e)
-    assert res["impls"]["xla"]["speedup_vs_einsum"] > 0
-    assert res["impls"]["einsum"]["max_rel_diff"] == 0.0
-    assert res["impls"]["xla"]["max_rel_diff"] < 1e-4  # same gradients (float32)
+    variants = res["variants"]
+    assert res["mode"] == "train" and res["quick"] and res["reference"] == "einsum"
+    assert list(variants) == ["einsum", "gpu-forms", "xla"]
+    assert variants["gpu-forms"]["overrides"] == {"attention_softmax": "normalized",
+                                                  "qkv_projection": "fused"}
+    for name, e in variants.items():
+        assert "error" not in e and e["median_ms"] > 0 and e["compile_s"] > 0, (name, e)
+        assert e["speedup"] > 0
+        assert e["max_rel_diff"] < 1e-4, name  # the same gradients (float32)
+    assert variants["einsum"]["max_rel_diff"] == 0.0
+
+
+def test_attention_variant_errors() -> None:
+    """An unknown named variant is an error naming it; a bad Swin value is recorded as that
+    variant's error, and the others still run."""
+    from benchmarks import attention
+
+    with pytest.raises(ValueError, match="unknown attention variants \\['flash'\\]"):
+        attention.run(quick=True, impls=["flash"], write=False)
+    res = attention.run(quick=True, impls=["einsum"], variants=[("bad", {"qkv_projection": "x"})],
+                        write=False, iters=1)
+    assert "swin.qkv_projection must be one of" in res["variants"]["bad"]["error"]
+    assert res["variants"]["einsum"]["median_ms"] > 0
 
 
 def test_train_ab_variants_parse_and_apply() -> None:
