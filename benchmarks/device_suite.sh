@@ -231,10 +231,11 @@ done
       inference) step inference 200 330 bash "$SELF" __cmd inference ;;
       memory+train) step memory+train 300 70 bash "$SELF" __cmd memory+train ;;
       memory-remat) step memory-remat 400 70 bash "$SELF" __cmd memory-remat ;;
-      attention) step attention 150 5 bash "$SELF" __cmd attention ;;
+      attention) step attention 400 5 bash "$SELF" __cmd attention ;;  # 4 Swin-B programs
       profile) step profile 90 5 bash "$SELF" __cmd profile ;;
       profile-train) step profile-train 240 5 bash "$SELF" __cmd profile-train ;;
-      train-ab) step train-ab 300 5 bash "$SELF" __cmd train-ab \
+      # the base and each variant: 172 s per train-step compile on the H200 (2026-12-04)
+      train-ab) step train-ab 540 5 bash "$SELF" __cmd train-ab \
         $(for v in $AB_VARIANTS; do printf -- '--variant %s ' "$v"; done) ;;
       train-float32)
         if (($(left) > 150 * SCALE)); then

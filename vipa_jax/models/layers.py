@@ -183,9 +183,10 @@ def resolve_softmax(softmax: str) -> str:
     """'deferred' or 'normalized' for a `softmax` setting; 'auto' is 'deferred' on a CPU backend,
     else 'normalized'. 'deferred' divides the (Lq, D) value product by the row sums instead of
     the (Lq, Lk) weights (`attention_weights`): Swin-B's window attention −40% on XLA:CPU
-    (README). 'normalized' is the textbook softmax, a pattern XLA:GPU emits as one Triton kernel
-    that writes the weights in the compute dtype; the deferred form makes it write float32
-    exp(·) and read it twice more (H200 profile: 4.0 ms of softmax + converts in the forward)."""
+    (README). 'normalized' is the textbook softmax, the pattern XLA:GPU's Triton softmax rewriter
+    is built to fuse into one kernel writing the weights in the compute dtype; with the deferred
+    form the H200 profile shows float32 exp(·) written, then read again for the bfloat16 convert
+    and for the row sums (4.0 ms of softmax kernels in the forward). Not yet timed on a GPU."""
     if softmax not in SOFTMAX_MODES:
         raise ValueError(f"attention softmax must be one of {SOFTMAX_MODES}, got {softmax!r}")
     if softmax == "auto":
