@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed-stamp
 TEST_WORKERS ?= 2
 PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
-.PHONY: venv test test-slow lint demo bench clean
+.PHONY: venv test test-slow lint demo bench clean gpu-aot-deps
 
 venv: $(STAMP)
 
@@ -39,4 +39,11 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.model
 
 clean:
-	rm -rf $(VENV) .pytest_cache workdirs demo_out
+	rm -rf $(VENV) .pytest_cache workdirs demo_out .gpu-aot
+
+# XLA's CUDA plugin for this jaxlib, for deviceless XLA:GPU compiles on a machine without a
+# GPU (`python -m benchmarks.gpu_aot`); kept out of the venv, in .gpu-aot/site.
+gpu-aot-deps: $(STAMP)
+	$(BIN)/python -m pip install -q --no-deps --upgrade --target .gpu-aot/site \
+	  "jax-cuda12-pjrt==$$($(BIN)/python -c 'import jaxlib; print(jaxlib.__version__)')" \
+	  "jax-cuda12-plugin==$$($(BIN)/python -c 'import jaxlib; print(jaxlib.__version__)')"

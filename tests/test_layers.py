@@ -253,3 +253,25 @@ def test_softmax_and_qkv_projection_auto_policy() -> None:
         resolve_softmax("online")
     with pytest.raises(ValueError, match="qkv_projection must be one of"):
         resolve_qkv_projection("packed")
+
+
+def test_compiling_for_another_backend() -> None:
+    """`compiling_for('gpu')` makes every `auto` choose the GPU's form while tracing on this
+    machine (deviceless compiles, `benchmarks.gpu_aot`), nested blocks win, and leaving the
+    block restores the default backend's choice."""
+    from vipa_jax.backend import compiling_for, target_backend
+    from vipa_jax.models.decoder import resolve_conv_impl
+    from vipa_jax.models.layers import resolve_qkv_projection, resolve_softmax
+
+    default = jax.default_backend()
+    with compiling_for("gpu"):
+        assert target_backend() == "gpu"
+        assert resolve_softmax("auto") == "normalized"
+        assert resolve_qkv_projection("auto") == "fused"
+        assert resolve_conv_impl("auto", jnp.float32) == "xla"
+        with compiling_for("cpu"):
+            assert resolve_softmax("auto") == "deferred"
+            assert resolve_qkv_projection("auto") == "separate"
+            assert resolve_conv_impl("auto", jnp.float32) == "winograd"
+        assert target_backend() == "gpu"
+    assert target_backend() == default

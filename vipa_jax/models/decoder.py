@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vipa_jax.backend import target_backend
 from vipa_jax.models.layers import (
     AttentionBlock,
     FeedForwardBlock,
@@ -133,7 +134,7 @@ def resolve_conv_impl(conv_impl: str, dtype: Any = jnp.float32) -> str:
     much in bfloat16); any other `conv_impl` as given."""
     if conv_impl != "auto":
         return conv_impl
-    cpu = jax.default_backend() == "cpu"
+    cpu = target_backend() == "cpu"
     return "winograd" if cpu and jnp.dtype(dtype) == jnp.float32 else "xla"
 
 

@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vipa_jax.backend import target_backend
+
 Array = jax.Array
 Dtype = Any
 Initializer = Callable[..., Array]
@@ -190,7 +192,7 @@ def resolve_softmax(softmax: str) -> str:
     if softmax not in SOFTMAX_MODES:
         raise ValueError(f"attention softmax must be one of {SOFTMAX_MODES}, got {softmax!r}")
     if softmax == "auto":
-        return "deferred" if jax.default_backend() == "cpu" else "normalized"
+        return "deferred" if target_backend() == "cpu" else "normalized"
     return softmax
 
 
@@ -291,9 +293,9 @@ def fused_attention(
     bias + shift mask, stays (1, nW·H, T, T) instead of being copied for every image.
     """
     dtype = dtype or q.dtype
-    if implementation == "cudnn" and jax.default_backend() != "gpu":
+    if implementation == "cudnn" and target_backend() != "gpu":
         raise ValueError("attention implementation 'cudnn' needs a GPU backend "
-                         f"(this one is {jax.default_backend()!r}); use 'einsum' or 'xla'")
+                         f"(this one is {target_backend()!r}); use 'einsum' or 'xla'")
     *lead, lq, heads, depth = q.shape
     batch = lead[0] if lead else 1
     groups = int(np.prod(lead[1:], dtype=np.int64))  # folded into the heads
@@ -490,7 +492,7 @@ def resolve_qkv_projection(qkv_projection: str) -> str:
         raise ValueError(
             f"qkv_projection must be one of {QKV_PROJECTIONS}, got {qkv_projection!r}")
     if qkv_projection == "auto":
-        return "separate" if jax.default_backend() == "cpu" else "fused"
+        return "separate" if target_backend() == "cpu" else "fused"
     return qkv_projection
 
 

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from vipa_jax.backend import target_backend
 from vipa_jax.train.optim import global_norm
 
 Batch = dict[str, jax.Array]
@@ -130,7 +131,7 @@ def make_train_step(
         raise ValueError(
             f"finite_guard must be 'auto', 'cond' or 'select', got {finite_guard!r}")
     if finite_guard == "auto":
-        finite_guard = "cond" if jax.default_backend() == "cpu" else "select"
+        finite_guard = "cond" if target_backend() == "cpu" else "select"
 
     def micro_grads(params: Any, batch_stats: Any, mb: Batch, rng: jax.Array):
         def lf(p):

@@ -1,0 +1,262 @@
+"""XLA:GPU's compiled train step for a GPU this machine does not have: kernels and memory (issue 8).
+
+``python -m benchmarks.gpu_aot [--target h200|h100] [--config refcoco] [--dtype bfloat16]
+[--batch 16] [--remat] [--variant NAME:KEY=VALUE[,...]] [--no-base]`` writes
+``benchmarks/results/gpu_aot-<machine>-<target>-<dtype>-b<batch>[-remat].json``; ``--quick`` =
+the tiny synthetic:test model at batch 2 (the smoke test).
+
+A deviceless compile: XLA's CUDA plugin builds the program for a GPU described by a target spec
+(`benchmarks/gpu_specs/<target>.txtpb`, a `GpuTargetConfigProto`) with no GPU and no CUDA
+driver, on the CPU. Each variant (`train_ab`'s ``NAME:KEY=VALUE`` config overrides; ``base``
+first unless ``--no-base``) is the benchmark train step (`input_pipeline.train_step_setup`, the
+decoder convolution as on a GPU) built, traced and lowered inside `compiling_for('gpu')`, so
+every `auto` switch picks the GPU's form. Reported per variant:
+- `kernels`: the kernels one step launches, i.e. the fusions and library calls (cuBLAS, cuDNN)
+  of the entry computation and of the computations it calls (command buffers, loops and
+  conditionals, each body once), by kind (`kernel_counts`). On the H200 the traced train step
+  (bfloat16, batch 16, commit 911ae5c) ran 5917 kernels; this count of the same program at
+  8e80e4c gave 5945;
+- `memory`: XLA's own buffer assignment, arguments + outputs + temporaries − donated
+  (`common.memory_of`): what the memory rows of `benchmarks.run` report on a GPU (26.7 GiB on
+  the H200 for that step, 24.3 GiB by this count);
+- compile time and the HLO FLOP count.
+What it cannot say is time: there is no device to run on, and XLA skips autotuning (GEMM tile
+configurations come from its heuristics), so the GEMM kernels' split between cuBLAS and Triton
+may differ from a real compile.
+
+Needs XLA's CUDA plugin for this jaxlib, which is not a project dependency (about 180 MB):
+``make gpu-aot-deps`` installs `jax-cuda12-pjrt` and `jax-cuda12-plugin` of jaxlib's version
+into `.gpu-aot/` (no GPU or driver needed). The script then restarts itself with that folder on
+`PYTHONPATH` and `JAX_PLATFORMS=cpu` (the plugin is only used to compile, never as a backend).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import importlib.util
+import os
+import re
+import sys
+from typing import Any
+
+from benchmarks import common
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PLUGIN_SITE = os.path.join(ROOT, ".gpu-aot", "site")
+SPECS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_specs")
+_RESTARTED = "VIPA_GPU_AOT_RESTARTED"
+
+# `%name (p: f32[2]) -> f32[2] {` / `ENTRY %main.5 (...) -> (...) {` (no indentation)
+_COMPUTATION = re.compile(r"^(?P<entry>ENTRY\s+)?%?(?P<name>[\w.\-]+)\s.*\{\s*$")
+_INSTRUCTION = re.compile(r"^\s+(?:ROOT\s+)?%?(?P<name>[\w.\-]+)\s*=\s*(?P<rest>.*)$")
+_OPCODE = re.compile(r"\s(?P<op>[a-z][a-z0-9\-]*)\(")
+_CALLED = re.compile(r"\b(?:to_apply|body|condition|calls)=%?(?P<comp>[\w.\-]+)")
+_BRANCHES = re.compile(r"\bbranch_computations=\{(?P<comps>[^}]*)\}")
+_NOT_KERNELS = frozenset({"parameter", "constant", "get-tuple-element", "tuple", "bitcast",
+                          "after-all", "partition-id", "replica-id", "opt-barrier"})
+_CONTROL = frozenset({"call", "while", "conditional", "async-start"})
+
+
+def kernel_counts(hlo_text: str) -> collections.Counter[str]:
+    """Kernels of an optimized XLA:GPU program by kind (the instruction name without its
+    number: 'loop_add_fusion.12' -> 'loop_add_fusion'; other ops as 'op:<opcode>').
+
+    Walks the entry computation and, through `call` (command buffers), `while`, `conditional`
+    and `async-start`, the computations they run (each once); a fusion or custom call is one
+    kernel, its own computation is not entered.
+    """
+    comps: dict[str, list[tuple[str, str, str]]] = {}
+    entry = current = None
+    for line in hlo_text.splitlines():
+        if not line[:1].isspace() and (m := _COMPUTATION.match(line)) is not None:
+            current = m.group("name")
+            comps[current] = []
+            entry = current if m.group("entry") else entry
+            continue
+        if current is None or (m := _INSTRUCTION.match(line)) is None:
+            continue
+        rest = m.group("rest").split(" metadata=")[0]
+        op = _OPCODE.search(" " + rest)
+        comps[current].append((m.group("name"), op.group("op") if op else "", rest))
+    if entry is None:
+        raise ValueError("no ENTRY computation in this HLO text")
+    counts: collections.Counter[str] = collections.Counter()
+
+    def walk(comp: str) -> None:
+        for name, op, rest in comps.get(comp, ()):
+            if op in ("fusion", "custom-call"):
+                counts[re.sub(r"(\.\d+)+$", "", name)] += 1
+            elif op in _CONTROL:
+                called = [m.group("comp") for m in _CALLED.finditer(rest)]
+                for m in _BRANCHES.finditer(rest):
+                    called += [c.strip().lstrip("%") for c in m.group("comps").split(",")]
+                for c in called:
+                    walk(c)
+            elif op and op not in _NOT_KERNELS:
+                counts[f"op:{op}"] += 1
+
+    walk(entry)
+    return counts
+
+
+# Kernel kinds grouped for the table: (group, regex on the kind).
+KERNEL_GROUPS = (
+    ("gemm", r"^(custom-call|cublas|gemm_fusion|triton_gemm|cudnn)"),
+    ("softmax", r"softmax"),
+    ("reduce", r"reduce"),
+    ("transpose", r"transpose"),
+    ("select", r"select"),
+)
+
+
+def group_counts(counts: collections.Counter[str]) -> dict[str, int]:
+    """Kernel counts per `KERNEL_GROUPS` group (first match wins) and 'other'."""
+    out = dict.fromkeys([g for g, _ in KERNEL_GROUPS] + ["other"], 0)
+    for kind, n in counts.items():
+        group = next((g for g, rx in KERNEL_GROUPS if re.search(rx, kind)), "other")
+        out[group] += n
+    return out
+
+
+def plugin_importable() -> bool:
+    """Whether XLA's CUDA plugin (`jax_plugins.xla_cuda12`) can be imported here."""
+    try:
+        return importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+    except ModuleNotFoundError:  # no `jax_plugins` namespace at all
+        return False
+
+
+def ensure_plugin(argv: list[str]) -> None:
+    """Make XLA's CUDA plugin importable: restart with `PLUGIN_SITE` on PYTHONPATH, or explain."""
+    if plugin_importable():
+        return
+    if os.path.isdir(PLUGIN_SITE) and not os.environ.get(_RESTARTED):
+        env = dict(os.environ, JAX_PLATFORMS="cpu", **{_RESTARTED: "1"})
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (PLUGIN_SITE, env.get("PYTHONPATH")) if p)
+        os.execve(sys.executable, [sys.executable, "-m", "benchmarks.gpu_aot", *argv], env)
+    raise SystemExit(
+        "benchmarks.gpu_aot needs XLA's CUDA plugin for this jaxlib (jax-cuda12-pjrt and "
+        f"jax-cuda12-plugin); `make gpu-aot-deps` installs them into {PLUGIN_SITE}")
+
+
+def gpu_device(target: str) -> Any:
+    """A compile-only device of the GPU described by `benchmarks/gpu_specs/<target>.txtpb`."""
+    from jax.experimental import topologies
+
+    path = os.path.join(SPECS_DIR, f"{target}.txtpb")
+    if not os.path.isfile(path):
+        known = sorted(f[:-6] for f in os.listdir(SPECS_DIR) if f.endswith(".txtpb"))
+        raise SystemExit(f"no GPU spec {path}; known targets: {known}")
+    with open(path) as f:
+        spec = f.read()
+    return topologies.get_topology_desc("", "cuda", topology="1x1x1",
+                                        target_config=spec).devices[0]
+
+
+def compile_variant(cfg: Any, batch: int, device: Any) -> dict[str, Any]:
+    """Deviceless compile of the benchmark train step for `cfg` -> kernels, memory, timings."""
+    import jax
+    from jax.sharding import SingleDeviceSharding
+
+    from benchmarks.input_pipeline import train_step_setup
+    from vipa_jax.backend import compiling_for
+
+    sharding = SingleDeviceSharding(device)
+
+    def abstract(tree: Any) -> Any:
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                            tree)
+
+    with compiling_for("gpu"):
+        step, state, data = train_step_setup(cfg, batch)
+        key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=sharding)
+        compiled, info = common.compile_jax(step, abstract(state), abstract(data), key,
+                                            donate_argnums=(0,))
+    counts = kernel_counts(compiled.as_text())
+    memory = common.memory_of(compiled)
+    return {
+        "compile_s": info["compile_s"], "lower_s": info["lower_s"],
+        "hlo_flops": info["hlo_flops"], "hlo_flops_source": info["hlo_flops_source"],
+        "kernels": sum(counts.values()), "kernel_groups": group_counts(counts),
+        "kernels_by_kind": dict(counts.most_common()),
+        "memory": memory,
+        "memory_gib": memory["estimate_bytes"] / 2**30 if memory else None,
+    }
+
+
+def run(
+    variants: list[tuple[str, dict[str, Any]]], *, target: str = "h200",
+    config: str = "refcoco", quick: bool = False, dtype: str = "bfloat16",
+    batch: int | None = None, remat: bool = False, out_dir: str | None = None,
+    write: bool = True,
+) -> dict[str, Any]:
+    from benchmarks.run import _as_on_gpu, _with, load_config
+    from benchmarks.train_ab import apply_overrides
+
+    batch = batch or (2 if quick else 16)
+    base_cfg = _with(load_config(config, quick), dtype=dtype, remat=remat)
+    cfgs = {n: _as_on_gpu(apply_overrides(base_cfg, o)) for n, o in variants}  # errors first
+    device = gpu_device(target)
+    name = "synthetic:test" if quick else config
+    print(f"deviceless XLA:GPU compile for {device.device_kind} ({target}): {name}, batch "
+          f"{batch}, {dtype}, remat {remat}; variants {[n for n, _ in variants]}", flush=True)
+    entries: dict[str, dict[str, Any]] = {}
+    for (vname, overrides), cfg in zip(variants, cfgs.values(), strict=True):
+        entries[vname] = {"overrides": overrides}
+        try:
+            entries[vname].update(compile_variant(cfg, batch, device))
+        except Exception as e:  # noqa: BLE001 - record why and go on to the next variant
+            entries[vname]["error"] = f"{type(e).__name__}: {str(e)[:500]}"
+        e = entries[vname]
+        print(f"  {vname}: " + (e["error"][:200] if "error" in e else
+                                f"{e['kernels']} kernels, XLA memory {e['memory_gib']:.2f} GiB, "
+                                f"compile {e['compile_s']:.0f} s"), flush=True)
+    first = next((n for n, e in entries.items() if "kernels" in e), None)
+    groups = [g for g, _ in KERNEL_GROUPS] + ["other"]
+    rows = []
+    for vname, e in entries.items():
+        if "kernels" not in e:
+            rows.append([vname, None, None, *([None] * len(groups)), None, e["error"][:60]])
+            continue
+        delta = e["kernels"] - entries[first]["kernels"]
+        rows.append([vname, e["kernels"], delta, *(e["kernel_groups"][g] for g in groups),
+                     e["memory_gib"], ""])
+    common.print_table(rows, ["variant", "kernels", f"vs {first}", *groups, "XLA GiB", "error"])
+    result: dict[str, Any] = {
+        "target": target, "device_kind": device.device_kind, "config": name, "quick": quick,
+        "batch": batch, "dtype": dtype, "remat": remat, "reference": first,
+        "variants": entries,
+    }
+    if write:
+        tag = f"{target}-{dtype}-b{batch}" + ("-remat" if remat else "")
+        result["path"] = common.write_result("gpu_aot", result, out_dir, tag=tag)
+        print("wrote", result["path"])
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--target", default="h200", help="a spec in benchmarks/gpu_specs/")
+    p.add_argument("--config", choices=("refcoco", "synthetic"), default="refcoco")
+    p.add_argument("--quick", action="store_true", help="the tiny synthetic:test model")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
+    p.add_argument("--batch", type=int, default=None, help="default 16 (quick: 2)")
+    p.add_argument("--remat", action="store_true")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,...]")
+    p.add_argument("--no-base", action="store_true", help="only the --variant ones")
+    p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    a = p.parse_args(argv)
+    variants = ([] if a.no_base else [("base", {})]) + [common.parse_variant(v)
+                                                         for v in a.variant]
+    if not variants:
+        p.error("nothing to compile: --no-base without --variant")
+    ensure_plugin(argv)
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the plugin compiles; it is no backend here
+    return run(variants, target=a.target, config=a.config, quick=a.quick, dtype=a.dtype,
+               batch=a.batch, remat=a.remat, out_dir=a.out)
+
+
+if __name__ == "__main__":
+    main()

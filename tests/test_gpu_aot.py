@@ -1,0 +1,116 @@
+"""`benchmarks.gpu_aot`: counting an XLA:GPU program's kernels from its HLO text, and (slow, with
+XLA's CUDA plugin from `make gpu-aot-deps`) a deviceless GPU compile of the tiny model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.gpu_aot import PLUGIN_SITE, group_counts, kernel_counts, plugin_importable
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The shapes of an optimized XLA:GPU module: fusions with their own computations, a cuBLAS
+# call, a command buffer (`call`), a loop and a conditional whose bodies launch kernels, a
+# stand-alone copy, and instructions that launch nothing.
+HLO = """HloModule jit_step, entry_computation_layout={(f32[8,8]{1,0})->f32[8,8]{1,0}}
+
+%fused_add (p0: f32[8,8]) -> f32[8,8] {
+  %p0 = f32[8,8]{1,0} parameter(0)
+  ROOT %add.1 = f32[8,8]{1,0} add(%p0, %p0), metadata={op_name="jit(f)/add"}
+}
+
+%command_buffer (p: f32[8,8]) -> f32[8,8] {
+  %p = f32[8,8]{1,0} parameter(0)
+  %loop_add_fusion.3 = f32[8,8]{1,0} fusion(%p), kind=kLoop, calls=%fused_add
+  ROOT %input_reduce_fusion.7 = f32[8,8]{1,0} fusion(%loop_add_fusion.3), calls=%fused_add
+}
+
+%body (t: (s32[], f32[8,8])) -> (s32[], f32[8,8]) {
+  %t = (s32[], f32[8,8]{1,0}) parameter(0)
+  %x = f32[8,8]{1,0} get-tuple-element(%t), index=1
+  %loop_add_fusion.9 = f32[8,8]{1,0} fusion(%x), kind=kLoop, calls=%fused_add
+  %i = s32[] get-tuple-element(%t), index=0
+  ROOT %tuple.2 = (s32[], f32[8,8]{1,0}) tuple(%i, %loop_add_fusion.9)
+}
+
+%cond (t: (s32[], f32[8,8])) -> pred[] {
+  %t = (s32[], f32[8,8]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%t), index=0
+  %c = s32[] constant(4)
+  ROOT %lt = pred[] compare(%i, %c), direction=LT
+}
+
+%yes (x: f32[8,8]) -> f32[8,8] {
+  %x = f32[8,8]{1,0} parameter(0)
+  ROOT %loop_select_fusion.1 = f32[8,8]{1,0} fusion(%x), kind=kLoop, calls=%fused_add
+}
+
+%no (x: f32[8,8]) -> f32[8,8] {
+  ROOT %x = f32[8,8]{1,0} parameter(0)
+}
+
+ENTRY %main.5 (a: f32[8,8]) -> f32[8,8] {
+  %a = f32[8,8]{1,0} parameter(0)
+  %custom-call.24 = (f32[8,8]{1,0}, s8[1024]{0}) custom-call(%a, %a), custom_call_target="gemm"
+  %gte = f32[8,8]{1,0} get-tuple-element(%custom-call.24), index=0
+  %call.1 = f32[8,8]{1,0} call(%gte), to_apply=%command_buffer
+  %z = s32[] constant(0)
+  %init = (s32[], f32[8,8]{1,0}) tuple(%z, %call.1)
+  %while.2 = (s32[], f32[8,8]{1,0}) while(%init), condition=%cond, body=%body
+  %w = f32[8,8]{1,0} get-tuple-element(%while.2), index=1
+  %copy.3 = f32[8,8]{0,1} copy(%w)
+  %p = pred[] constant(true)
+  %conditional.4 = f32[8,8]{1,0} conditional(%p, %copy.3, %copy.3), branch_computations={%yes, %no}
+  ROOT %bc = f32[8,8]{1,0} bitcast(%conditional.4)
+}
+"""
+
+
+def test_kernel_counts_walk_calls_loops_and_branches() -> None:
+    counts = kernel_counts(HLO)
+    assert counts == {"custom-call": 1, "loop_add_fusion": 2, "input_reduce_fusion": 1,
+                      "loop_select_fusion": 1, "op:copy": 1, "op:compare": 1}
+    groups = group_counts(counts)
+    assert groups == {"gemm": 1, "softmax": 0, "reduce": 1, "transpose": 0, "select": 1,
+                      "other": 4}
+    with pytest.raises(ValueError, match="no ENTRY computation"):
+        kernel_counts(HLO.replace("ENTRY ", ""))
+
+
+def _plugin_env() -> dict[str, str] | None:
+    if plugin_importable() or os.path.isdir(PLUGIN_SITE):
+        return dict(os.environ)  # gpu_aot restarts itself with it
+    return None
+
+
+@pytest.mark.slow
+def test_deviceless_gpu_compile_quick(tmp_path: Path) -> None:
+    """The tiny model's train step compiled by XLA:GPU for the H200 spec on this CPU machine:
+    its kernels and XLA's memory estimate; the GPU forms of the window attention launch fewer
+    kernels than the CPU's; the auto forms are the GPU's (`compiling_for`)."""
+    env = _plugin_env()
+    if env is None:
+        pytest.skip("XLA's CUDA plugin is not installed: `make gpu-aot-deps`")
+    cpu_forms = "cpu-forms:model.swin.attention_softmax=deferred,model.swin.qkv_projection=separate"
+    gpu_forms = "gpu-forms:model.swin.attention_softmax=normalized,model.swin.qkv_projection=fused"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.gpu_aot", "--quick", "--out", str(tmp_path),
+         "--variant", cpu_forms, "--variant", gpu_forms],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (path,) = tmp_path.glob("gpu_aot-*-h200-bfloat16-b2.json")
+    res = json.loads(path.read_text())
+    assert res["device_kind"] == "NVIDIA H200" and res["reference"] == "base"
+    v = res["variants"]
+    for name in ("base", "cpu-forms", "gpu-forms"):
+        assert "error" not in v[name], v[name]
+        assert v[name]["kernels"] > 100 and v[name]["memory_gib"] > 0
+        assert v[name]["kernel_groups"]["gemm"] > 10
+    assert v["base"]["kernels"] == v["gpu-forms"]["kernels"]  # auto = the GPU's forms
+    assert v["gpu-forms"]["kernels"] < v["cpu-forms"]["kernels"]
