@@ -666,6 +666,54 @@ def _md_profile(p: dict[str, Any], rows: int = 8) -> list[str]:
     return lines
 
 
+def _md_gpu_aot(results_dir: str) -> list[str]:
+    """The newest non-quick `benchmarks.gpu_aot` result per (target, dtype, batch, remat)."""
+    latest: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for path in glob.glob(os.path.join(results_dir, "gpu_aot-*.json")):
+        with open(path) as f:
+            r = json.load(f)
+        if r.get("benchmark") != "gpu_aot" or r.get("quick"):
+            continue
+        r["_file"] = os.path.basename(path)
+        key = (r["target"], r["dtype"], r["batch"], r["remat"])
+        if key not in latest or r["machine_info"]["time_utc"] > latest[key]["machine_info"][
+                "time_utc"]:
+            latest[key] = r
+    if not latest:
+        return []
+    lines = [
+        "## XLA:GPU programs compiled without a GPU", "",
+        "`python -m benchmarks.gpu_aot`: the train step compiled by XLA:GPU for a GPU spec on a "
+        "machine without one (no autotuning, nothing run). Kernels: launches per step (fusions "
+        "and library calls); memory: XLA's buffer assignment (arguments + outputs + "
+        "temporaries - donated), what the GPU memory rows report. No times.", "",
+    ]
+    for key in sorted(latest):
+        r = latest[key]
+        mi = r["machine_info"]
+        lines += [
+            f"{r['device_kind']} spec (`{r['target']}`), `{r['config']}`, batch {r['batch']}, "
+            f"{r['dtype']}, remat {'on' if r['remat'] else 'off'}; commit `{mi['git_commit']}`"
+            + (" (with uncommitted changes)" if mi.get("git_dirty") else "")
+            + f", {mi['time_utc']}; file `benchmarks/results/{r['_file']}`.", "",
+            "| variant | overrides | kernels | vs " + str(r["reference"]) + " | GEMM | reduce "
+            "| transpose | XLA memory |", "|---|---|---|---|---|---|---|---|",
+        ]
+        ref = r["variants"].get(r["reference"] or "", {})
+        for name, e in r["variants"].items():
+            over = ", ".join(f"{k}={v}" for k, v in e.get("overrides", {}).items()) or "-"
+            if "kernels" not in e:
+                lines.append(f"| {name} | {over} | error: {e.get('error', '?')[:80]} |"
+                             " | | | | |")
+                continue
+            g = e["kernel_groups"]
+            lines.append(f"| {name} | {over} | {e['kernels']} | "
+                         f"{e['kernels'] - ref.get('kernels', e['kernels']):+d} | {g['gemm']} | "
+                         f"{g['reduce']} | {g['transpose']} | {e['memory_gib']:.1f} GiB |")
+        lines.append("")
+    return lines
+
+
 def write_markdown(results_dir: str, path: str) -> str:
     """Regenerate RESULTS.md from the newest CPU and GPU results in `results_dir`."""
     latest = latest_results(results_dir)
@@ -694,6 +742,7 @@ def write_markdown(results_dir: str, path: str) -> str:
             if f"{key}#{mode}" in profiles:
                 lines += ["", *_md_profile(profiles[f"{key}#{mode}"])]
         lines.append("")
+    lines += _md_gpu_aot(results_dir)
     with open(path, "w") as f:
         f.write("\n".join(lines))
     return path

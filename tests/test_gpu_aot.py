@@ -114,3 +114,37 @@ def test_deviceless_gpu_compile_quick(tmp_path: Path) -> None:
         assert v[name]["kernel_groups"]["gemm"] > 10
     assert v["base"]["kernels"] == v["gpu-forms"]["kernels"]  # auto = the GPU's forms
     assert v["gpu-forms"]["kernels"] < v["cpu-forms"]["kernels"]
+
+
+def test_results_markdown_lists_the_newest_gpu_aot_run(tmp_path: Path) -> None:
+    """RESULTS.md's section: the newest non-quick result per (target, dtype, batch, remat),
+    kernels relative to the reference, and an error row for a variant that did not compile."""
+    from benchmarks.run import _md_gpu_aot
+
+    def result(time: str, kernels: int, quick: bool = False) -> dict:
+        groups = {"gemm": 10, "softmax": 0, "reduce": 20, "transpose": 5, "select": 3,
+                  "other": 7}
+        return {
+            "benchmark": "gpu_aot", "quick": quick, "target": "h200", "dtype": "bfloat16",
+            "batch": 16, "remat": False, "config": "refcoco", "device_kind": "NVIDIA H200",
+            "reference": "base", "machine_info": {"time_utc": time, "git_commit": "abc1234"},
+            "variants": {
+                "base": {"overrides": {}, "kernels": kernels, "kernel_groups": groups,
+                         "memory_gib": 24.25},
+                "fewer": {"overrides": {"model.x": "y"}, "kernels": kernels - 45,
+                          "kernel_groups": groups, "memory_gib": 23.5},
+                "cudnn": {"overrides": {"model.swin.attention_impl": "cudnn"},
+                          "error": "XlaRuntimeError: no cuDNN"},
+            },
+        }
+
+    assert _md_gpu_aot(str(tmp_path)) == []
+    for name, r in (("old", result("2026-12-01T00:00:00Z", 6000)),
+                    ("new", result("2026-12-04T00:00:00Z", 5945)),
+                    ("quick", result("2026-12-05T00:00:00Z", 99, quick=True))):
+        (tmp_path / f"gpu_aot-{name}.json").write_text(json.dumps(r))
+    text = "\n".join(_md_gpu_aot(str(tmp_path)))
+    assert "`benchmarks/results/gpu_aot-new.json`" in text and "gpu_aot-old" not in text
+    assert "| base | - | 5945 | +0 | 10 | 20 | 5 | 24.2 GiB |" in text
+    assert "| fewer | model.x=y | 5900 | -45 | 10 | 20 | 5 | 23.5 GiB |" in text
+    assert "| cudnn | model.swin.attention_impl=cudnn | error: XlaRuntimeError: no cuDNN |" in text
