@@ -91,8 +91,8 @@ def train_step_setup(cfg: Any, batch: int) -> tuple[Callable[..., Any], Any, dic
 
     The state is built from random parameters (`benchmarks.model.random_variables`, no jitted
     init) and the optimizer's `init`; the step skips a non-finite update as
-    `cfg.train.finite_guard` says. Jit it with `donate_argnums=(0,)`, call it as
-    `step(state, batch, key)`.
+    `cfg.train.finite_guard` says and sums its gradient norm as `cfg.train.grad_norm` says.
+    Jit it with `donate_argnums=(0,)`, call it as `step(state, batch, key)`.
     """
     import jax
 
@@ -111,9 +111,10 @@ def train_step_setup(cfg: Any, batch: int) -> tuple[Callable[..., Any], Any, dic
         batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(variables["params"]))
     trainable = optim.trainable_mask(abstract["params"], cfg.optim)
     loss = lambda out, b: vipa_loss(out, b, cfg.loss)  # noqa: E731
-    guard = cfg.train.get("finite_guard", "auto") if "train" in cfg else "auto"
-    return (step.make_train_step(model, loss, tx, sched, trainable, finite_guard=guard),
-            state, data)
+    train = cfg.get("train", {})
+    return (step.make_train_step(model, loss, tx, sched, trainable,
+                                 finite_guard=train.get("finite_guard", "auto"),
+                                 grad_norm=train.get("grad_norm", "auto")), state, data)
 
 
 def compile_train_step(cfg: Any, batch: int) -> tuple[Callable[[], Any], Any, dict[str, Any]]:

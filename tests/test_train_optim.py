@@ -196,3 +196,33 @@ def test_lr_multipliers_malformed_entry_is_named(bad):
     cfg.lr_multipliers = (bad,)
     with pytest.raises(ValueError, match="lr_multipliers entry"):
         optim.make_optimizer(cfg, PARAMS, total_steps=10)
+
+
+def test_global_norm_grouped_equals_per_leaf():
+    """'grouped' (one reduction per leaf shape and dtype, the leaves stacked) gives the
+    per-leaf norm, for mixed shapes and dtypes, a lone leaf of its shape and an empty tree;
+    'auto' is per leaf on a CPU backend and grouped elsewhere; a bad name is an error."""
+    from vipa_jax.backend import compiling_for
+
+    rng = np.random.default_rng(0)
+    tree = {"a": [jnp.asarray(rng.standard_normal((3, 4)), jnp.float32) for _ in range(5)],
+            "b": jnp.asarray(rng.standard_normal((7,)), jnp.bfloat16),
+            "c": [jnp.asarray(rng.standard_normal((3, 4)), jnp.bfloat16) for _ in range(2)],
+            "d": jnp.float32(2.0)}
+    want = np.sqrt(sum(float(np.sum(np.asarray(x, np.float64) ** 2))
+                       for x in jax.tree.leaves(tree)))
+    for impl in ("per_leaf", "grouped", "auto"):
+        np.testing.assert_allclose(float(optim.global_norm(tree, impl)), want, rtol=1e-6)
+    assert float(optim.global_norm({}, "grouped")) == 0.0
+
+    def count_reductions(impl: str) -> int:
+        jaxpr = jax.make_jaxpr(lambda t: optim.global_norm(t, impl))(tree)
+        return sum(e.primitive.name == "reduce_sum" for e in jaxpr.jaxpr.eqns)
+
+    assert count_reductions("per_leaf") == 9
+    assert count_reductions("grouped") == 4  # (3, 4) f32, (7,) bf16, (3, 4) bf16, ()
+    assert count_reductions("auto") == (9 if jax.default_backend() == "cpu" else 4)
+    with compiling_for("gpu"):
+        assert count_reductions("auto") == 4
+    with pytest.raises(ValueError, match="grad_norm must be one of"):
+        optim.global_norm(tree, "fused")

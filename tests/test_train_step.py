@@ -149,8 +149,8 @@ def test_overfit_tiny_batch():
     assert losses[-1] < losses[0] / 10, (losses[0], losses[-1])
 
 
-def _standin_step(finite_guard: str):
-    """(jitted stand-in train step with this finite_guard, initial state, batch)."""
+def _standin_step(finite_guard: str, grad_norm: str = "auto"):
+    """(jitted stand-in train step with this finite_guard and grad_norm, initial state, batch)."""
     from vipa_jax.train import optim, step
 
     cfg = _standin.get_config()
@@ -162,13 +162,13 @@ def _standin_step(finite_guard: str):
     state = step.create_train_state(model, tx, jax.random.PRNGKey(0), batch)
     fn = jax.jit(step.make_train_step(model, _standin.loss_fn, tx, sched,
                                       optim.trainable_mask(params, cfg.optim),
-                                      finite_guard=finite_guard))
+                                      finite_guard=finite_guard, grad_norm=grad_norm))
     return fn, state, batch
 
 
-@pytest.mark.parametrize("skip", ["cond", "select"])
-def test_nonfinite_step_keeps_state(skip):
-    fn, state, batch = _standin_step(skip)
+@pytest.mark.parametrize("skip,norm", [("cond", "per_leaf"), ("select", "grouped")])
+def test_nonfinite_step_keeps_state(skip, norm):
+    fn, state, batch = _standin_step(skip, norm)
     bad = dict(batch, image=batch["image"].at[0, 0, 0, 0].set(jnp.nan))
     new, m = fn(state, bad, jax.random.PRNGKey(0))
     assert float(m["finite"]) == 0.0 and not np.isfinite(float(m["loss"]))
@@ -182,6 +182,16 @@ def test_nonfinite_step_keeps_state(skip):
                               np.asarray(state.params["decoder_head"]["kernel"]))
     with pytest.raises(ValueError, match="finite_guard"):
         _standin_step("where")
+    with pytest.raises(ValueError, match="grad_norm must be one of"):
+        _standin_step(skip, "fused")
+
+
+def test_grad_norm_forms_log_the_same_norm():
+    """The step's logged gradient norm is the same summed per leaf or per leaf shape."""
+    norms = [float(fn(state, batch, jax.random.PRNGKey(0))[1]["grad_norm"])
+             for fn, state, batch in (_standin_step("cond", g) for g in ("per_leaf", "grouped"))]
+    assert norms[0] > 0
+    np.testing.assert_allclose(norms[1], norms[0], rtol=1e-6)
 
 
 def _tiny_cfg(**data):

@@ -133,6 +133,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     # How the step keeps its state on a non-finite loss/gradient: auto | cond | select
     # (`train.step.make_train_step`; auto = one lax.cond on CPU, a where per leaf elsewhere).
     c.train.finite_guard = "auto"
+    # How the gradient norm is summed: auto | per_leaf | grouped (`train.optim.global_norm`;
+    # auto = per leaf on CPU, one reduction per distinct leaf shape elsewhere).
+    c.train.grad_norm = "auto"
     c.train.init_swin = ""  # official .pth or HF folder/safetensors; "" = random
     c.train.init_bert = ""  # HF folder (safetensors or flax_model.msgpack); "minilm"; "" = random
     c.train.swin_params_path = "encoder/backbone"  # where init_swin lands in the param tree

@@ -356,7 +356,8 @@ def train_and_evaluate(
         step_lib.make_train_step(model, loss_fn, tx, schedule, trainable,
                                  grad_accum_steps=config.optim.get("grad_accum_steps", 1),
                                  micro_batch_sharding=batch_sh,
-                                 finite_guard=config.train.get("finite_guard", "auto")),
+                                 finite_guard=config.train.get("finite_guard", "auto"),
+                                 grad_norm=config.train.get("grad_norm", "auto")),
         state_sh, batch_sh, rep)
     base_rng = jax.make_array_from_process_local_data(rep, np.asarray(base_rng))
 

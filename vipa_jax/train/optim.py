@@ -30,6 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from vipa_jax.backend import target_backend
+
 FROZEN, NO_DECAY, DECAY = "frozen", "no_decay", "decay"
 LABELS = (DECAY, NO_DECAY, FROZEN)
 
@@ -220,9 +222,28 @@ def format_param_summary(counts: dict[str, dict[str, int]]) -> str:
     return "\n".join(lines)
 
 
-def global_norm(tree: Any) -> jax.Array:
-    """L2 norm over all leaves, computed in float32."""
+GRAD_NORMS = ("auto", "per_leaf", "grouped")
+
+
+def global_norm(tree: Any, impl: str = "per_leaf") -> jax.Array:
+    """L2 norm over all leaves, computed in float32.
+
+    `impl`: 'per_leaf' sums each leaf's squares on its own (one reduction per leaf: 865 XLA:GPU
+    kernels for the paper model); 'grouped' stacks the leaves of each (shape, dtype) and reduces
+    every stack at once (one reduction per distinct shape, e.g. Swin's 18 stage-3 blocks share
+    theirs); 'auto' is 'per_leaf' on a CPU backend (XLA:CPU copies the stacks: 68 vs 13 ms on
+    the demo model's 543 leaves) and 'grouped' elsewhere. The same value up to float rounding.
+    """
+    if impl not in GRAD_NORMS:
+        raise ValueError(f"grad_norm must be one of {GRAD_NORMS}, got {impl!r}")
+    if impl == "auto":
+        impl = "per_leaf" if target_backend() == "cpu" else "grouped"
     leaves = jax.tree.leaves(tree)
     if not leaves:
         return jnp.zeros((), jnp.float32)
+    if impl == "grouped":
+        groups: dict[tuple[Any, ...], list[jax.Array]] = {}
+        for x in leaves:
+            groups.setdefault((x.shape, jnp.dtype(x.dtype)), []).append(x)
+        leaves = [g[0] if len(g) == 1 else jnp.stack(g) for g in groups.values()]
     return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
