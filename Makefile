@@ -28,7 +28,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PYTEST)
 
-test-slow: $(STAMP)
+test-slow: $(STAMP) gpu-aot-deps
 	$(PYTEST) -m slow
 
 lint: $(STAMP)

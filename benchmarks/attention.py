@@ -7,16 +7,16 @@ at 64 px, 2 iterations (the smoke test).
 
 Swin-B w12 at 480×480 (its 24 blocks are where VIPA's attention FLOPs are) with the same random
 weights, compiled once per variant. A variant is a name and Swin keyword overrides:
-- `einsum`: `layers.dot_product_attention`'s two batched matmuls with a float32 softmax, its
-  division and q/k/v projection as `auto` picks for the backend (`attention_softmax`,
-  `qkv_projection`: deferred division and separate projections on a CPU, the textbook softmax
-  and one fused q/k/v GEMM elsewhere);
-- `cpu-forms` / `gpu-forms`: einsum with the other backend's `auto` choice, so both are timed;
+- `einsum`: `layers.dot_product_attention`'s two batched matmuls with a float32 softmax (its
+  division after the value product), the q/k/v projection as `auto` picks for the backend
+  (`qkv_projection`: separate on a CPU, one fused GEMM elsewhere);
+- `separate` / `fused`: einsum with the q/k/v projection of the other backend, so both are
+  timed; `normalized`: einsum with the textbook softmax (`attention_softmax`);
 - `xla`: `jax.nn.dot_product_attention`'s XLA implementation;
 - `cudnn`: `jax.nn.dot_product_attention(implementation='cudnn')`, cuDNN's fused (flash)
   attention; GPU only, float16 / bfloat16 compute;
 - ``--variant NAME:KEY=VALUE,...`` adds any other, e.g. ``fused:qkv_projection=fused``.
-``--impls`` picks among the named ones (einsum, cpu-forms, gpu-forms, xla, cudnn).
+``--impls`` picks among the named ones (einsum, separate, fused, normalized, xla, cudnn).
 Timed in alternating blocks (`common.time_calls`): the forward, and with `--train` the forward
 + backward (gradient of a scalar of the four stage outputs with respect to the parameters).
 A variant that fails to compile (e.g. cuDNN rejecting a shape) is recorded with its error
@@ -24,7 +24,7 @@ instead of stopping the run. `max_rel_diff`: the largest difference from the fir
 outputs (the four stage features, or the gradients with `--train`), relative to their largest
 entry (a per-array scale would divide by the key biases' gradients, which are zero up to
 rounding: softmax ignores a shift shared by all keys); `speedup`: over the first variant.
-Default variants: einsum, the other backend's forms, xla and, on a GPU, cudnn; default dtype:
+Default variants: einsum, the other backend's projection, xla and, on a GPU, cudnn; dtype:
 bfloat16 on a GPU, float32 on a CPU.
 """
 
@@ -54,17 +54,16 @@ def _compile(model: Any, params: Any, images: Any, train: bool) -> tuple[Any, di
     return common.compile_jax(jax.grad(loss), params, images)
 
 
-CPU_FORMS = {"attention_softmax": "deferred", "qkv_projection": "separate"}
-GPU_FORMS = {"attention_softmax": "normalized", "qkv_projection": "fused"}
 NAMED_VARIANTS: dict[str, dict[str, str]] = {
-    "einsum": {}, "cpu-forms": CPU_FORMS, "gpu-forms": GPU_FORMS,
+    "einsum": {}, "separate": {"qkv_projection": "separate"},
+    "fused": {"qkv_projection": "fused"}, "normalized": {"attention_softmax": "normalized"},
     "xla": {"attention_impl": "xla"}, "cudnn": {"attention_impl": "cudnn"},
 }
 
 
 def default_variants(gpu: bool) -> list[str]:
-    """einsum, einsum with the other backend's `auto` forms, xla and (GPU) cudnn."""
-    return ["einsum", "cpu-forms", "xla", "cudnn"] if gpu else ["einsum", "gpu-forms", "xla"]
+    """einsum, einsum with the other backend's q/k/v projection, xla and (GPU) cudnn."""
+    return ["einsum", "separate", "xla", "cudnn"] if gpu else ["einsum", "fused", "xla"]
 
 
 def run(

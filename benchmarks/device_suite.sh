@@ -24,14 +24,14 @@
 #   programs at a time are not measured: leave it out unless that is what a lease measures.
 # - `memory-remat`: the batch-64 remat row alone;
 # - `attention`: Swin-B forward + backward under each window-attention variant (einsum with
-#   the backend's `auto` forms, einsum with the CPU's forms, xla, cudnn; bfloat16, batch 8:
-#   `benchmarks.attention`, one `attention-*.json`);
+#   the backend's `auto` q/k/v projection, einsum with separate ones, xla, cudnn; bfloat16,
+#   batch 8: `benchmarks.attention`, one `attention-*.json`);
 # - `train-ab`: the whole bfloat16 train step at batch 16 (no remat; the quick check: batch 2,
 #   remat) under config variants, timed in alternating blocks (`benchmarks.train_ab`, one
-#   `train_ab-*.json`); the variants are AB_VARIANTS (default "cpu-forms:model.swin.
-#   attention_softmax=deferred,model.swin.qkv_projection=separate", the window attention as
-#   it was measured before 2026-12-04 and as `auto` picks on a CPU), beside the base config,
-#   whose program is memory+train's row of that batch.
+#   `train_ab-*.json`); the variants are AB_VARIANTS (default
+#   "separate:model.swin.qkv_projection=separate", Swin's q/k/v projections as measured before
+#   2026-12-04 and as `auto` picks on a CPU), beside the base config, whose program is
+#   memory+train's row of that batch.
 # `SUITE_STEPS` picks and orders the steps (default "inference memory+train profile
 # profile-train train-float32"), so a later lease can measure what an earlier one did not.
 # Steps 1, 2 and 5 write one `run-*.json` (the later ones merge the earlier sections), steps 3
@@ -48,7 +48,7 @@ BUDGET=${SUITE_BUDGET_S:-$((540 * SCALE))}
 PY=${PYTHON:-python3}
 SELF=${BASH_SOURCE[0]}
 STEPS=${SUITE_STEPS:-inference memory+train profile profile-train train-float32}
-AB_VARIANTS=${AB_VARIANTS:-cpu-forms:model.swin.attention_softmax=deferred,model.swin.qkv_projection=separate}
+AB_VARIANTS=${AB_VARIANTS:-separate:model.swin.qkv_projection=separate}
 export PYTHONUNBUFFERED=1
 
 if [[ ${SUITE_QUICK:-0} == 1 ]]; then

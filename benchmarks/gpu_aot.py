@@ -140,6 +140,16 @@ def ensure_plugin(argv: list[str]) -> None:
         f"jax-cuda12-plugin); `make gpu-aot-deps` installs them into {PLUGIN_SITE}")
 
 
+def _plugin_version() -> str | None:
+    """The installed jax-cuda12-plugin's version (None if its metadata cannot be read)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("jax-cuda12-plugin")
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def gpu_device(target: str) -> Any:
     """A compile-only device of the GPU described by `benchmarks/gpu_specs/<target>.txtpb`."""
     from jax.experimental import topologies
@@ -224,7 +234,8 @@ def run(
                      e["memory_gib"], ""])
     common.print_table(rows, ["variant", "kernels", f"vs {first}", *groups, "XLA GiB", "error"])
     result: dict[str, Any] = {
-        "target": target, "device_kind": device.device_kind, "config": name, "quick": quick,
+        "target": target, "device_kind": device.device_kind, "plugin": _plugin_version(),
+        "config": name, "quick": quick,
         "batch": batch, "dtype": dtype, "remat": remat, "reference": first,
         "variants": entries,
     }

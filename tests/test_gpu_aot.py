@@ -92,28 +92,27 @@ def _plugin_env() -> dict[str, str] | None:
 @pytest.mark.slow
 def test_deviceless_gpu_compile_quick(tmp_path: Path) -> None:
     """The tiny model's train step compiled by XLA:GPU for the H200 spec on this CPU machine:
-    its kernels and XLA's memory estimate; the GPU forms of the window attention launch fewer
-    kernels than the CPU's; the auto forms are the GPU's (`compiling_for`)."""
+    its kernels and XLA's memory estimate; the fused q/k/v projection launches fewer kernels
+    than the separate ones; `auto` picks the GPU's (`compiling_for`)."""
     env = _plugin_env()
     if env is None:
         pytest.skip("XLA's CUDA plugin is not installed: `make gpu-aot-deps`")
-    cpu_forms = "cpu-forms:model.swin.attention_softmax=deferred,model.swin.qkv_projection=separate"
-    gpu_forms = "gpu-forms:model.swin.attention_softmax=normalized,model.swin.qkv_projection=fused"
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.gpu_aot", "--quick", "--out", str(tmp_path),
-         "--variant", cpu_forms, "--variant", gpu_forms],
+         "--variant", "separate:model.swin.qkv_projection=separate",
+         "--variant", "fused:model.swin.qkv_projection=fused"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (path,) = tmp_path.glob("gpu_aot-*-h200-bfloat16-b2.json")
     res = json.loads(path.read_text())
     assert res["device_kind"] == "NVIDIA H200" and res["reference"] == "base"
     v = res["variants"]
-    for name in ("base", "cpu-forms", "gpu-forms"):
+    for name in ("base", "separate", "fused"):
         assert "error" not in v[name], v[name]
         assert v[name]["kernels"] > 100 and v[name]["memory_gib"] > 0
         assert v[name]["kernel_groups"]["gemm"] > 10
-    assert v["base"]["kernels"] == v["gpu-forms"]["kernels"]  # auto = the GPU's forms
-    assert v["gpu-forms"]["kernels"] < v["cpu-forms"]["kernels"]
+    assert v["base"]["kernels"] == v["fused"]["kernels"]  # auto = the GPU's form
+    assert v["fused"]["kernels"] < v["separate"]["kernels"]
 
 
 def test_results_markdown_lists_the_newest_gpu_aot_run(tmp_path: Path) -> None:

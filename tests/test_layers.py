@@ -240,17 +240,16 @@ def test_softmax_and_qkv_projection_forms_are_the_same_function(dropout: float) 
 
 
 def test_softmax_and_qkv_projection_auto_policy() -> None:
-    """'auto' keeps XLA:CPU's faster forms (deferred division, separate projections) on a CPU
-    backend; bad values name the setting."""
-    from vipa_jax.models.layers import resolve_qkv_projection, resolve_softmax
+    """'auto' keeps XLA:CPU's faster separate projections on a CPU backend; bad values name
+    the setting."""
+    from vipa_jax.models.layers import check_softmax, resolve_qkv_projection
 
     cpu = jax.default_backend() == "cpu"
-    assert resolve_softmax("auto") == ("deferred" if cpu else "normalized")
     assert resolve_qkv_projection("auto") == ("separate" if cpu else "fused")
-    assert resolve_softmax("normalized") == "normalized"
+    assert check_softmax("normalized") == "normalized"
     assert resolve_qkv_projection("fused") == "fused"
     with pytest.raises(ValueError, match="attention softmax must be one of"):
-        resolve_softmax("online")
+        check_softmax("auto")
     with pytest.raises(ValueError, match="qkv_projection must be one of"):
         resolve_qkv_projection("packed")
 
@@ -261,16 +260,14 @@ def test_compiling_for_another_backend() -> None:
     block restores the default backend's choice."""
     from vipa_jax.backend import compiling_for, target_backend
     from vipa_jax.models.decoder import resolve_conv_impl
-    from vipa_jax.models.layers import resolve_qkv_projection, resolve_softmax
+    from vipa_jax.models.layers import resolve_qkv_projection
 
     default = jax.default_backend()
     with compiling_for("gpu"):
         assert target_backend() == "gpu"
-        assert resolve_softmax("auto") == "normalized"
         assert resolve_qkv_projection("auto") == "fused"
         assert resolve_conv_impl("auto", jnp.float32) == "xla"
         with compiling_for("cpu"):
-            assert resolve_softmax("auto") == "deferred"
             assert resolve_qkv_projection("auto") == "separate"
             assert resolve_conv_impl("auto", jnp.float32) == "winograd"
         assert target_backend() == "gpu"

@@ -147,7 +147,7 @@ def dot_product_attention(
     deterministic: bool = True,
     dtype: Dtype | None = None,
     implementation: str = "einsum",
-    softmax: str = "auto",
+    softmax: str = "deferred",
 ) -> Array:
     """softmax(q kᵀ / √d + bias, masked) v.
 
@@ -178,21 +178,20 @@ def dot_product_attention(
     return jnp.swapaxes(out, -2, -3)
 
 
-SOFTMAX_MODES = ("auto", "deferred", "normalized")
+SOFTMAX_MODES = ("deferred", "normalized")
 
 
-def resolve_softmax(softmax: str) -> str:
-    """'deferred' or 'normalized' for a `softmax` setting; 'auto' is 'deferred' on a CPU backend,
-    else 'normalized'. 'deferred' divides the (Lq, D) value product by the row sums instead of
-    the (Lq, Lk) weights (`attention_weights`): Swin-B's window attention −40% on XLA:CPU
-    (README). 'normalized' is the textbook softmax, the pattern XLA:GPU's Triton softmax rewriter
-    is built to fuse into one kernel writing the weights in the compute dtype; with the deferred
-    form the H200 profile shows float32 exp(·) written, then read again for the bfloat16 convert
-    and for the row sums (4.0 ms of softmax kernels in the forward). Not yet timed on a GPU."""
+def check_softmax(softmax: str) -> str:
+    """`softmax` if it names a form of the einsum attention's softmax, else a ValueError.
+
+    'deferred' (the default) divides the (Lq, D) value product by the row sums instead of the
+    (Lq, Lk) weights (`attention_weights`): Swin-B's window attention −40% on XLA:CPU (README).
+    'normalized' is the textbook softmax. On XLA:GPU neither becomes one kernel: both write
+    float32 exp(·) and read it back (a deviceless compile of the paper model's train step for
+    the H200, `benchmarks.gpu_aot`: 'normalized' launches 48 more kernels, needs 0.5 GiB less).
+    """
     if softmax not in SOFTMAX_MODES:
         raise ValueError(f"attention softmax must be one of {SOFTMAX_MODES}, got {softmax!r}")
-    if softmax == "auto":
-        return "deferred" if target_backend() == "cpu" else "normalized"
     return softmax
 
 
@@ -207,12 +206,12 @@ def attend_head_major(
     dropout_rng: Array | None = None,
     deterministic: bool = True,
     dtype: Dtype | None = None,
-    softmax: str = "auto",
+    softmax: str = "deferred",
 ) -> Array:
     """`dot_product_attention`'s einsum implementation on head-major operands:
-    -> (..., H, Lq, D). `softmax`: see `resolve_softmax`."""
+    -> (..., H, Lq, D). `softmax`: see `check_softmax`."""
     dtype = dtype or qh.dtype
-    normalized = resolve_softmax(softmax) == "normalized"
+    normalized = check_softmax(softmax) == "normalized"
     qh = qh / jnp.sqrt(jnp.asarray(qh.shape[-1], dtype=qh.dtype))
     logits = qh @ jnp.swapaxes(kh, -1, -2)  # (..., H, Lq, Lk)
     weights, total = attention_weights(
@@ -344,13 +343,14 @@ class MultiHeadAttention(nn.Module):
     # key/value inputs and project afterwards (einsum implementation, no regroup); 'auto':
     # the one with fewer multiply-adds (`projects_kv_after`). The same function either way.
     kv_projection: str = "auto"
-    # 'auto' | 'deferred' | 'normalized': where the einsum implementation's softmax divides
-    # (`resolve_softmax`).
-    softmax: str = "auto"
+    # 'deferred' | 'normalized': where the einsum implementation's softmax divides
+    # (`check_softmax`).
+    softmax: str = "deferred"
     # Self-attention with `kv_projection` 'before': 'fused' = one (C, 3F) projection through the
     # concatenated query/key/value kernels (the parameters stay three `nn.Dense`s) and one
     # `regroup` and head-major transpose; 'separate' = three of each; 'auto' = 'separate' on a
-    # CPU backend (fused: Swin-B at 480 +5% on XLA:CPU), else 'fused'.
+    # CPU backend (fused: Swin-B at 480 +7% on XLA:CPU), else 'fused' (paper model's train step
+    # on XLA:GPU: 440 fewer kernels, `benchmarks.gpu_aot`).
     qkv_projection: str = "auto"
 
     @nn.compact
@@ -398,7 +398,7 @@ class MultiHeadAttention(nn.Module):
             dropout_rng = self.make_rng("dropout")
         attention = dict(bias=bias, mask=mask, dropout_rate=self.dropout_rate,
                          dropout_rng=dropout_rng, deterministic=deterministic)
-        softmax = resolve_softmax(self.softmax)
+        softmax = check_softmax(self.softmax)
         after = projects_kv_after(self.kv_projection, inputs_q.shape[-2], inputs_kv.shape[-2],
                                   inputs_kv.shape[-1], features, self.num_heads)
         if after and regroup is None and self.implementation == "einsum":

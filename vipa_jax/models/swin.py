@@ -226,7 +226,7 @@ class SwinBlock(nn.Module):
     layer_norm_eps: float = 1e-5
     dtype: Dtype = jnp.float32
     attention_impl: str = "einsum"  # layers.dot_product_attention's implementation
-    attention_softmax: str = "auto"  # MultiHeadAttention.softmax
+    attention_softmax: str = "deferred"  # MultiHeadAttention.softmax
     qkv_projection: str = "auto"  # MultiHeadAttention.qkv_projection
 
     def effective_window(self, height: int, width: int) -> tuple[int, int]:
@@ -302,7 +302,7 @@ class SwinStage(nn.Module):
     remat: bool = False
     dtype: Dtype = jnp.float32
     attention_impl: str = "einsum"
-    attention_softmax: str = "auto"
+    attention_softmax: str = "deferred"
     qkv_projection: str = "auto"
 
     @nn.compact
@@ -369,10 +369,10 @@ class SwinTransformer(nn.Module):
     # Window attention: 'einsum' (ours), 'xla' / 'cudnn' (jax.nn.dot_product_attention's; cuDNN's
     # fused attention needs a GPU and float16 / bfloat16 compute).
     attention_impl: str = "einsum"
-    # The window attention's softmax division, 'auto' | 'deferred' | 'normalized', and q/k/v
+    # The window attention's softmax division, 'deferred' | 'normalized', and q/k/v
     # projection, 'auto' | 'fused' (one (C, 3C) GEMM and one window partition) | 'separate';
     # the same parameters and function either way (layers.MultiHeadAttention).
-    attention_softmax: str = "auto"
+    attention_softmax: str = "deferred"
     qkv_projection: str = "auto"
 
     @classmethod
