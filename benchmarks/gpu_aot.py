@@ -1,8 +1,8 @@
 """XLA:GPU's compiled train step for a GPU this machine does not have: kernels and memory (issue 8).
 
 ``python -m benchmarks.gpu_aot [--target h200|h100] [--config refcoco] [--dtype bfloat16]
-[--batch 16] [--remat] [--variant NAME:KEY=VALUE[,...]] [--no-base]`` writes
-``benchmarks/results/gpu_aot-<machine>-<target>-<dtype>-b<batch>[-remat].json``; ``--quick`` =
+[--batch 16] [--remat] [--variant NAME:KEY=VALUE[,...]] [--no-base] [--tag T]`` writes
+``benchmarks/results/gpu_aot-<machine>-<target>-<dtype>-b<batch>[-remat][-T].json``; ``--quick`` =
 the tiny synthetic:test model at batch 2 (the smoke test).
 
 A deviceless compile: XLA's CUDA plugin builds the program for a GPU described by a target spec
@@ -199,11 +199,12 @@ def run(
     variants: list[tuple[str, dict[str, Any]]], *, target: str = "h200",
     config: str = "refcoco", quick: bool = False, dtype: str = "bfloat16",
     batch: int | None = None, remat: bool = False, out_dir: str | None = None,
-    write: bool = True,
+    write: bool = True, tag: str = "",
 ) -> dict[str, Any]:
     from benchmarks.run import _as_on_gpu, _with, load_config
     from benchmarks.train_ab import apply_overrides
 
+    started = common.machine_info()  # the commit the programs are built from, not a later one
     batch = batch or (2 if quick else 16)
     base_cfg = _with(load_config(config, quick), dtype=dtype, remat=remat)
     cfgs = {n: _as_on_gpu(apply_overrides(base_cfg, o)) for n, o in variants}  # errors first
@@ -234,14 +235,16 @@ def run(
                      e["memory_gib"], ""])
     common.print_table(rows, ["variant", "kernels", f"vs {first}", *groups, "XLA GiB", "error"])
     result: dict[str, Any] = {
-        "target": target, "device_kind": device.device_kind, "plugin": _plugin_version(),
-        "config": name, "quick": quick,
-        "batch": batch, "dtype": dtype, "remat": remat, "reference": first,
+        "machine_info": started, "target": target, "device_kind": device.device_kind,
+        "plugin": _plugin_version(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "config": name, "quick": quick, "batch": batch, "dtype": dtype, "remat": remat,
+        "reference": first,
         "variants": entries,
     }
     if write:
-        tag = f"{target}-{dtype}-b{batch}" + ("-remat" if remat else "")
-        result["path"] = common.write_result("gpu_aot", result, out_dir, tag=tag)
+        name_tag = f"{target}-{dtype}-b{batch}" + ("-remat" if remat else "") + (
+            f"-{tag}" if tag else "")
+        result["path"] = common.write_result("gpu_aot", result, out_dir, tag=name_tag)
         print("wrote", result["path"])
     return result
 
@@ -258,6 +261,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,...]")
     p.add_argument("--no-base", action="store_true", help="only the --variant ones")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    p.add_argument("--tag", default="", help="appended to the result's file name")
     a = p.parse_args(argv)
     variants = ([] if a.no_base else [("base", {})]) + [common.parse_variant(v)
                                                          for v in a.variant]
@@ -266,7 +270,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ensure_plugin(argv)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the plugin compiles; it is no backend here
     return run(variants, target=a.target, config=a.config, quick=a.quick, dtype=a.dtype,
-               batch=a.batch, remat=a.remat, out_dir=a.out)
+               batch=a.batch, remat=a.remat, out_dir=a.out, tag=a.tag)
 
 
 if __name__ == "__main__":
