@@ -574,7 +574,8 @@ def resize_bilinear_align_corners(
     x: (..., h, w) by default, or any layout with the two spatial ``axes`` given (e.g. (1, 2) for
     NHWC features) -> same layout with the spatial dims replaced by ``size`` = (H, W).
     Computed in float32 (matmul precision: the backend's default); floating inputs are returned
-    in their own dtype, integer/bool inputs as float32. NumPy in -> NumPy out (host path); anything else goes through jax.numpy (jit-able).
+    in their own dtype, integer/bool inputs as float32. NumPy in -> NumPy out (host path);
+    anything else goes through jax.numpy (jit-able).
     """
     if len(size) != 2:
         raise ValueError(f"size must be (H, W), got {size!r}")
