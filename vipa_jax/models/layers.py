@@ -573,9 +573,8 @@ def resize_bilinear_align_corners(
 
     x: (..., h, w) by default, or any layout with the two spatial ``axes`` given (e.g. (1, 2) for
     NHWC features) -> same layout with the spatial dims replaced by ``size`` = (H, W).
-    Computed in float32 (matmul precision: the backend's default); floating inputs are returned
-    in their own dtype, integer/bool inputs as float32. NumPy in -> NumPy out (host path);
-    anything else goes through jax.numpy (jit-able).
+    Computed in float32; floating inputs are returned in their own dtype, integer/bool inputs as
+    float32. NumPy in -> NumPy out (host path); anything else goes through jax.numpy (jit-able).
     """
     if len(size) != 2:
         raise ValueError(f"size must be (H, W), got {size!r}")
@@ -592,18 +591,15 @@ def resize_bilinear_align_corners(
             continue
         i0, i1, w1 = _align_corners_coords(n_in, int(n_out))
         # (out, in) interpolation matrix: a matmul, whose gradient is a matmul too (a gather's
-        # is a scatter-add, several times slower on CPU). XLA:CPU multiplies float32 exactly;
-        # elsewhere the default precision is that of the model's other float32 matmuls (TF32
-        # on a recent NVIDIA GPU). HIGHEST here made XLA:GPU fail to tile the backward's dot
-        # at batch 64 (`benchmarks.gpu_aot --batch 64 --remat`: "Couldn't find output tile
-        # sizes", f32[7680,120]).
+        # is a scatter-add, several times slower on CPU); exact in float32 (HIGHEST precision).
         interp = np.zeros((int(n_out), n_in), np.float32)
         np.add.at(interp, (np.arange(int(n_out)), i0), np.float32(1.0) - w1)
         np.add.at(interp, (np.arange(int(n_out)), i1), w1)
         if xp is np:
             y = np.moveaxis(np.tensordot(interp, np.moveaxis(y, a, 0), axes=1), 0, a)
         else:
-            y = jnp.moveaxis(jnp.tensordot(interp, jnp.moveaxis(y, a, 0), axes=1), 0, a)
+            y = jnp.moveaxis(jnp.tensordot(interp, jnp.moveaxis(y, a, 0), axes=1,
+                                           precision=jax.lax.Precision.HIGHEST), 0, a)
     return y.astype(out_dtype)
 
 
