@@ -502,8 +502,6 @@ def _fused_projection(projs: Sequence[nn.Dense], x: Array, dtype: Dtype) -> tupl
     also what a zero input token projects to. Each output column is the same dot product the
     separate `nn.Dense` computes."""
     params = [_dense_params(p, x.shape[-1], dtype) for p in projs]
-    # Cast, then concatenate. Concatenating the float32 kernels first saved 10 of the paper
-    # train step's ~5440 XLA:GPU kernels but needed 0.3 GiB more (deviceless H200 compile).
     kernel = jnp.concatenate([w.astype(dtype) for w, _ in params], axis=-1)  # (C, ΣF)
     bias = jnp.concatenate([jnp.zeros((w.shape[-1],), dtype) if b is None else b.astype(dtype)
                             for w, b in params])  # (ΣF,)
