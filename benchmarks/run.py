@@ -695,6 +695,7 @@ def _md_gpu_aot(results_dir: str) -> list[str]:
             f"{r['device_kind']} spec (`{r['target']}`), `{r['config']}`, batch {r['batch']}, "
             f"{r['dtype']}, remat {'on' if r['remat'] else 'off'}; commit `{mi['git_commit']}`"
             + (" (with uncommitted changes)" if mi.get("git_dirty") else "")
+            + (f"; `XLA_FLAGS={r['xla_flags']}`" if r.get("xla_flags") else "")
             + f", {mi['time_utc']}; file `benchmarks/results/{r['_file']}`.", "",
             "| variant | overrides | kernels | vs " + str(r["reference"]) + " | GEMM | reduce "
             "| transpose | XLA memory |", "|---|---|---|---|---|---|---|---|",

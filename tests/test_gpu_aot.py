@@ -144,6 +144,7 @@ def test_results_markdown_lists_the_newest_gpu_aot_run(tmp_path: Path) -> None:
         (tmp_path / f"gpu_aot-{name}.json").write_text(json.dumps(r))
     text = "\n".join(_md_gpu_aot(str(tmp_path)))
     assert "`benchmarks/results/gpu_aot-new.json`" in text and "gpu_aot-old" not in text
+    assert "XLA_FLAGS" not in text
     assert "| base | - | 5945 | +0 | 10 | 20 | 5 | 24.2 GiB |" in text
     assert "| fewer | model.x=y | 5900 | -45 | 10 | 20 | 5 | 23.5 GiB |" in text
     assert "| cudnn | model.swin.attention_impl=cudnn | error: XlaRuntimeError: no cuDNN |" in text
