@@ -14,11 +14,11 @@ every `auto` switch picks the GPU's form. Reported per variant:
 - `kernels`: the kernels one step launches, i.e. the fusions and library calls (cuBLAS, cuDNN)
   of the entry computation and of the computations it calls (command buffers, loops and
   conditionals, each body once), by kind (`kernel_counts`). On the H200 the traced train step
-  (bfloat16, batch 16, commit 911ae5c) ran 5917 kernels; this count of the same program at
-  8e80e4c gave 5945;
+  (bfloat16, batch 16, commit 911ae5c) ran 5917 kernels; a deviceless compile of the same
+  program (2026-12-04) counted 5945;
 - `memory`: XLA's own buffer assignment, arguments + outputs + temporaries − donated
   (`common.memory_of`): what the memory rows of `benchmarks.run` report on a GPU (26.7 GiB on
-  the H200 for that step, 24.3 GiB by this count);
+  the H200 for that step at an older commit, 24.3 GiB by this count);
 - compile time and the HLO FLOP count.
 What it cannot say is time: there is no device to run on, and XLA skips autotuning (GEMM tile
 configurations come from its heuristics), so the GEMM kernels' split between cuBLAS and Triton
