@@ -148,3 +148,18 @@ def test_results_markdown_lists_the_newest_gpu_aot_run(tmp_path: Path) -> None:
     assert "| base | - | 5945 | +0 | 10 | 20 | 5 | 24.2 GiB |" in text
     assert "| fewer | model.x=y | 5900 | -45 | 10 | 20 | 5 | 23.5 GiB |" in text
     assert "| cudnn | model.swin.attention_impl=cudnn | error: XlaRuntimeError: no cuDNN |" in text
+
+
+def test_missing_plugin_or_spec_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without XLA's CUDA plugin the tool says how to install it; an unknown target names the
+    specs there are; `--no-base` without variants is a usage error."""
+    from benchmarks import gpu_aot
+
+    monkeypatch.setattr(gpu_aot, "plugin_importable", lambda: False)
+    monkeypatch.setattr(gpu_aot, "PLUGIN_SITE", "/nonexistent/gpu-aot/site")
+    with pytest.raises(SystemExit, match="make gpu-aot-deps"):
+        gpu_aot.ensure_plugin([])
+    with pytest.raises(SystemExit, match=r"known targets: \['h100', 'h200'\]"):
+        gpu_aot.gpu_device("a100")
+    with pytest.raises(SystemExit):
+        gpu_aot.main(["--no-base"])
