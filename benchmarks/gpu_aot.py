@@ -201,19 +201,17 @@ def run(
     batch: int | None = None, remat: bool = False, out_dir: str | None = None,
     write: bool = True, tag: str = "",
 ) -> dict[str, Any]:
-    from benchmarks.run import _as_on_gpu, _with, load_config
-    from benchmarks.train_ab import apply_overrides
+    from benchmarks.train_ab import variant_configs
 
     started = common.machine_info()  # the commit the programs are built from, not a later one
     batch = batch or (2 if quick else 16)
-    base_cfg = _with(load_config(config, quick), dtype=dtype, remat=remat)
-    cfgs = {n: _as_on_gpu(apply_overrides(base_cfg, o)) for n, o in variants}  # errors first
+    cfgs = variant_configs(variants, config, quick, dtype, remat)  # errors first
     device = gpu_device(target)
     name = "synthetic:test" if quick else config
     print(f"deviceless XLA:GPU compile for {device.device_kind} ({target}): {name}, batch "
           f"{batch}, {dtype}, remat {remat}; variants {[n for n, _ in variants]}", flush=True)
     entries: dict[str, dict[str, Any]] = {}
-    for (vname, overrides), cfg in zip(variants, cfgs.values(), strict=True):
+    for (vname, overrides), cfg in zip(variants, cfgs.values(), strict=True):  # names differ
         entries[vname] = {"overrides": overrides}
         try:
             entries[vname].update(compile_variant(cfg, batch, device))
@@ -263,10 +261,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     p.add_argument("--tag", default="", help="appended to the result's file name")
     a = p.parse_args(argv)
-    variants = ([] if a.no_base else [("base", {})]) + [common.parse_variant(v)
-                                                         for v in a.variant]
-    if not variants:
-        p.error("nothing to compile: --no-base without --variant")
+    from benchmarks.train_ab import cli_variants
+
+    try:
+        variants = cli_variants(a.no_base, a.variant)
+    except ValueError as err:
+        p.error(str(err))
     ensure_plugin(argv)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the plugin compiles; it is no backend here
     return run(variants, target=a.target, config=a.config, quick=a.quick, dtype=a.dtype,

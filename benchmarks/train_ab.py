@@ -32,6 +32,27 @@ from benchmarks import common
 from benchmarks.common import parse_variant  # noqa: F401 - the CLI's and tests' parser
 
 
+def cli_variants(no_base: bool, specs: list[str]) -> list[tuple[str, dict[str, Any]]]:
+    """``base`` (unless `no_base`) and each ``--variant`` spec, parsed; ValueError if none."""
+    variants = ([] if no_base else [("base", {})]) + [parse_variant(v) for v in specs]
+    if not variants:
+        raise ValueError("nothing to run: --no-base and no --variant")
+    return variants
+
+
+def variant_configs(variants: list[tuple[str, dict[str, Any]]], config: str, quick: bool,
+                    dtype: str, remat: bool) -> dict[str, Any]:
+    """{name: the full config at `dtype` / `remat` with the variant's overrides, the decoder
+    convolution as on a GPU}; every override checked before anything compiles."""
+    from benchmarks.run import _as_on_gpu, _with, load_config
+
+    names = [n for n, _ in variants]
+    if len(set(names)) != len(names):
+        raise ValueError(f"variant names must differ: {names}")
+    base_cfg = _with(load_config(config, quick), dtype=dtype, remat=remat)
+    return {n: _as_on_gpu(apply_overrides(base_cfg, o)) for n, o in variants}
+
+
 def apply_overrides(cfg: Any, overrides: dict[str, Any]) -> Any:
     """A copy of `cfg` with dotted `key: value` overrides; an unknown key is an error."""
     out = copy.deepcopy(cfg)
@@ -58,7 +79,7 @@ def run(
     import numpy as np
 
     from benchmarks.input_pipeline import compile_train_step
-    from benchmarks.run import _as_on_gpu, _with, load_config, peak_flops
+    from benchmarks.run import load_config, peak_flops
 
     gpu = jax.default_backend() == "gpu"
     device_kind = jax.devices()[0].device_kind
@@ -66,11 +87,8 @@ def run(
     batch = batch or (16 if gpu and not quick else 2)
     iters = iters or (2 if quick else 20 if gpu else 5)
     rounds = rounds or (2 if quick else 4)
-    base_cfg = _with(load_config(config, quick), dtype=dtype, remat=remat)
-    names = [n for n, _ in variants]
-    if len(set(names)) != len(names):
-        raise ValueError(f"variant names must differ: {names}")
-    cfgs = {n: _as_on_gpu(apply_overrides(base_cfg, o)) for n, o in variants}  # errors first
+    cfgs = variant_configs(variants, config, quick, dtype, remat)  # errors first
+    names = list(cfgs)
     compile_only = bool(os.environ.get(common.COMPILE_ONLY_ENV))
     print(f"train step A/B: {'synthetic:test' if quick else config}, batch {batch}, {dtype}, "
           f"remat {remat}, on {device_kind}; variants {names}; "
@@ -121,7 +139,8 @@ def run(
     result: dict[str, Any] = {
         "quick": quick, "config": "synthetic:test" if quick else config, "batch": batch,
         "dtype": dtype, "remat": remat, "iters": iters, "rounds": rounds,
-        "image_size": base_cfg.model.image_size, "backend": jax.default_backend(),
+        "image_size": load_config(config, quick).model.image_size,
+        "backend": jax.default_backend(),
         "device_kind": device_kind, "peak_flops": peak, "peak_flops_source": peak_source,
         "compile_only": compile_only, "variants": entries,
         "load": common.load_snapshot(),
@@ -156,11 +175,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     a = p.parse_args(argv)
     try:
-        variants = ([] if a.no_base else [("base", {})]) + [parse_variant(v) for v in a.variant]
+        variants = cli_variants(a.no_base, a.variant)
     except ValueError as err:
         p.error(str(err))
-    if not variants:
-        p.error("nothing to run: --no-base and no --variant")
     if a.device == "cpu":
         os.environ["JAX_PLATFORMS"] = "cpu"  # before jax is imported
     os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import optax
 
 from vipa_jax.backend import target_backend
-from vipa_jax.train.optim import GRAD_NORMS, global_norm
+from vipa_jax.train.optim import global_norm, resolve_grad_norm
 
 Batch = dict[str, jax.Array]
 LossFn = Callable[[dict[str, jax.Array], Batch], tuple[jax.Array, dict[str, jax.Array]]]
@@ -136,10 +136,7 @@ def make_train_step(
             f"finite_guard must be 'auto', 'cond' or 'select', got {finite_guard!r}")
     if finite_guard == "auto":
         finite_guard = "cond" if target_backend() == "cpu" else "select"
-    if grad_norm not in GRAD_NORMS:
-        raise ValueError(f"grad_norm must be one of {GRAD_NORMS}, got {grad_norm!r}")
-    if grad_norm == "auto":  # chosen here, like the guard (not when the step is traced)
-        grad_norm = "per_leaf" if target_backend() == "cpu" else "grouped"
+    grad_norm = resolve_grad_norm(grad_norm)  # chosen here, like the guard, not when traced
 
     def micro_grads(params: Any, batch_stats: Any, mb: Batch, rng: jax.Array):
         def lf(p):
