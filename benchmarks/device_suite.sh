@@ -25,7 +25,8 @@
 # - `memory-remat`: the batch-64 remat row alone;
 # - `attention`: Swin-B forward + backward under each window-attention variant (einsum with
 #   the backend's `auto` q/k/v projection, einsum with separate ones, xla, cudnn; bfloat16,
-#   batch 8: `benchmarks.attention`, one `attention-*.json`);
+#   batch 8: `benchmarks.attention`, one `attention-*.json`); ATTN_IMPLS (e.g. "einsum cudnn")
+#   picks among `benchmarks.attention`'s named variants (default: its own defaults);
 # - `train-ab`: the whole bfloat16 train step at batch 16 (no remat; the quick check: batch 2,
 #   remat) under config variants, timed in alternating blocks (`benchmarks.train_ab`, one
 #   `train_ab-*.json`); the variants are AB_VARIANTS (default "before:model.swin.
@@ -98,7 +99,8 @@ cmd() {
     memory+train) exec $PY -m benchmarks.run "${DEV[@]}" --no-infer --memory-dtypes bfloat16 \
       --memory-targets "${MEM_TARGETS[@]}" --train-at-memory-targets --out "$OUT" "$@" ;;
     memory-remat) cmd memory+train --memory-targets "${MEM_TARGETS[-1]}" "$@" ;;  # the last wins
-    attention) exec $PY -m benchmarks.attention "${ATTN_DEV[@]}" --train --out "$OUT" "$@" ;;
+    attention) exec $PY -m benchmarks.attention "${ATTN_DEV[@]}" --train \
+      ${ATTN_IMPLS:+--impls $ATTN_IMPLS} --out "$OUT" "$@" ;;
     profile) exec $PY -m benchmarks.profile "${PROFILE_DEV[@]}" --dtype bfloat16 --out "$OUT" \
       "$@" ;;
     profile-train) exec $PY -m benchmarks.profile "${PROFILE_DEV[@]}" --train --dtype bfloat16 \

@@ -19,6 +19,10 @@ every `auto` switch picks the GPU's form. Reported per variant:
 - `memory`: XLA's own buffer assignment, arguments + outputs + temporaries − donated
   (`common.memory_of`): what the memory rows of `benchmarks.run` report on a GPU (26.7 GiB on
   the H200 for that step at an older commit, 24.3 GiB by this count);
+- `io_bytes`: the bytes the kernels read and write, each kernel's operands and results once
+  (`kernel_stats`), by kind in `io_bytes_by_kind`, and `io_ms`, the time moving them takes at
+  the spec's `memory_bandwidth`: a floor for the memory-bound kernels' time, not a prediction
+  (it ignores caches, partial and repeated reads);
 - compile time and the HLO FLOP count.
 What it cannot say is time: there is no device to run on, and XLA skips autotuning (GEMM tile
 configurations come from its heuristics), so the GEMM kernels' split between cuBLAS and Triton
@@ -28,6 +32,9 @@ Needs XLA's CUDA plugin for this jaxlib, which is not a project dependency (abou
 ``make gpu-aot-deps`` installs `jax-cuda12-pjrt` and `jax-cuda12-plugin` of jaxlib's version
 into `.gpu-aot/` (no GPU or driver needed). The script then restarts itself with that folder on
 `PYTHONPATH` and `JAX_PLATFORMS=cpu` (the plugin is only used to compile, never as a backend).
+cuDNN fused attention (`model.swin.attention_impl=cudnn`) also needs cuDNN's libraries at
+compile time, not a GPU: ``make gpu-aot-cudnn`` adds `nvidia-cudnn-cu12` (about 1.1 GB) there;
+without it that variant fails with "cuDNN not found".
 """
 
 from __future__ import annotations
@@ -58,15 +65,46 @@ _NOT_KERNELS = frozenset({"parameter", "constant", "get-tuple-element", "tuple",
 _CONTROL = frozenset({"call", "while", "conditional", "async-start"})
 
 
-def kernel_counts(hlo_text: str) -> collections.Counter[str]:
+_SHAPE = re.compile(r"\b(?P<dtype>pred|[a-z]+\d+[a-z0-9]*)\[(?P<dims>[0-9,]*)\]")
+
+
+def shape_bytes(type_text: str) -> int:
+    """Bytes of every array shape in an HLO type ('f32[2,3]{1,0}' -> 24; a tuple: the sum)."""
+    total = 0
+    for m in _SHAPE.finditer(type_text):
+        dtype = m.group("dtype")
+        bits = 8 if dtype == "pred" else int(re.match(r"[a-z]+(\d+)", dtype).group(1))
+        n = 1
+        for d in filter(None, m.group("dims").split(",")):
+            n *= int(d)
+        total += max(1, bits // 8) * n
+    return total
+
+
+def _operands(call_text: str) -> list[str]:
+    """Names of the operands in '%a, %b), kind=...' (the text after the opcode's '(')."""
+    depth = 0
+    for i, ch in enumerate(call_text):
+        depth += ch == "("
+        if ch == ")":
+            if depth == 0:
+                return re.findall(r"%([\w.\-]+)", call_text[:i])
+            depth -= 1
+    return re.findall(r"%([\w.\-]+)", call_text)
+
+
+def kernel_stats(hlo_text: str) -> tuple[collections.Counter[str], collections.Counter[str]]:
     """Kernels of an optimized XLA:GPU program by kind (the instruction name without its
-    number: 'loop_add_fusion.12' -> 'loop_add_fusion'; other ops as 'op:<opcode>').
+    number: 'loop_add_fusion.12' -> 'loop_add_fusion'; other ops as 'op:<opcode>'), and their
+    I/O bytes by kind: each kernel's operands and results, every array counted once.
 
     Walks the entry computation and, through `call` (command buffers), `while`, `conditional`
     and `async-start`, the computations they run (each once); a fusion or custom call is one
-    kernel, its own computation is not entered.
+    kernel, its own computation is not entered. The I/O bytes are the traffic each kernel
+    would cause if it read its operands and wrote its results once: an operand it reads in
+    part (a slice, a gather) counts whole, and one it reads repeatedly (a GEMM's tiles) once.
     """
-    comps: dict[str, list[tuple[str, str, str]]] = {}
+    comps: dict[str, list[tuple[str, str, str, str]]] = {}
     entry = current = None
     for line in hlo_text.splitlines():
         if not line[:1].isspace() and (m := _COMPUTATION.match(line)) is not None:
@@ -76,33 +114,48 @@ def kernel_counts(hlo_text: str) -> collections.Counter[str]:
             continue
         if current is None or (m := _INSTRUCTION.match(line)) is None:
             continue
-        rest = m.group("rest").split(" metadata=")[0]
-        op = _OPCODE.search(" " + rest)
-        comps[current].append((m.group("name"), op.group("op") if op else "", rest))
+        rest = " " + m.group("rest").split(" metadata=")[0]
+        op = _OPCODE.search(rest)
+        out_type, args = (rest[:op.start()], rest[op.end():]) if op else (rest, "")
+        comps[current].append((m.group("name"), op.group("op") if op else "", out_type, args))
     if entry is None:
         raise ValueError("no ENTRY computation in this HLO text")
+    sizes = {(comp, name): shape_bytes(out)  # names may repeat in different computations
+             for comp, insts in comps.items() for name, _, out, _ in insts}
     counts: collections.Counter[str] = collections.Counter()
+    io: collections.Counter[str] = collections.Counter()
 
     def walk(comp: str) -> None:
-        for name, op, rest in comps.get(comp, ()):
-            if op in ("fusion", "custom-call"):
-                counts[re.sub(r"(\.\d+)+$", "", name)] += 1
-            elif op in _CONTROL:
-                called = [m.group("comp") for m in _CALLED.finditer(rest)]
-                for m in _BRANCHES.finditer(rest):
+        for name, op, out, args in comps.get(comp, ()):
+            if op in _CONTROL:
+                called = [m.group("comp") for m in _CALLED.finditer(args)]
+                for m in _BRANCHES.finditer(args):
                     called += [c.strip().lstrip("%") for c in m.group("comps").split(",")]
                 for c in called:
                     walk(c)
+                continue
+            if op in ("fusion", "custom-call"):
+                kind = re.sub(r"(\.\d+)+$", "", name)
             elif op and op not in _NOT_KERNELS:
-                counts[f"op:{op}"] += 1
+                kind = f"op:{op}"
+            else:
+                continue
+            counts[kind] += 1
+            io[kind] += shape_bytes(out) + sum(sizes.get((comp, a), 0) for a in _operands(args))
 
     walk(entry)
-    return counts
+    return counts, io
+
+
+def kernel_counts(hlo_text: str) -> collections.Counter[str]:
+    """`kernel_stats`' kernel counts by kind."""
+    return kernel_stats(hlo_text)[0]
 
 
 # Kernel kinds grouped for the table: (group, regex on the kind).
 KERNEL_GROUPS = (
     ("gemm", r"^(custom-call|cublas|gemm_fusion|triton_gemm|cudnn)"),
+    ("attention", r"^dot_product_attention"),  # cuDNN fused attention (fmha custom calls)
     ("softmax", r"softmax"),
     ("reduce", r"reduce"),
     ("transpose", r"transpose"),
@@ -150,22 +203,34 @@ def _plugin_version() -> str | None:
         return None
 
 
-def gpu_device(target: str) -> Any:
-    """A compile-only device of the GPU described by `benchmarks/gpu_specs/<target>.txtpb`."""
-    from jax.experimental import topologies
-
+def read_spec(target: str) -> str:
+    """The text of `benchmarks/gpu_specs/<target>.txtpb`; a clear error naming the known ones."""
     path = os.path.join(SPECS_DIR, f"{target}.txtpb")
     if not os.path.isfile(path):
         known = sorted(f[:-6] for f in os.listdir(SPECS_DIR) if f.endswith(".txtpb"))
         raise SystemExit(f"no GPU spec {path}; known targets: {known}")
     with open(path) as f:
-        spec = f.read()
+        return f.read()
+
+
+def spec_bandwidth(spec: str) -> float | None:
+    """The spec's `memory_bandwidth` (bytes/s), None if it has none."""
+    m = re.search(r"^\s*memory_bandwidth:\s*([0-9.eE+]+)\s*$", spec, re.M)
+    return float(m.group(1)) if m else None
+
+
+def gpu_device(target: str) -> Any:
+    """A compile-only device of the GPU described by `benchmarks/gpu_specs/<target>.txtpb`."""
+    from jax.experimental import topologies
+
     return topologies.get_topology_desc("", "cuda", topology="1x1x1",
-                                        target_config=spec).devices[0]
+                                        target_config=read_spec(target)).devices[0]
 
 
-def compile_variant(cfg: Any, batch: int, device: Any) -> dict[str, Any]:
-    """Deviceless compile of the benchmark train step for `cfg` -> kernels, memory, timings."""
+def compile_variant(cfg: Any, batch: int, device: Any,
+                    bandwidth: float | None = None) -> dict[str, Any]:
+    """Deviceless compile of the benchmark train step for `cfg` -> kernels, their I/O bytes
+    (and what moving those takes at `bandwidth` bytes/s), memory, timings."""
     import jax
     from jax.sharding import SingleDeviceSharding
 
@@ -183,13 +248,16 @@ def compile_variant(cfg: Any, batch: int, device: Any) -> dict[str, Any]:
         key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=sharding)
         compiled, info = common.compile_jax(step, abstract(state), abstract(data), key,
                                             donate_argnums=(0,))
-    counts = kernel_counts(compiled.as_text())
+    counts, io = kernel_stats(compiled.as_text())
     memory = common.memory_of(compiled)
+    io_bytes = sum(io.values())
     return {
         "compile_s": info["compile_s"], "lower_s": info["lower_s"],
         "hlo_flops": info["hlo_flops"], "hlo_flops_source": info["hlo_flops_source"],
         "kernels": sum(counts.values()), "kernel_groups": group_counts(counts),
         "kernels_by_kind": dict(counts.most_common()),
+        "io_bytes": io_bytes, "io_ms": io_bytes / bandwidth * 1e3 if bandwidth else None,
+        "io_bytes_by_kind": dict(io.most_common()),
         "memory": memory,
         "memory_gib": memory["estimate_bytes"] / 2**30 if memory else None,
     }
@@ -207,6 +275,7 @@ def run(
     batch = batch or (2 if quick else 16)
     cfgs = variant_configs(variants, config, quick, dtype, remat)  # errors first
     device = gpu_device(target)
+    bandwidth = spec_bandwidth(read_spec(target))
     name = "synthetic:test" if quick else config
     print(f"deviceless XLA:GPU compile for {device.device_kind} ({target}): {name}, batch "
           f"{batch}, {dtype}, remat {remat}; variants {[n for n, _ in variants]}", flush=True)
@@ -214,27 +283,33 @@ def run(
     for (vname, overrides), cfg in zip(variants, cfgs.values(), strict=True):  # names differ
         entries[vname] = {"overrides": overrides}
         try:
-            entries[vname].update(compile_variant(cfg, batch, device))
+            entries[vname].update(compile_variant(cfg, batch, device, bandwidth))
         except Exception as e:  # noqa: BLE001 - record why and go on to the next variant
-            entries[vname]["error"] = f"{type(e).__name__}: {str(e)[:500]}"
+            entries[vname]["error"] = f"{type(e).__name__}: {str(e)[:500]}" + (
+                " (`make gpu-aot-cudnn` installs cuDNN for deviceless compiles)"
+                if "cuDNN not found" in str(e) else "")
         e = entries[vname]
         print(f"  {vname}: " + (e["error"][:200] if "error" in e else
-                                f"{e['kernels']} kernels, XLA memory {e['memory_gib']:.2f} GiB, "
+                                f"{e['kernels']} kernels, {e['io_bytes'] / 1e9:.1f} GB of "
+                                f"kernel I/O, XLA memory {e['memory_gib']:.2f} GiB, "
                                 f"compile {e['compile_s']:.0f} s"), flush=True)
     first = next((n for n, e in entries.items() if "kernels" in e), None)
     groups = [g for g, _ in KERNEL_GROUPS] + ["other"]
     rows = []
     for vname, e in entries.items():
         if "kernels" not in e:
-            rows.append([vname, None, None, *([None] * len(groups)), None, e["error"][:60]])
+            rows.append([vname, None, None, *([None] * len(groups)), None, None, None,
+                         e["error"][:60]])
             continue
         delta = e["kernels"] - entries[first]["kernels"]
         rows.append([vname, e["kernels"], delta, *(e["kernel_groups"][g] for g in groups),
-                     e["memory_gib"], ""])
-    common.print_table(rows, ["variant", "kernels", f"vs {first}", *groups, "XLA GiB", "error"])
+                     e["io_bytes"] / 1e9, e["io_ms"], e["memory_gib"], ""])
+    common.print_table(rows, ["variant", "kernels", f"vs {first}", *groups, "I/O GB", "I/O ms",
+                              "XLA GiB", "error"])
     result: dict[str, Any] = {
         "machine_info": started, "target": target, "device_kind": device.device_kind,
         "plugin": _plugin_version(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "memory_bandwidth": bandwidth,
         "config": name, "quick": quick, "batch": batch, "dtype": dtype, "remat": remat,
         "reference": first,
         "variants": entries,

@@ -697,22 +697,33 @@ def _md_gpu_aot(results_dir: str) -> list[str]:
             + (" (with uncommitted changes)" if mi.get("git_dirty") else "")
             + (f"; `XLA_FLAGS={r['xla_flags']}`" if r.get("xla_flags") else "")
             + f", {mi['time_utc']}; file `benchmarks/results/{r['_file']}`.", "",
-            "| variant | overrides | kernels | vs " + str(r["reference"]) + " | GEMM | reduce "
-            "| transpose | XLA memory |", "|---|---|---|---|---|---|---|---|",
+            "| variant | overrides | kernels | vs " + str(r["reference"]) + " | GEMM | cuDNN "
+            "attention | softmax | reduce | transpose | kernel I/O | XLA memory |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         ref = r["variants"].get(r["reference"] or "", {})
         for name, e in r["variants"].items():
             over = ", ".join(f"{k}={v}" for k, v in e.get("overrides", {}).items()) or "-"
             if "kernels" not in e:
                 lines.append(f"| {name} | {over} | error: {e.get('error', '?')[:80]} |"
-                             " | | | | |")
+                             " | | | | | | | |")
                 continue
             g = e["kernel_groups"]
             lines.append(f"| {name} | {over} | {e['kernels']} | "
                          f"{e['kernels'] - ref.get('kernels', e['kernels']):+d} | {g['gemm']} | "
-                         f"{g['reduce']} | {g['transpose']} | {e['memory_gib']:.1f} GiB |")
+                         f"{g.get('attention', 0)} | {g['softmax']} | {g['reduce']} | "
+                         f"{g['transpose']} | {_io_cell(e)} | {e['memory_gib']:.1f} GiB |")
         lines.append("")
     return lines
+
+
+def _io_cell(entry: dict[str, Any]) -> str:
+    """'187.7 GB (39.1 ms)': a gpu_aot variant's kernel I/O and its time at the spec's
+    bandwidth; '-' for results written before gpu_aot counted it."""
+    if entry.get("io_bytes") is None:
+        return "-"
+    ms = entry.get("io_ms")
+    return f"{entry['io_bytes'] / 1e9:.1f} GB" + (f" ({ms:.1f} ms)" if ms is not None else "")
 
 
 def write_markdown(results_dir: str, path: str) -> str:

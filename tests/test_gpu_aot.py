@@ -11,7 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.gpu_aot import PLUGIN_SITE, group_counts, kernel_counts, plugin_importable
+from benchmarks.gpu_aot import (
+    PLUGIN_SITE,
+    group_counts,
+    kernel_counts,
+    kernel_stats,
+    plugin_importable,
+    shape_bytes,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,10 +84,26 @@ def test_kernel_counts_walk_calls_loops_and_branches() -> None:
     assert counts == {"custom-call": 1, "loop_add_fusion": 2, "input_reduce_fusion": 1,
                       "loop_select_fusion": 1, "op:copy": 1, "op:compare": 1}
     groups = group_counts(counts)
-    assert groups == {"gemm": 1, "softmax": 0, "reduce": 1, "transpose": 0, "select": 1,
-                      "other": 4}
+    assert groups == {"gemm": 1, "attention": 0, "softmax": 0, "reduce": 1, "transpose": 0,
+                      "select": 1, "other": 4}
+    assert group_counts({"dot_product_attention_bwd": 2, "triton_softmax": 3}) == {
+        "gemm": 0, "attention": 2, "softmax": 3, "reduce": 0, "transpose": 0, "select": 0,
+        "other": 0}
     with pytest.raises(ValueError, match="no ENTRY computation"):
         kernel_counts(HLO.replace("ENTRY ", ""))
+
+
+def test_kernel_io_bytes_count_operands_and_results_once() -> None:
+    """Each kernel's operand and result arrays, by kind; a name repeated in another computation
+    (`%p`: f32[8,8] in the command buffer, pred[] in the entry) is looked up in its own."""
+    assert shape_bytes("(f32[8,8]{1,0}, s8[1024]{0})") == 256 + 1024
+    assert shape_bytes("bf16[3,5]{1,0}") == 30 and shape_bytes("pred[]") == 1
+    assert shape_bytes("f8e4m3fn[4]{0}") == 4 and shape_bytes("s32[]") == 4
+    counts, io = kernel_stats(HLO)
+    assert counts == kernel_counts(HLO)
+    assert io == {"custom-call": 1280 + 2 * 256, "loop_add_fusion": 2 * 512,
+                  "input_reduce_fusion": 512, "loop_select_fusion": 512, "op:copy": 512,
+                  "op:compare": 1 + 4 + 4}
 
 
 def _plugin_env() -> dict[str, str] | None:
@@ -111,6 +134,8 @@ def test_deviceless_gpu_compile_quick(tmp_path: Path) -> None:
         assert "error" not in v[name], v[name]
         assert v[name]["kernels"] > 100 and v[name]["memory_gib"] > 0
         assert v[name]["kernel_groups"]["gemm"] > 10
+        assert v[name]["io_bytes"] == sum(v[name]["io_bytes_by_kind"].values()) > 0
+        assert v[name]["io_ms"] == pytest.approx(v[name]["io_bytes"] / 4.8e12 * 1e3)
     assert v["base"]["kernels"] == v["fused"]["kernels"]  # auto = the GPU's form
     assert v["fused"]["kernels"] < v["separate"]["kernels"]
 
@@ -129,7 +154,7 @@ def test_results_markdown_lists_the_newest_gpu_aot_run(tmp_path: Path) -> None:
             "reference": "base", "machine_info": {"time_utc": time, "git_commit": "abc1234"},
             "variants": {
                 "base": {"overrides": {}, "kernels": kernels, "kernel_groups": groups,
-                         "memory_gib": 24.25},
+                         "memory_gib": 24.25, "io_bytes": 187.7e9, "io_ms": 39.104},
                 "fewer": {"overrides": {"model.x": "y"}, "kernels": kernels - 45,
                           "kernel_groups": groups, "memory_gib": 23.5},
                 "cudnn": {"overrides": {"model.swin.attention_impl": "cudnn"},
@@ -145,8 +170,8 @@ def test_results_markdown_lists_the_newest_gpu_aot_run(tmp_path: Path) -> None:
     text = "\n".join(_md_gpu_aot(str(tmp_path)))
     assert "`benchmarks/results/gpu_aot-new.json`" in text and "gpu_aot-old" not in text
     assert "XLA_FLAGS" not in text
-    assert "| base | - | 5945 | +0 | 10 | 20 | 5 | 24.2 GiB |" in text
-    assert "| fewer | model.x=y | 5900 | -45 | 10 | 20 | 5 | 23.5 GiB |" in text
+    assert "| base | - | 5945 | +0 | 10 | 0 | 0 | 20 | 5 | 187.7 GB (39.1 ms) | 24.2 GiB |" in text
+    assert "| fewer | model.x=y | 5900 | -45 | 10 | 0 | 0 | 20 | 5 | - | 23.5 GiB |" in text
     assert "| cudnn | model.swin.attention_impl=cudnn | error: XlaRuntimeError: no cuDNN |" in text
 
 
