@@ -685,8 +685,10 @@ def _md_gpu_aot(results_dir: str) -> list[str]:
         "## XLA:GPU programs compiled without a GPU", "",
         "`python -m benchmarks.gpu_aot`: the train step compiled by XLA:GPU for a GPU spec on a "
         "machine without one (no autotuning, nothing run). Kernels: launches per step (fusions "
-        "and library calls); memory: XLA's buffer assignment (arguments + outputs + "
-        "temporaries - donated), what the GPU memory rows report. No times.", "",
+        "and library calls); kernel I/O: each kernel's operands and results, summed, and the "
+        "time moving them takes at the spec's memory bandwidth (a floor for the memory-bound "
+        "kernels, not a prediction); memory: XLA's buffer assignment (arguments + outputs + "
+        "temporaries - donated), what the GPU memory rows report. No measured times.", "",
     ]
     for key in sorted(latest):
         r = latest[key]
