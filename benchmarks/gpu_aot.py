@@ -68,6 +68,10 @@ _CONTROL = frozenset({"call", "while", "conditional", "async-start"})
 _SHAPE = re.compile(r"\b(?P<dtype>pred|[a-z]+\d+[a-z0-9]*)\[(?P<dims>[0-9,]*)\]")
 
 
+# The scratch buffer cuBLAS / cuDNN calls return last: `(f32[8,8]{1,0}, s8[4194304]{0})`.
+_SCRATCH = re.compile(r",\s*[su]8\[[0-9]*\]\{?[0-9,]*\}?\s*\)\s*$")
+
+
 def shape_bytes(type_text: str) -> int:
     """Bytes of every array shape in an HLO type ('f32[2,3]{1,0}' -> 24; a tuple: the sum)."""
     total = 0
@@ -96,7 +100,8 @@ def _operands(call_text: str) -> list[str]:
 def kernel_stats(hlo_text: str) -> tuple[collections.Counter[str], collections.Counter[str]]:
     """Kernels of an optimized XLA:GPU program by kind (the instruction name without its
     number: 'loop_add_fusion.12' -> 'loop_add_fusion'; other ops as 'op:<opcode>'), and their
-    I/O bytes by kind: each kernel's operands and results, every array counted once.
+    I/O bytes by kind: each kernel's operands and results, every array counted once (a library
+    call's scratch buffer is not a result).
 
     Walks the entry computation and, through `call` (command buffers), `while`, `conditional`
     and `async-start`, the computations they run (each once); a fusion or custom call is one
@@ -140,6 +145,8 @@ def kernel_stats(hlo_text: str) -> tuple[collections.Counter[str], collections.C
                 kind = f"op:{op}"
             else:
                 continue
+            if op == "custom-call":  # a library call's last result may be its scratch space
+                out = _SCRATCH.sub(")", out)
             counts[kind] += 1
             io[kind] += shape_bytes(out) + sum(sizes.get((comp, a), 0) for a in _operands(args))
 

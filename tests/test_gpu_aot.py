@@ -94,14 +94,15 @@ def test_kernel_counts_walk_calls_loops_and_branches() -> None:
 
 
 def test_kernel_io_bytes_count_operands_and_results_once() -> None:
-    """Each kernel's operand and result arrays, by kind; a name repeated in another computation
-    (`%p`: f32[8,8] in the command buffer, pred[] in the entry) is looked up in its own."""
+    """Each kernel's operand and result arrays, by kind, without the cuBLAS call's scratch
+    (s8[1024]); a name repeated in another computation (`%p`: f32[8,8] in the command buffer,
+    pred[] in the entry) is looked up in its own."""
     assert shape_bytes("(f32[8,8]{1,0}, s8[1024]{0})") == 256 + 1024
     assert shape_bytes("bf16[3,5]{1,0}") == 30 and shape_bytes("pred[]") == 1
     assert shape_bytes("f8e4m3fn[4]{0}") == 4 and shape_bytes("s32[]") == 4
     counts, io = kernel_stats(HLO)
     assert counts == kernel_counts(HLO)
-    assert io == {"custom-call": 1280 + 2 * 256, "loop_add_fusion": 2 * 512,
+    assert io == {"custom-call": 256 + 2 * 256, "loop_add_fusion": 2 * 512,
                   "input_reduce_fusion": 512, "loop_select_fusion": 512, "op:copy": 512,
                   "op:compare": 1 + 4 + 4}
 
