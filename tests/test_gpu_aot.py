@@ -189,3 +189,14 @@ def test_missing_plugin_or_spec_is_a_clear_error(monkeypatch: pytest.MonkeyPatch
         gpu_aot.gpu_device("a100")
     with pytest.raises(SystemExit):
         gpu_aot.main(["--no-base"])
+
+
+def test_spec_bandwidth() -> None:
+    """The kernel-I/O time uses the spec's memory bandwidth: the H200's 4.8 TB/s; none, None."""
+    from benchmarks.gpu_aot import read_spec, spec_bandwidth
+
+    assert spec_bandwidth(read_spec("h200")) == 4.8e12
+    assert spec_bandwidth(read_spec("h100")) > 1e12
+    assert spec_bandwidth("gpu_device_info {\n  core_count: 132\n}\n") is None
+    with pytest.raises(SystemExit, match="known targets"):
+        read_spec("a100")
