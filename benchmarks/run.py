@@ -573,6 +573,19 @@ def section_key(r: dict[str, Any]) -> str:
     return f"cpu/{r['machine_info'].get('cpu_isa', 'unrecorded')}"
 
 
+def gpu_runs(results_dir: str) -> list[dict[str, Any]]:
+    """Every non-quick GPU `run-*.json` result, newest first: a short lease measures only some
+    sections, so RESULTS.md shows each lease's run, not only the newest."""
+    runs = []
+    for path in glob.glob(os.path.join(results_dir, "run-*.json")):
+        with open(path) as f:
+            r = json.load(f)
+        if r.get("benchmark") == "run" and not r.get("quick") and section_key(r) == "gpu":
+            r["_file"] = os.path.basename(path)
+            runs.append(r)
+    return sorted(runs, key=lambda r: r["machine_info"]["time_utc"], reverse=True)
+
+
 def latest_results(results_dir: str, benchmark: str = "run") -> dict[str, dict[str, Any]]:
     """{`section_key`: the newest non-quick `<benchmark>-*.json` result} in a folder (`run`
     results of this suite, or `profile` results of `benchmarks.profile` of the whole model, not
@@ -750,6 +763,9 @@ def write_markdown(results_dir: str, path: str) -> str:
         lines += [f"## {title}", ""]
         if key in latest:
             lines += _md_section(latest[key])
+            for older in gpu_runs(results_dir)[1:] if key == "gpu" else []:
+                lines += ["", "An earlier GPU run (figures the newer ones did not measure "
+                          "again):", "", *_md_section(older)]
         else:
             lines.append(f"No {title} run yet: `python -m benchmarks.run --device {backend}`.")
         for mode in ("inference", "train"):

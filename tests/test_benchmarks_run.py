@@ -197,6 +197,13 @@ def test_markdown_and_mfu_from_results(tmp_path: Path) -> None:
             "| step ran | <= 80 GB (one GPU) | meets |") in text
     assert ("| train memory, remat on (XLA estimate) | bfloat16 | 64 | 480 | 65.2 GiB "
             "| step out of memory | <= 80 GB (one GPU) | misses |") in text
+    # a newer GPU run with only some sections: shown first, the earlier one still shown
+    newer = {**gpu, "inference": [], "machine_info": {**machine, "git_commit": "def5678",
+                                                       "time_utc": "2026-02-01T00:00:00Z"}}
+    (tmp_path / "run-box-nvidia_h100-2026-02-01.json").write_text(json.dumps(newer))
+    text = Path(write_markdown(str(tmp_path), str(tmp_path / "R.md"))).read_text()
+    assert text.index("Commit `def5678`") < text.index("An earlier GPU run") < text.index(
+        "Commit `abc1234`") < text.index("| inference latency (median) | float32 | 1 | 480 |")
 
 
 def test_cpu_results_by_vector_isa(tmp_path: Path) -> None:
