@@ -573,16 +573,24 @@ def section_key(r: dict[str, Any]) -> str:
     return f"cpu/{r['machine_info'].get('cpu_isa', 'unrecorded')}"
 
 
+def _results(results_dir: str, benchmark: str = "run") -> list[dict[str, Any]]:
+    """Every non-quick `<benchmark>-*.json` result of the whole model in a folder (a profile of
+    one `--part` is left out), with its file name under `_file`."""
+    out = []
+    for path in glob.glob(os.path.join(results_dir, f"{benchmark}-*.json")):
+        with open(path) as f:
+            r = json.load(f)
+        if r.get("benchmark") != benchmark or r.get("quick") or r.get("part", "total") != "total":
+            continue
+        r["_file"] = os.path.basename(path)
+        out.append(r)
+    return out
+
+
 def gpu_runs(results_dir: str) -> list[dict[str, Any]]:
     """Every non-quick GPU `run-*.json` result, newest first: a short lease measures only some
     sections, so RESULTS.md shows each lease's run, not only the newest."""
-    runs = []
-    for path in glob.glob(os.path.join(results_dir, "run-*.json")):
-        with open(path) as f:
-            r = json.load(f)
-        if r.get("benchmark") == "run" and not r.get("quick") and section_key(r) == "gpu":
-            r["_file"] = os.path.basename(path)
-            runs.append(r)
+    runs = [r for r in _results(results_dir) if section_key(r) == "gpu"]
     return sorted(runs, key=lambda r: r["machine_info"]["time_utc"], reverse=True)
 
 
@@ -591,12 +599,7 @@ def latest_results(results_dir: str, benchmark: str = "run") -> dict[str, dict[s
     results of this suite, or `profile` results of `benchmarks.profile` of the whole model, not
     of one `--part`, keyed `<section_key>#<mode>`: the newest inference and train profiles)."""
     latest: dict[str, dict[str, Any]] = {}
-    for path in glob.glob(os.path.join(results_dir, f"{benchmark}-*.json")):
-        with open(path) as f:
-            r = json.load(f)
-        if r.get("benchmark") != benchmark or r.get("quick") or r.get("part", "total") != "total":
-            continue
-        r["_file"] = os.path.basename(path)
+    for r in _results(results_dir, benchmark):
         b = section_key(r) + (f"#{r.get('mode', 'inference')}" if benchmark == "profile" else "")
         if b not in latest or r["machine_info"]["time_utc"] > latest[b]["machine_info"]["time_utc"]:
             latest[b] = r
