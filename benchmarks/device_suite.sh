@@ -22,7 +22,9 @@
 #   compile alone took 172 s; six of them in parallel had not finished after 330 s (XLA:GPU's
 #   compile already uses the host's cores, and its autotuning shares the one GPU). Fewer
 #   programs at a time are not measured: leave it out unless that is what a lease measures.
-# - `memory-remat`: the batch-64 remat row alone;
+# - `memory-remat`: the batch-64 remat row alone (the last of MEMORY_TARGETS, "BATCH:on|off|
+#   POLICY" rows of `benchmarks.run --memory-targets`, default "16:off 64:on": e.g.
+#   MEMORY_TARGETS=64:dots_all times batch 64 with remat keeping every matmul output);
 # - `attention`: Swin-B forward + backward under each window-attention variant (einsum with
 #   the backend's `auto` q/k/v projection, einsum with separate ones, xla, cudnn; bfloat16,
 #   batch 8: `benchmarks.attention`, one `attention-*.json`); ATTN_IMPLS (e.g. "einsum cudnn")
@@ -51,10 +53,16 @@ PY=${PYTHON:-python3}
 SELF=${BASH_SOURCE[0]}
 STEPS=${SUITE_STEPS:-inference memory+train profile profile-train train-float32}
 AB_VARIANTS=${AB_VARIANTS:-cudnn:model.swin.attention_impl=cudnn}
+# The float32 train step's extra XLA flags (F32_XLA_FLAGS; set it empty for none): GEMMs from
+# cuBLAS only, no Triton GEMM autotuning. Its compile with Triton on outlasted 279 s on the
+# H200 (2026-12-04) where bfloat16's took 172 s; deviceless (no autotuning) the two compile
+# alike (144 vs 155 s), so autotuning is the difference. Recorded in the row (`xla_flags`).
+F32_XLA_FLAGS_GPU=--xla_gpu_enable_triton_gemm=false
 export PYTHONUNBUFFERED=1
 
 if [[ ${SUITE_QUICK:-0} == 1 ]]; then
   DEV=(--device cpu --quick --no-torch)  # the GPU suite has no PyTorch comparison
+  F32_XLA_FLAGS_GPU=
   PROFILE_DEV=(--device cpu --quick)
   ATTN_DEV=(--device cpu --quick)
   TRAIN_BATCH=2
@@ -68,7 +76,7 @@ else
   ATTN_DEV=(--device gpu)
   TRAIN_BATCH=16
   INFER_BATCHES=(1 8)
-  MEM_TARGETS=(16:off 64:on)
+  read -r -a MEM_TARGETS <<<"${MEMORY_TARGETS:-16:off 64:on}"
   PROFILE_TRAIN=()  # the memory row's batch-16 step without remat (compiled again: the
                     # profile turns XLA's command buffers off, which changes the cache key)
   AB_ROW=16:off  # train-ab's base: the memory row's batch-16 step (the same program)
@@ -106,7 +114,8 @@ cmd() {
       "$@" ;;
     profile-train) exec $PY -m benchmarks.profile "${PROFILE_DEV[@]}" --train --dtype bfloat16 \
       --batch "$TRAIN_BATCH" "${PROFILE_TRAIN[@]}" --out "$OUT" "$@" ;;
-    train-float32) exec $PY -m benchmarks.run "${DEV[@]}" --no-infer --no-memory \
+    train-float32) XLA_FLAGS="${XLA_FLAGS:-} ${F32_XLA_FLAGS-$F32_XLA_FLAGS_GPU}" \
+      exec $PY -m benchmarks.run "${DEV[@]}" --no-infer --no-memory \
       --train-configs float32:off --no-search --train-batch 16 --out "$OUT" "$@" ;;
     train-ab) exec $PY -m benchmarks.train_ab "${PROFILE_DEV[@]}" --dtype bfloat16 \
       "${AB_ARGS[@]}" --out "$OUT" "$@" ;;
@@ -242,7 +251,7 @@ done
         $(for v in $AB_VARIANTS; do printf -- '--variant %s ' "$v"; done) ;;
       train-float32)
         if (($(left) > 150 * SCALE)); then
-          step train-float32 400 5 bash "$SELF" __cmd train-float32
+          step train-float32 560 5 bash "$SELF" __cmd train-float32
         else
           echo "== train-float32: skipped, $(left) s of the budget left"
         fi ;;

@@ -86,13 +86,15 @@ def forward_setup(
         (data["image"], data["input_ids"], data["attention_mask"])))
 
 
-def train_step_setup(cfg: Any, batch: int) -> tuple[Callable[..., Any], Any, dict[str, Any]]:
+def train_step_setup(cfg: Any, batch: int, abstract: bool = False,
+                     ) -> tuple[Callable[..., Any], Any, dict[str, Any]]:
     """The real VIPA train step for a full config -> (un-jitted step fn, fresh state, batch).
 
     The state is built from random parameters (`benchmarks.model.random_variables`, no jitted
     init) and the optimizer's `init`; the step skips a non-finite update as
     `cfg.train.finite_guard` says and sums its gradient norm as `cfg.train.grad_norm` says.
-    Jit it with `donate_argnums=(0,)`, call it as `step(state, batch, key)`.
+    Jit it with `donate_argnums=(0,)`, call it as `step(state, batch, key)`. `abstract`: the
+    state and batch are `jax.ShapeDtypeStruct`s (nothing allocated: to trace or count the step).
     """
     import jax
 
@@ -103,18 +105,42 @@ def train_step_setup(cfg: Any, batch: int) -> tuple[Callable[..., Any], Any, dic
 
     model = build_model(cfg.model)
     data = random_batch(batch, cfg.model.image_size, cfg.model.max_tokens)
-    abstract = jax.eval_shape(lambda k: step.init_variables(model, k, data), jax.random.key(0))
-    tx, sched = optim.make_optimizer(cfg.optim, abstract["params"], total_steps=1000)
-    variables = random_variables(abstract)
-    state = step.TrainState(
-        step=jax.numpy.zeros((), jax.numpy.int32), params=variables["params"],
-        batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(variables["params"]))
-    trainable = optim.trainable_mask(abstract["params"], cfg.optim)
+    abstract_vars = jax.eval_shape(lambda k: step.init_variables(model, k, data),
+                                   jax.random.key(0))
+    tx, sched = optim.make_optimizer(cfg.optim, abstract_vars["params"], total_steps=1000)
+
+    def new_state(variables: Any) -> Any:
+        return step.TrainState(
+            step=jax.numpy.zeros((), jax.numpy.int32), params=variables["params"],
+            batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(variables["params"]))
+
+    if abstract:
+        state = jax.eval_shape(new_state, abstract_vars)
+        data = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), data)
+    else:
+        state = new_state(random_variables(abstract_vars))
+    trainable = optim.trainable_mask(abstract_vars["params"], cfg.optim)
     loss = lambda out, b: vipa_loss(out, b, cfg.loss)  # noqa: E731
     train = cfg.get("train", {})
     return (step.make_train_step(model, loss, tx, sched, trainable,
                                  finite_guard=train.get("finite_guard", "auto"),
                                  grad_norm=train.get("grad_norm", "auto")), state, data)
+
+
+def train_step_flops(cfg: Any, batch: int) -> float:
+    """FLOPs of the train step without remat: 2 x the multiply-adds of its matmuls and
+    convolutions (`common.count_macs`, traced, nothing compiled or allocated). A remat step's
+    model FLOPs (MFU's numerator): the recomputation is hardware work, not model work."""
+    import copy
+
+    import jax
+
+    from benchmarks import common
+
+    plain = copy.deepcopy(cfg)
+    plain.model.remat = False
+    fn, state, data = train_step_setup(plain, batch, abstract=True)
+    return 2.0 * common.count_macs(fn, state, data, jax.random.key(1))
 
 
 def compile_train_step(cfg: Any, batch: int) -> tuple[Callable[[], Any], Any, dict[str, Any]]:

@@ -126,6 +126,28 @@ def _with(cfg: Any, **model: Any) -> Any:
     return out
 
 
+def _parse_remat(text: str) -> bool | str:
+    """'off' -> False, 'on' -> True (the config's `model.remat_policy`, 'full' by default), or a
+    policy name of `layers.REMAT_POLICIES` ('dots', 'dots_all'): remat on with that policy."""
+    from vipa_jax.models.layers import REMAT_POLICIES
+
+    if text in ("on", "off"):
+        return text == "on"
+    if text not in REMAT_POLICIES:
+        raise SystemExit(f"remat must be on, off or one of {sorted(REMAT_POLICIES)}: {text!r}")
+    return text
+
+
+def _remat_label(remat: bool | str) -> str:
+    return "off" if not remat else "on" if remat is True else f"on ({remat})"
+
+
+def _with_remat(cfg: Any, dtype: str, remat: bool | str) -> Any:
+    """`cfg` in `dtype` with `model.remat` (and `model.remat_policy` where `remat` names one)."""
+    policy = {"remat_policy": remat} if isinstance(remat, str) else {}
+    return _with(cfg, dtype=dtype, remat=bool(remat), **policy)
+
+
 def _as_on_gpu(cfg: Any) -> Any:
     """`cfg` with the decoder convolution a GPU runs: 'auto' resolves to Winograd on a CPU
     backend (float32), whose transformed tiles the backward keeps (+253 MiB per image for the
@@ -197,7 +219,7 @@ def train_one(cfg: Any, batch: int, iters: int) -> dict[str, Any]:
     import jax
     import numpy as np
 
-    from benchmarks.input_pipeline import compile_train_step
+    from benchmarks.input_pipeline import compile_train_step, train_step_flops
 
     call, compiled, info = compile_train_step(cfg, batch)
     t0 = time.perf_counter()
@@ -222,7 +244,9 @@ def train_one(cfg: Any, batch: int, iters: int) -> dict[str, Any]:
         "images_per_s": batch / s["median_s"], "loss": loss,
         "finite": bool(np.isfinite(loss) and float(np.asarray(metrics["finite"])) > 0),
         "xla_memory": common.memory_of(compiled), "device_memory": common.device_memory(),
-        "load_before": load,
+        "load_before": load, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        # MFU's model FLOPs for a remat step (traced after the timing: no device memory)
+        **({"no_remat_flops_per_step": train_step_flops(cfg, batch)} if cfg.model.remat else {}),
     }
 
 
@@ -233,7 +257,7 @@ def train_section(
     """Train-step throughput per (dtype, remat); with `search`, the largest batch that fits."""
     entries: list[dict[str, Any]] = []
     for dtype, remat in configs:
-        c = _with(cfg, dtype=dtype, remat=remat)
+        c = _with_remat(cfg, dtype, remat)
         tried: list[dict[str, Any]] = []
         best, b = None, batch
         while b <= max_batch:
@@ -246,7 +270,7 @@ def train_section(
                 gc.collect()
                 break
             tried.append({"batch": b, "images_per_s": best["images_per_s"]})
-            print(f"  train {dtype:8s} remat={remat!s:5s} batch {b}: compile "
+            print(f"  train {dtype:8s} remat {_remat_label(remat):5s} batch {b}: compile "
                   f"{best['compile_s']:.1f} s, step {best['step_median_ms']:.1f} ms, "
                   f"{best['images_per_s']:.2f} img/s", flush=True)
             if not search:
@@ -261,9 +285,11 @@ def train_section(
 
 
 def _add_mfu(entries: list[dict[str, Any]], device_kind: str) -> None:
-    """MFU (model FLOPs: the no-remat step's, per image) and HFU (the step's own count), from
-    the FLOPs of the HLO before optimization (`common.compile_jax`: XLA:GPU's compiled count
-    leaves out the cuDNN / cuBLAS calls)."""
+    """MFU (model FLOPs: the no-remat step's) and HFU (the step's own count), from the FLOPs of
+    the HLO before optimization (`common.compile_jax`: XLA:GPU's compiled count leaves out the
+    cuDNN / cuBLAS calls). A remat step's model FLOPs are a no-remat entry's of its dtype per
+    image x its batch, else its own traced count without remat (`no_remat_flops_per_step`);
+    only an entry with neither (an older result) falls back to its own count, and says so."""
     gpu = device_kind.lower() != "cpu"
 
     def flops(e: dict[str, Any]) -> float:
@@ -272,10 +298,14 @@ def _add_mfu(entries: list[dict[str, Any]], device_kind: str) -> None:
     per_image = {e["dtype"]: flops(e) / e["batch"] for e in entries if not e["remat"]}
     for e in entries:
         own = flops(e)
-        model_flops = per_image.get(e["dtype"], own / e["batch"]) * e["batch"]
-        e["model_flops_per_step"] = model_flops
-        e["model_flops_source"] = ("no-remat step of this dtype, per image x batch"
-                                   if e["dtype"] in per_image else "this step (remat included)")
+        if e["dtype"] in per_image:
+            model_flops = per_image[e["dtype"]] * e["batch"]
+            source = "no-remat step of this dtype, per image x batch"
+        elif e.get("no_remat_flops_per_step"):
+            model_flops, source = e["no_remat_flops_per_step"], "this step without remat (jaxpr)"
+        else:
+            model_flops, source = own, "this step (remat included)"
+        e["model_flops_per_step"], e["model_flops_source"] = model_flops, source
         peak, which = peak_flops(device_kind, e["dtype"]) if gpu else (None, "n/a on CPU")
         e["peak_flops"], e["peak_flops_source"] = peak, which
         seconds = e["step_median_ms"] / 1e3
@@ -303,7 +333,7 @@ def memory_section(
     saved: dict[tuple[str, bool], int] = {}
     for dtype in dtypes:
         for batch, remat in targets:
-            row_cfg = _as_on_gpu(_with(cfg, dtype=dtype, remat=remat))
+            row_cfg = _as_on_gpu(_with_remat(cfg, dtype, remat))
             if (dtype, remat) not in saved:
                 saved[dtype, remat] = saved_per_image(row_cfg)
             entry: dict[str, Any] = {
@@ -338,9 +368,9 @@ def memory_section(
             gc.collect()
             entries.append(entry)
             est = entry["estimate_bytes"]
-            print(f"  memory  {dtype:8s} remat={remat!s:5s} batch {batch}: XLA estimate "
-                  f"{est / 2**30 if est else float('nan'):.1f} GiB; saved for the backward "
-                  f"{saved[dtype, remat] / 2**30:.3f} GiB per image"
+            print(f"  memory  {dtype:8s} remat {_remat_label(remat):5s} batch {batch}: XLA "
+                  f"estimate {est / 2**30 if est else float('nan'):.1f} GiB; saved for the "
+                  f"backward {saved[dtype, remat] / 2**30:.3f} GiB per image"
                   + (f", step {'ran' if entry['ran'] else 'out of memory'}" if "ran" in entry
                      else "")
                   + (f", {entry['step']['images_per_s']:.2f} img/s" if "step" in entry else ""),
@@ -476,7 +506,7 @@ def figures(result: dict[str, Any]) -> list[dict[str, Any]]:
             _status(e["median_ms"], tgt, False, gpu, True))
         add_compile("inference compile", e)
     for e in result.get("train", []):
-        name = f"train, remat {'on' if e['remat'] else 'off'}"
+        name = f"train, remat {_remat_label(e['remat'])}"
         add(f"{name}: throughput", e["dtype"], e["batch"], e["image_size"],
             f"{e['images_per_s']:.2f} img/s")
         add(f"{name}: step time (median)", e["dtype"], e["batch"], e["image_size"],
@@ -505,12 +535,12 @@ def figures(result: dict[str, Any]) -> list[dict[str, Any]]:
             status = "n/a (GPU target)"
             note = ("XLA:CPU estimate; jax.checkpoint does not lower it (jax#19822)"
                     if e["remat"] else "XLA:CPU estimate")
-        add(f"train memory, remat {'on' if e['remat'] else 'off'} (XLA estimate)", e["dtype"],
+        add(f"train memory, remat {_remat_label(e['remat'])} (XLA estimate)", e["dtype"],
             e["batch"], e["image_size"], _bytes(est) if est is not None else "n/a",
             note, f"<= {limit / 1e9:g} GB (one GPU)", status)
         per_image = e.get("saved_for_backward_per_image_bytes")
         if per_image is not None:
-            add(f"saved for backward, remat {'on' if e['remat'] else 'off'} (JAX count)",
+            add(f"saved for backward, remat {_remat_label(e['remat'])} (JAX count)",
                 e["dtype"], e["batch"], e["image_size"],
                 f"{_bytes(per_image * e['batch'])} ({_bytes(per_image)} per image)",
                 "before XLA; every backend")
@@ -804,7 +834,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     else:
         train_configs = [(d, r) for r in (False, True) for d in a.dtypes]
         if a.train_configs:
-            train_configs = [(d, r == "on") for d, r in (s.split(":") for s in a.train_configs)]
+            train_configs = [(d, _parse_remat(r))
+                             for d, r in (s.split(":") for s in a.train_configs)]
     config_name = "synthetic:test" if a.quick else a.config
     notes: list[str] = []
     print(f"{config_name} on {backend} ({device_kind}); {iters} timed runs", flush=True)
@@ -834,7 +865,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         checkpoint("inference")
     if not a.no_memory:
         targets = (MEMORY_TARGETS_QUICK if a.quick else MEMORY_TARGETS) if not a.memory_targets \
-            else [(int(b), r == "on") for b, r in (t.split(":") for t in a.memory_targets)]
+            else [(int(b), _parse_remat(r)) for b, r in (t.split(":") for t in a.memory_targets)]
         mem_dtypes = ["bfloat16"] if a.quick else (a.memory_dtypes or a.dtypes)
 
         def memory_rows(rows: list[dict[str, Any]]) -> None:
@@ -921,7 +952,7 @@ def merge_earlier(result: dict[str, Any], earlier: dict[str, Any] | None,
             if extra:
                 out[sec] = [*mine, *extra]
                 taken.append("train (" + ", ".join(
-                    f"{e['dtype']} remat {'on' if e['remat'] else 'off'}" for e in extra) + ")")
+                    f"{e['dtype']} remat {_remat_label(e['remat'])}" for e in extra) + ")")
             continue
         skipped = mine is None or (isinstance(mine, dict) and "skipped" in mine)
         if skipped and theirs and not (isinstance(theirs, dict) and "skipped" in theirs):
@@ -953,8 +984,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-search", action="store_true", help="GPU: time --train-batch only")
     p.add_argument("--train-image-size", type=int, default=None,
                    help="train step at this size instead of the config's (labelled)")
-    p.add_argument("--train-configs", nargs="+", default=None, metavar="DTYPE:on|off",
-                   help="train (dtype, remat) pairs, e.g. float32:off bfloat16:on "
+    p.add_argument("--train-configs", nargs="+", default=None, metavar="DTYPE:on|off|POLICY",
+                   help="train (dtype, remat) pairs, e.g. float32:off bfloat16:on bfloat16:dots "
+                        "(a POLICY of model.remat_policy: remat on with it) "
                         "(default: every --dtypes with remat off and on)")
     p.add_argument("--train-at-memory-targets", action="store_true",
                    help="time the memory check's steps (batch 16, and 64 with remat) and report "
@@ -964,9 +996,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-train", action="store_true")
     p.add_argument("--memory-dtypes", nargs="+", choices=DTYPES, default=None,
                    help="dtypes of the train-memory check (default: --dtypes)")
-    p.add_argument("--memory-targets", nargs="+", default=None, metavar="BATCH:on|off",
+    p.add_argument("--memory-targets", nargs="+", default=None, metavar="BATCH:on|off|POLICY",
                    help="(batch, remat) rows of the train-memory check (default 16:off 64:on, "
-                        "the issue's targets)")
+                        "the issue's targets; e.g. 64:dots_all = remat with that policy)")
     p.add_argument("--no-memory", action="store_true",
                    help="skip the train-memory check (batch 16, and 64 with remat)")
     p.add_argument("--no-torch", action="store_true", help="skip the CPU PyTorch comparison")

@@ -65,6 +65,10 @@ def test_quick_json_sections(quick_run: tuple[dict, Path]) -> None:
     assert tr["images_per_s"] == pytest.approx(2 / (tr["step_median_ms"] / 1e3))
     assert tr["xla_memory"]["estimate_bytes"] > 0
     assert tr["device_memory"] is None and tr["mfu"] is None  # CPU: n/a
+    # no no-remat step ran: the model FLOPs are this step's traced without remat
+    # (test_train_step_flops_leaves_out_remat checks that count)
+    assert tr["model_flops_source"] == "this step without remat (jaxpr)"
+    assert tr["model_flops_per_step"] == tr["no_remat_flops_per_step"] > 0
     (mem,) = res["memory"]  # the same step compiled: the same buffer assignment
     assert (mem["dtype"], mem["remat"], mem["batch"]) == ("bfloat16", True, 2)
     assert mem["estimate_bytes"] == tr["xla_memory"]["estimate_bytes"] and "ran" not in mem
@@ -124,6 +128,35 @@ def test_quick_figures_labelled(quick_run: tuple[dict, Path]) -> None:
     assert "No GPU run yet" in text and "No CPU run yet" in text
 
 
+def test_train_step_flops_leaves_out_remat() -> None:
+    """MFU's model FLOPs of a remat step: 2 x the multiply-adds of the same step traced without
+    remat, less than the remat step's own count (its recomputed forward), more than nothing;
+    `--memory-targets` / `--train-configs` take a remat policy by name."""
+    import jax
+
+    from benchmarks.common import count_macs
+    from benchmarks.input_pipeline import train_step_flops, train_step_setup
+    from benchmarks.run import _parse_remat, _remat_label, _with_remat, load_config
+
+    cfg = load_config("refcoco", quick=True)
+    counts = {}
+    for remat in (False, True):
+        fn, state, data = train_step_setup(_with_remat(cfg, "float32", remat), 2, abstract=True)
+        leaves = jax.tree.leaves((state, data))
+        assert all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)  # nothing allocated
+        counts[remat] = 2.0 * count_macs(fn, state, data, jax.random.key(1))
+    assert counts[True] > 1.1 * counts[False] > 0
+    assert train_step_flops(_with_remat(cfg, "float32", True), 2) == counts[False]
+
+    assert [_parse_remat(t) for t in ("off", "on", "dots_all")] == [False, True, "dots_all"]
+    with pytest.raises(SystemExit, match="remat must be on, off or one of"):
+        _parse_remat("yes")
+    assert [_remat_label(r) for r in (False, True, "dots")] == ["off", "on", "on (dots)"]
+    c = _with_remat(cfg, "bfloat16", "dots")
+    assert (c.model.remat, c.model.remat_policy, c.model.dtype) == (True, "dots", "bfloat16")
+    assert cfg.model.remat is False and cfg.model.remat_policy == "full"  # a copy
+
+
 def test_markdown_and_mfu_from_results(tmp_path: Path) -> None:
     """A non-quick CPU result and a GPU result -> both sections, MFU against the H100 peak."""
     from benchmarks.run import _add_mfu, peak_flops, write_markdown
@@ -150,6 +183,15 @@ def test_markdown_and_mfu_from_results(tmp_path: Path) -> None:
     # remat: model FLOPs are the no-remat step's; HFU counts the recomputation
     assert entries[1]["mfu"] == pytest.approx(4e14 / 989.4e12)
     assert entries[1]["hfu"] == pytest.approx(5e14 / 989.4e12)
+    # a remat step alone: its traced no-remat count, not its own (an older result without
+    # that count falls back to its own and says so)
+    alone = {**train("bfloat16", True, 5e14, 1000.0), "no_remat_flops_per_step": 4e14}
+    older = train("bfloat16", True, 5e14, 1000.0)
+    _add_mfu([alone], "NVIDIA H100 80GB HBM3")
+    _add_mfu([older], "NVIDIA H100 80GB HBM3")
+    assert alone["mfu"] == pytest.approx(4e14 / 989.4e12)
+    assert alone["hfu"] == pytest.approx(5e14 / 989.4e12)
+    assert older["mfu"] == older["hfu"] and older["model_flops_source"].endswith("included)")
 
     machine = {"machine": "box", "processor": "x", "cpus_used": 2, "cpu_count": 2,
                "python": "3.11", "jax": "0.10.2", "git_commit": "abc1234",
@@ -337,8 +379,8 @@ def test_device_suite_quick(tmp_path: Path, jax_cache: str) -> None:
         assert f"== {name}: exit 0 after" in log, log[-3000:]
     assert "== done after" in log
     # the memory row's step was timed (the train section at the memory targets)
-    assert "memory  bfloat16 remat=True  batch 2:" in log and "step ran," in log
-    assert "train float32  remat=False batch 16:" in log
+    assert "memory  bfloat16 remat on    batch 2:" in log and "step ran," in log
+    assert "train float32  remat off   batch 16:" in log
     profiles = sorted(p.name for p in tmp_path.glob("profile-*.json"))
     assert len(profiles) == 2 and "-train-bfloat16" in profiles[1], profiles
     assert len(list(tmp_path.glob("run-*.json"))) == 1

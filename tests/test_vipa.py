@@ -208,17 +208,25 @@ def test_contrastive_switch_changes_loss(tiny, tiny_grads):
     assert float(on) - float(off) > 1e-3
 
 
-def test_remat_same_loss_and_grads_fewer_saved_residuals(tiny, tiny_grads):
+def _saved_bytes(cfg, model, variables) -> int:
+    from benchmarks.common import saved_residual_bytes
+
+    loss = train_loss_fn(cfg, model, variables)
+    return saved_residual_bytes(lambda p: loss(p)[0], variables["params"])
+
+
+@pytest.mark.parametrize("policy", ["full", "dots"])
+def test_remat_same_loss_and_grads_fewer_saved_residuals(tiny, tiny_grads, policy):
     """model.remat recomputes every Swin/BERT block, fusion, cross layer and decoder block in the
     backward pass: the same loss, gradients and BatchNorm statistics, and far fewer values saved
     for the backward pass (counted by JAX before XLA, so this holds on every backend; XLA:CPU
     itself drops the rematerialization, jax#19822). BatchNorm (the paper's decoder norm) runs
-    inside the rematerialized conv blocks."""
-    from benchmarks.common import saved_residual_bytes
-
+    inside the rematerialized conv blocks. `model.remat_policy=dots` also keeps the blocks'
+    projection / MLP matmul outputs: more saved than 'full', less than no remat."""
     cfg, model, variables = tiny
     cfg_remat = cfg.copy_and_resolve_references()
     cfg_remat.model.remat = True
+    cfg_remat.model.remat_policy = policy
     model_remat = build_model(cfg_remat.model)
     (l0, (_, bs0, _)), g0 = tiny_grads
     (l1, (_, bs1, _)), g1 = loss_and_grads(cfg_remat, model_remat, variables)
@@ -229,10 +237,24 @@ def test_remat_same_loss_and_grads_fewer_saved_residuals(tiny, tiny_grads):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7)
     # (test_tiny_forward_backward checks that train mode updates the statistics)
 
-    params = variables["params"]
-    saved_plain, saved_remat = (
-        saved_residual_bytes(lambda p, f=train_loss_fn(cfg, m, variables): f(p)[0], params)
-        for m in (model, model_remat))
+    saved_plain = _saved_bytes(cfg, model, variables)
+    saved_remat = _saved_bytes(cfg_remat, model_remat, variables)
     print(f"saved for backward: {saved_plain / 2**20:.2f} MiB plain, "
-          f"{saved_remat / 2**20:.2f} MiB remat")
-    assert saved_remat < 0.3 * saved_plain, (saved_plain, saved_remat)
+          f"{saved_remat / 2**20:.2f} MiB remat ({policy})")
+    if policy == "full":
+        assert saved_remat < 0.3 * saved_plain, (saved_plain, saved_remat)
+    else:  # the matmul outputs on top of full remat's block inputs
+        cfg_full = cfg_remat.copy_and_resolve_references()
+        cfg_full.model.remat_policy = "full"
+        saved_full = _saved_bytes(cfg_full, build_model(cfg_full.model), variables)
+        print(f"  full remat: {saved_full / 2**20:.2f} MiB")
+        assert 1.2 * saved_full < saved_remat < 0.9 * saved_plain, (
+            saved_plain, saved_full, saved_remat)
+
+
+def test_remat_policy_unknown_is_a_clear_error(tiny):
+    cfg = tiny[0].copy_and_resolve_references()
+    cfg.model.remat = True
+    cfg.model.remat_policy = "everything"
+    with pytest.raises(ValueError, match=r"model.remat_policy must be one of .*'dots'.*everything"):
+        init_variables(build_model(cfg.model), jax.random.key(0), 32, 8)

@@ -23,6 +23,10 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.model.max_tokens = 21  # including [CLS] and [SEP]
     c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
     c.model.remat = False  # recompute Swin/BERT blocks, fusions and decoder blocks in the backward
+    # what those blocks keep besides their inputs: 'full' (nothing, least memory) | 'dots' (the
+    # projections' and MLPs' matmul outputs; attention scores, convs, norms are recomputed) |
+    # 'dots_all' (every matmul output)
+    c.model.remat_policy = "full"
     c.model.swin = ml_collections.ConfigDict(
         dict(
             embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), window_size=12,

@@ -273,7 +273,7 @@ class BertLayerCollection(nn.Module):
 
     config: BertConfig
     dtype: Dtype = jnp.float32
-    remat: bool = False
+    remat: bool | str = False  # False, True ('full') or a name of layers.REMAT_POLICIES
 
     def setup(self) -> None:
         layer_cls = maybe_remat(BertLayer, self.remat, static_argnums=(3,))
@@ -310,7 +310,7 @@ class BertEncoder(nn.Module):
 
     config: BertConfig
     dtype: Dtype = jnp.float32
-    remat: bool = False
+    remat: bool | str = False  # False, True ('full') or a name of layers.REMAT_POLICIES
 
     def setup(self) -> None:
         self.layer = BertLayerCollection(self.config, dtype=self.dtype, remat=self.remat)
@@ -357,7 +357,7 @@ class BertModel(nn.Module):
     config: BertConfig
     dtype: Dtype = jnp.float32
     add_pooling_layer: bool = True
-    remat: bool = False
+    remat: bool | str = False  # False, True ('full') or a name of layers.REMAT_POLICIES
 
     def setup(self) -> None:
         self.embeddings = BertEmbeddings(self.config, dtype=self.dtype)

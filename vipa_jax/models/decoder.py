@@ -294,7 +294,7 @@ class Decoder(nn.Module):
     mlp_ratio: float = 4.0
     norm: str = "batch"
     dropout_rate: float = 0.0
-    remat: bool = False  # keep only each stage block's / conv block's input for the backward
+    remat: bool | str = False  # recompute each stage / conv block in the backward (a policy)
     dtype: Any = jnp.float32
     conv_impl: str = "auto"  # 3×3 convs: auto | xla | winograd | winograd2|4|6
 

@@ -118,7 +118,7 @@ class FusionEncoder(nn.Module):
     stage_layers: Sequence[int] = (6, 1, 1, 1)
     fusion_head_dim: int = 64
     fusion_min_dim: int = 256
-    remat: bool = False
+    remat: bool | str = False  # False, True ('full') or a name of layers.REMAT_POLICIES
     dtype: Any = jnp.float32
 
     def setup(self) -> None:

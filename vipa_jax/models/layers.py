@@ -116,15 +116,38 @@ class LayerNorm(nn.Module):
         return layer_norm(x, scale, bias, self.epsilon).astype(dtype)
 
 
-def maybe_remat(module_cls: type[nn.Module], enabled: bool,
+# `model.remat_policy`: what a rematerialized block keeps for the backward pass besides its
+# inputs (`jax.checkpoint` policies; the values not kept are recomputed).
+REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
+    "full": None,  # nothing: the whole block's forward runs again (least memory)
+    # the outputs of matmuls without batch dims: the q/k/v, output and MLP projections; the
+    # attention scores (batched einsums), convolutions, norms and activations are recomputed
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots_all": jax.checkpoint_policies.checkpoint_dots,  # every matmul, attention's included
+}
+
+
+def remat_policy(remat: bool | str) -> Callable[..., bool] | None:
+    """The `jax.checkpoint` policy of a `remat` setting: True means 'full'."""
+    name = "full" if remat is True else remat
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"model.remat_policy must be one of {sorted(REMAT_POLICIES)}, "
+                         f"got {name!r}")
+    return REMAT_POLICIES[name]
+
+
+def maybe_remat(module_cls: type[nn.Module], remat: bool | str,
                 static_argnums: tuple[int, ...] = ()) -> type[nn.Module]:
-    """`nn.remat(module_cls)` when `enabled` (`model.remat`), else the class itself.
+    """`nn.remat(module_cls)` under `remat`'s policy (True = 'full', a name of
+    `REMAT_POLICIES`: `model.remat` with `model.remat_policy`), else (False) the class itself.
 
     `static_argnums` count `self` as 0 (as `nn.remat` does): mark the Python-bool flags
     (`deterministic` / `train`) static, passing them positionally. The parameter tree is the same
     either way.
     """
-    return nn.remat(module_cls, static_argnums=static_argnums) if enabled else module_cls
+    if remat is False:
+        return module_cls
+    return nn.remat(module_cls, static_argnums=static_argnums, policy=remat_policy(remat))
 
 
 def padding_mask_to_attention_mask(key_mask: Array) -> Array:

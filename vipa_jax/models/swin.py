@@ -299,7 +299,7 @@ class SwinStage(nn.Module):
     drop_path_rates: Sequence[float] = ()
     always_partition: bool = True
     layer_norm_eps: float = 1e-5
-    remat: bool = False
+    remat: bool | str = False  # False, True ('full') or a name of layers.REMAT_POLICIES
     dtype: Dtype = jnp.float32
     attention_impl: str = "einsum"
     attention_softmax: str = "deferred"
@@ -362,7 +362,7 @@ class SwinTransformer(nn.Module):
     patch_size: int = 4
     always_partition: bool = True  # segmentation / SwinBackbone behaviour; False = SwinModel
     layer_norm_eps: float = 1e-5
-    remat: bool = False
+    remat: bool | str = False  # False, True ('full') or a name of layers.REMAT_POLICIES
     dtype: Dtype = jnp.float32  # compute dtype; params are float32
     ape: bool = False  # learned absolute position embedding on the patch grid (Swin's `ape`)
     ape_init: str = "trunc_normal"  # or 'sine' (see AbsolutePositionEmbedding)

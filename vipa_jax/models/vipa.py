@@ -22,7 +22,12 @@ from flax import traverse_util
 from vipa_jax.models.bert import BertConfig
 from vipa_jax.models.decoder import WINOGRAD, WINOGRAD_CACHE, Decoder, winograd_kernel
 from vipa_jax.models.fusion import FusionEncoder
-from vipa_jax.models.layers import AttentionBlock, FeedForwardBlock, resize_bilinear_align_corners
+from vipa_jax.models.layers import (
+    AttentionBlock,
+    FeedForwardBlock,
+    remat_policy,
+    resize_bilinear_align_corners,
+)
 from vipa_jax.models.veg import build_veg
 
 Array = jax.Array
@@ -54,6 +59,10 @@ class VIPA(nn.Module):
         if cfg.veg.kv not in KV_SOURCES:
             raise ValueError(f"model.veg.kv must be one of {KV_SOURCES}, got {cfg.veg.kv!r}")
         dtype = jnp.dtype(cfg.dtype)
+        # False, or the policy of every rematerialized block (checked here, at build time)
+        remat = cfg.remat and cfg.get("remat_policy", "full")
+        if remat:
+            remat_policy(remat)
         bert = BertConfig.from_dict(cfg.bert)
         self.encoder = FusionEncoder(
             swin=dict(cfg.swin),
@@ -63,7 +72,7 @@ class VIPA(nn.Module):
             stage_layers=tuple(cfg.lang_stage_layers),
             fusion_head_dim=cfg.fusion_head_dim,
             fusion_min_dim=cfg.fusion_min_dim,
-            remat=cfg.remat,
+            remat=remat,
             dtype=dtype,
         )
         self.advanced_lang = AdvancedLanguageTokens(bert.num_attention_heads, dtype=dtype)
@@ -71,7 +80,7 @@ class VIPA(nn.Module):
         d = cfg.decoder
         self.decoder = Decoder(
             hidden_dim=d.hidden_dim, head_dim=d.head_dim, mlp_ratio=d.mlp_ratio, norm=d.norm,
-            dropout_rate=d.dropout, remat=cfg.remat, dtype=dtype, conv_impl=d.conv_impl,
+            dropout_rate=d.dropout, remat=remat, dtype=dtype, conv_impl=d.conv_impl,
         )
 
     def __call__(
