@@ -23,6 +23,9 @@ every `auto` switch picks the GPU's form. Reported per variant:
   (`kernel_stats`), by kind in `io_bytes_by_kind`, and `io_ms`, the time moving them takes at
   the spec's `memory_bandwidth`: a floor for the memory-bound kernels' time, not a prediction
   (it ignores caches, partial and repeated reads);
+- `top_io_kernels`: the `TOP_KERNELS` kernels that move the most bytes, each with its JAX
+  source op (`op_name`), to find what a large kind is made of (`--dump-hlo DIR` also writes
+  the optimized HLO);
 - compile time and the HLO FLOP count.
 What it cannot say is time: there is no device to run on, and XLA skips autotuning (GEMM tile
 configurations come from its heuristics), so the GEMM kernels' split between cuBLAS and Triton
@@ -97,11 +100,15 @@ def _operands(call_text: str) -> list[str]:
     return re.findall(r"%([\w.\-]+)", call_text)
 
 
-def kernel_stats(hlo_text: str) -> tuple[collections.Counter[str], collections.Counter[str]]:
-    """Kernels of an optimized XLA:GPU program by kind (the instruction name without its
-    number: 'loop_add_fusion.12' -> 'loop_add_fusion'; other ops as 'op:<opcode>'), and their
-    I/O bytes by kind: each kernel's operands and results, every array counted once (a library
-    call's scratch buffer is not a result).
+_OP_NAME = re.compile(r'\bop_name="(?P<op_name>[^"]*)"')
+
+
+def kernel_list(hlo_text: str) -> list[dict[str, Any]]:
+    """The kernels of an optimized XLA:GPU program, in launch order: per kernel its `name`,
+    `kind` (the name without its number: 'loop_add_fusion.12' -> 'loop_add_fusion'; other ops
+    as 'op:<opcode>'), `io_bytes` (its operands and results, every array counted once; a
+    library call's scratch buffer is not a result), result `type` and the `op_name` of its
+    metadata (the JAX source op, '' if none).
 
     Walks the entry computation and, through `call` (command buffers), `while`, `conditional`
     and `async-start`, the computations they run (each once); a fusion or custom call is one
@@ -109,7 +116,7 @@ def kernel_stats(hlo_text: str) -> tuple[collections.Counter[str], collections.C
     would cause if it read its operands and wrote its results once: an operand it reads in
     part (a slice, a gather) counts whole, and one it reads repeatedly (a GEMM's tiles) once.
     """
-    comps: dict[str, list[tuple[str, str, str, str]]] = {}
+    comps: dict[str, list[tuple[str, str, str, str, str]]] = {}
     entry = current = None
     for line in hlo_text.splitlines():
         if not line[:1].isspace() and (m := _COMPUTATION.match(line)) is not None:
@@ -119,19 +126,20 @@ def kernel_stats(hlo_text: str) -> tuple[collections.Counter[str], collections.C
             continue
         if current is None or (m := _INSTRUCTION.match(line)) is None:
             continue
-        rest = " " + m.group("rest").split(" metadata=")[0]
+        rest, _, metadata = (" " + m.group("rest")).partition(" metadata=")
         op = _OPCODE.search(rest)
         out_type, args = (rest[:op.start()], rest[op.end():]) if op else (rest, "")
-        comps[current].append((m.group("name"), op.group("op") if op else "", out_type, args))
+        op_name = _OP_NAME.search(metadata)
+        comps[current].append((m.group("name"), op.group("op") if op else "", out_type, args,
+                               op_name.group("op_name") if op_name else ""))
     if entry is None:
         raise ValueError("no ENTRY computation in this HLO text")
     sizes = {(comp, name): shape_bytes(out)  # names may repeat in different computations
-             for comp, insts in comps.items() for name, _, out, _ in insts}
-    counts: collections.Counter[str] = collections.Counter()
-    io: collections.Counter[str] = collections.Counter()
+             for comp, insts in comps.items() for name, _, out, _, _ in insts}
+    kernels: list[dict[str, Any]] = []
 
     def walk(comp: str) -> None:
-        for name, op, out, args in comps.get(comp, ()):
+        for name, op, out, args, op_name in comps.get(comp, ()):
             if op in _CONTROL:
                 called = [m.group("comp") for m in _CALLED.finditer(args)]
                 for m in _BRANCHES.finditer(args):
@@ -147,10 +155,21 @@ def kernel_stats(hlo_text: str) -> tuple[collections.Counter[str], collections.C
                 continue
             if op == "custom-call":  # a library call's last result may be its scratch space
                 out = _SCRATCH.sub(")", out)
-            counts[kind] += 1
-            io[kind] += shape_bytes(out) + sum(sizes.get((comp, a), 0) for a in _operands(args))
+            io = shape_bytes(out) + sum(sizes.get((comp, a), 0) for a in _operands(args))
+            kernels.append({"name": name, "kind": kind, "io_bytes": io,
+                            "type": out.strip(), "op_name": op_name})
 
     walk(entry)
+    return kernels
+
+
+def kernel_stats(hlo_text: str) -> tuple[collections.Counter[str], collections.Counter[str]]:
+    """`kernel_list` summed by kind: (kernel counts, I/O bytes)."""
+    counts: collections.Counter[str] = collections.Counter()
+    io: collections.Counter[str] = collections.Counter()
+    for k in kernel_list(hlo_text):
+        counts[k["kind"]] += 1
+        io[k["kind"]] += k["io_bytes"]
     return counts, io
 
 
@@ -234,10 +253,14 @@ def gpu_device(target: str) -> Any:
                                         target_config=read_spec(target)).devices[0]
 
 
-def compile_variant(cfg: Any, batch: int, device: Any,
-                    bandwidth: float | None = None) -> dict[str, Any]:
+TOP_KERNELS = 25  # the kernels with the most I/O, listed per variant
+
+
+def compile_variant(cfg: Any, batch: int, device: Any, bandwidth: float | None = None,
+                    hlo_path: str | None = None) -> dict[str, Any]:
     """Deviceless compile of the benchmark train step for `cfg` -> kernels, their I/O bytes
-    (and what moving those takes at `bandwidth` bytes/s), memory, timings."""
+    (and what moving those takes at `bandwidth` bytes/s), the `TOP_KERNELS` kernels that move
+    the most, memory, timings. `hlo_path`: write the optimized HLO text there."""
     import jax
     from jax.sharding import SingleDeviceSharding
 
@@ -255,9 +278,15 @@ def compile_variant(cfg: Any, batch: int, device: Any,
         key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=sharding)
         compiled, info = common.compile_jax(step, abstract(state), abstract(data), key,
                                             donate_argnums=(0,))
-    counts, io = kernel_stats(compiled.as_text())
+    hlo = compiled.as_text()
+    if hlo_path:
+        with open(hlo_path, "w") as f:
+            f.write(hlo)
+    kernels = kernel_list(hlo)
+    counts, io = kernel_stats(hlo)
     memory = common.memory_of(compiled)
     io_bytes = sum(io.values())
+    top = sorted(kernels, key=lambda k: -k["io_bytes"])[:TOP_KERNELS]
     return {
         "compile_s": info["compile_s"], "lower_s": info["lower_s"],
         "hlo_flops": info["hlo_flops"], "hlo_flops_source": info["hlo_flops_source"],
@@ -265,6 +294,8 @@ def compile_variant(cfg: Any, batch: int, device: Any,
         "kernels_by_kind": dict(counts.most_common()),
         "io_bytes": io_bytes, "io_ms": io_bytes / bandwidth * 1e3 if bandwidth else None,
         "io_bytes_by_kind": dict(io.most_common()),
+        "top_io_kernels": [{**k, "io_ms": k["io_bytes"] / bandwidth * 1e3 if bandwidth else None}
+                           for k in top],
         "memory": memory,
         "memory_gib": memory["estimate_bytes"] / 2**30 if memory else None,
     }
@@ -274,7 +305,7 @@ def run(
     variants: list[tuple[str, dict[str, Any]]], *, target: str = "h200",
     config: str = "refcoco", quick: bool = False, dtype: str = "bfloat16",
     batch: int | None = None, remat: bool = False, out_dir: str | None = None,
-    write: bool = True, tag: str = "",
+    write: bool = True, tag: str = "", dump_hlo: str | None = None,
 ) -> dict[str, Any]:
     from benchmarks.train_ab import variant_configs
 
@@ -290,7 +321,8 @@ def run(
     for (vname, overrides), cfg in zip(variants, cfgs.values(), strict=True):  # names differ
         entries[vname] = {"overrides": overrides}
         try:
-            entries[vname].update(compile_variant(cfg, batch, device, bandwidth))
+            hlo_path = os.path.join(dump_hlo, f"{vname}.hlo.txt") if dump_hlo else None
+            entries[vname].update(compile_variant(cfg, batch, device, bandwidth, hlo_path))
         except Exception as e:  # noqa: BLE001 - record why and go on to the next variant
             entries[vname]["error"] = f"{type(e).__name__}: {str(e)[:500]}" + (
                 " (`make gpu-aot-cudnn` installs cuDNN for deviceless compiles)"
@@ -342,7 +374,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--no-base", action="store_true", help="only the --variant ones")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     p.add_argument("--tag", default="", help="appended to the result's file name")
+    p.add_argument("--dump-hlo", default=None, metavar="DIR",
+                   help="write each variant's optimized HLO text to DIR/<variant>.hlo.txt")
     a = p.parse_args(argv)
+    if a.dump_hlo:
+        os.makedirs(a.dump_hlo, exist_ok=True)
     from benchmarks.train_ab import cli_variants
 
     try:
@@ -352,7 +388,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ensure_plugin(argv)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the plugin compiles; it is no backend here
     return run(variants, target=a.target, config=a.config, quick=a.quick, dtype=a.dtype,
-               batch=a.batch, remat=a.remat, out_dir=a.out, tag=a.tag)
+               batch=a.batch, remat=a.remat, out_dir=a.out, tag=a.tag, dump_hlo=a.dump_hlo)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from benchmarks.gpu_aot import (
     PLUGIN_SITE,
     group_counts,
     kernel_counts,
+    kernel_list,
     kernel_stats,
     plugin_importable,
     shape_bytes,
@@ -41,7 +42,7 @@ HLO = """HloModule jit_step, entry_computation_layout={(f32[8,8]{1,0})->f32[8,8]
 %body (t: (s32[], f32[8,8])) -> (s32[], f32[8,8]) {
   %t = (s32[], f32[8,8]{1,0}) parameter(0)
   %x = f32[8,8]{1,0} get-tuple-element(%t), index=1
-  %loop_add_fusion.9 = f32[8,8]{1,0} fusion(%x), kind=kLoop, calls=%fused_add
+  %loop_add_fusion.9 = f32[8,8]{1,0} fusion(%x), kind=kLoop, calls=%fused_add, @META
   %i = s32[] get-tuple-element(%t), index=0
   ROOT %tuple.2 = (s32[], f32[8,8]{1,0}) tuple(%i, %loop_add_fusion.9)
 }
@@ -76,7 +77,8 @@ ENTRY %main.5 (a: f32[8,8]) -> f32[8,8] {
   %conditional.4 = f32[8,8]{1,0} conditional(%p, %copy.3, %copy.3), branch_computations={%yes, %no}
   ROOT %bc = f32[8,8]{1,0} bitcast(%conditional.4)
 }
-"""
+""".replace("@META", 'metadata={op_type="add" op_name="jit(step)/jvp(encoder)/add" '
+           'source_file="a.py"}')
 
 
 def test_kernel_counts_walk_calls_loops_and_branches() -> None:
@@ -107,6 +109,22 @@ def test_kernel_io_bytes_count_operands_and_results_once() -> None:
                   "op:compare": 1 + 4 + 4}
 
 
+def test_kernel_list_in_launch_order_with_source_ops() -> None:
+    """Per kernel: name, kind, I/O bytes, result type and the JAX op of its metadata; the
+    kinds and bytes add up to `kernel_stats`."""
+    ks = kernel_list(HLO)
+    assert [k["name"] for k in ks] == [  # the loop's condition, then its body
+        "custom-call.24", "loop_add_fusion.3", "input_reduce_fusion.7", "lt",
+        "loop_add_fusion.9", "copy.3", "loop_select_fusion.1"]
+    by_name = {k["name"]: k for k in ks}
+    assert by_name["custom-call.24"]["io_bytes"] == 3 * 256
+    assert by_name["custom-call.24"]["type"] == "(f32[8,8]{1,0})"  # no scratch
+    assert by_name["loop_add_fusion.9"]["op_name"] == "jit(step)/jvp(encoder)/add"
+    assert by_name["loop_add_fusion.3"]["op_name"] == ""
+    counts, io = kernel_stats(HLO)
+    assert sum(k["io_bytes"] for k in ks) == sum(io.values()) and len(ks) == sum(counts.values())
+
+
 def _plugin_env() -> dict[str, str] | None:
     if plugin_importable() or os.path.isdir(PLUGIN_SITE):
         return dict(os.environ)  # gpu_aot restarts itself with it
@@ -124,7 +142,7 @@ def test_deviceless_gpu_compile_quick(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.gpu_aot", "--quick", "--out", str(tmp_path),
          "--variant", "separate:model.swin.qkv_projection=separate",
-         "--variant", "fused:model.swin.qkv_projection=fused"],
+         "--variant", "fused:model.swin.qkv_projection=fused", "--dump-hlo", str(tmp_path)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (path,) = tmp_path.glob("gpu_aot-*-h200-bfloat16-b2.json")
@@ -137,6 +155,11 @@ def test_deviceless_gpu_compile_quick(tmp_path: Path) -> None:
         assert v[name]["kernel_groups"]["gemm"] > 10
         assert v[name]["io_bytes"] == sum(v[name]["io_bytes_by_kind"].values()) > 0
         assert v[name]["io_ms"] == pytest.approx(v[name]["io_bytes"] / 4.8e12 * 1e3)
+        top = v[name]["top_io_kernels"]  # the heaviest kernels, heaviest first, with sources
+        assert len(top) == 25 and top[0]["io_bytes"] >= top[-1]["io_bytes"] > 0
+        assert any(k["op_name"].startswith("jit(") for k in top)
+        hlo = (tmp_path / f"{name}.hlo.txt").read_text()  # --dump-hlo
+        assert sum(k["io_bytes"] for k in kernel_list(hlo)) == v[name]["io_bytes"]
     assert v["base"]["kernels"] == v["fused"]["kernels"]  # auto = the GPU's form
     assert v["fused"]["kernels"] < v["separate"]["kernels"]
 
