@@ -13,7 +13,12 @@ import numpy as np
 import pytest
 
 from benchmarks.common import saved_residual_bytes
-from vipa_jax.models.layers import LayerNorm, dot_product_attention, exact_gelu
+from vipa_jax.models.layers import (
+    LayerNorm,
+    dot_product_attention,
+    exact_gelu,
+    materialize_cotangent,
+)
 
 
 def test_exact_gelu_forward_gradients_and_residuals() -> None:
@@ -68,6 +73,24 @@ def test_layer_norm_matches_flax(dtype: jnp.dtype) -> None:
 
     assert kept(ours) <= x.size * x.dtype.itemsize + 1024
     assert kept(ref) >= 3 * x.size * 4
+
+
+def test_materialize_cotangent_is_the_identity_with_a_barrier_in_the_backward() -> None:
+    """Forward and gradient of the identity; the gradient's program has the barrier that keeps
+    XLA from fusing the cotangent's producer (a sum over windows) into its consumer."""
+    table = jax.random.normal(jax.random.key(0), (4, 9, 9))
+    w = jax.random.normal(jax.random.key(1), (6, 4, 9, 9))
+
+    def loss(t: jax.Array, barrier: bool) -> jax.Array:
+        b = materialize_cotangent(t) if barrier else t
+        return jnp.sum(jnp.tanh(w + b[None]) ** 2)  # b's cotangent: a sum over the 6 rows
+
+    np.testing.assert_array_equal(materialize_cotangent(table), table)
+    g0, g1 = (jax.grad(loss)(table, b) for b in (False, True))
+    np.testing.assert_array_equal(np.asarray(g1), np.asarray(g0))
+    text = str(jax.make_jaxpr(jax.grad(loss), static_argnums=1)(table, True))
+    assert text.count("optimization_barrier") == 1
+    assert "optimization_barrier" not in str(jax.make_jaxpr(loss, static_argnums=1)(table, True))
 
 
 def test_layer_norm_constant_rows_and_default_dtype() -> None:

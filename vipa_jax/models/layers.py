@@ -98,6 +98,26 @@ def _layer_norm_bwd(
 layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
+@jax.custom_vjp
+def materialize_cotangent(x: Array) -> Array:
+    """The identity, whose backward writes the incoming cotangent out before using it (an
+    `optimization_barrier`): XLA cannot fuse the ops that compute it into the ops that consume
+    it. For a small cotangent summed from a large one (a bias broadcast over windows), that
+    keeps the sum a reduction kernel of its own."""
+    return x
+
+
+def _materialize_cotangent_fwd(x: Array) -> tuple[Array, None]:
+    return x, None
+
+
+def _materialize_cotangent_bwd(_: None, g: Array) -> tuple[Array]:
+    return (jax.lax.optimization_barrier(g),)
+
+
+materialize_cotangent.defvjp(_materialize_cotangent_fwd, _materialize_cotangent_bwd)
+
+
 class LayerNorm(nn.Module):
     """`nn.LayerNorm` over the last axis (same parameters `scale`/`bias`, same forward) with the
     compact backward of `layer_norm`: ~1/6 of the bytes kept per normalized activation in

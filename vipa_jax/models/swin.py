@@ -54,6 +54,7 @@ from vipa_jax.models.layers import (
     LayerNorm,
     Mlp,
     MultiHeadAttention,
+    materialize_cotangent,
     maybe_remat,
     resize_bilinear_align_corners,
 )
@@ -264,7 +265,11 @@ class SwinBlock(nn.Module):
             return t[:, :h, :w, :]
 
         index = relative_position_index(window, self.window_size).astype(np.int32)  # (T, T)
-        bias = jnp.transpose(table[index], (2, 0, 1))  # (heads, T, T)
+        # Its gradient: the score gradients summed over batch and windows, then scattered into
+        # the table through a (T·T, heads) transpose. Left to itself, XLA:GPU fused that sum
+        # into the transpose (stages 2-4), one thread per output element looping over all
+        # B·nW windows; materialized first, it is a reduction kernel (as stage 1's already is).
+        bias = materialize_cotangent(jnp.transpose(table[index], (2, 0, 1)))  # (heads, T, T)
         if shift:
             mask = shift_attention_mask(hp, wp, window, shift)  # (nW, T, T)
             bias = bias[None] + mask[:, None]  # (nW, heads, T, T)
