@@ -493,6 +493,30 @@ def test_remat_same_params_outputs_and_grads() -> None:
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_bias_gradient_kept_apart_on_gpu_only() -> None:
+    """Built for a GPU (`compiling_for`), each block's relative-position bias gets a barrier in
+    the backward (`layers.materialize_cotangent`), with the same gradients; on the CPU, none."""
+    from vipa_jax.backend import compiling_for
+
+    images = jnp.asarray(_images(2, 30, 26))
+    model = SwinTransformer(**ONE_STAGE)
+    params = model.init(jax.random.key(0), images)["params"]
+
+    def loss(p: Any) -> jax.Array:
+        return sum(jnp.sum(o**2) for o in model.apply({"params": p}, images))
+
+    cpu = jax.make_jaxpr(jax.grad(loss))(params)
+    g_cpu = jax.grad(loss)(params)
+    with compiling_for("gpu"):
+        gpu = jax.make_jaxpr(jax.grad(loss))(params)
+        g_gpu = jax.grad(loss)(params)  # traced for the GPU, run here
+    assert str(cpu).count("optimization_barrier") == 0
+    assert str(gpu).count("optimization_barrier") == 2  # one per block
+    for a, b in zip(jax.tree.leaves(g_cpu), jax.tree.leaves(g_gpu), strict=True):
+        # (the GPU's `auto` forms differ too, e.g. the fused q/k/v projection: rounding only)
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
+
+
 def test_bfloat16_compute_keeps_float32_params() -> None:
     """dtype=bfloat16: params float32, outputs bfloat16 and close to the float32 model."""
     images = jnp.asarray(_images(1, 30, 26))

@@ -3,7 +3,8 @@ compiling ahead of time for a device this machine lacks (`benchmarks.gpu_aot`).
 
 Every `auto` switch that picks a form per backend asks `target_backend()`: the attention softmax
 and q/k/v projection (`models.layers`), the decoder's 3×3 convolution (`models.decoder`) and
-the train step's non-finite guard (`train.step`).
+the train step's non-finite guard (`train.step`); Swin's relative-position bias keeps its
+gradient apart (`models.swin`) on every backend but the CPU.
 """
 
 from __future__ import annotations
