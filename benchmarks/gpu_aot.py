@@ -163,14 +163,21 @@ def kernel_list(hlo_text: str) -> list[dict[str, Any]]:
     return kernels
 
 
-def kernel_stats(hlo_text: str) -> tuple[collections.Counter[str], collections.Counter[str]]:
-    """`kernel_list` summed by kind: (kernel counts, I/O bytes)."""
+def by_kind(
+    kernels: list[dict[str, Any]],
+) -> tuple[collections.Counter[str], collections.Counter[str]]:
+    """A `kernel_list` summed by kind: (kernel counts, I/O bytes)."""
     counts: collections.Counter[str] = collections.Counter()
     io: collections.Counter[str] = collections.Counter()
-    for k in kernel_list(hlo_text):
+    for k in kernels:
         counts[k["kind"]] += 1
         io[k["kind"]] += k["io_bytes"]
     return counts, io
+
+
+def kernel_stats(hlo_text: str) -> tuple[collections.Counter[str], collections.Counter[str]]:
+    """The program's kernels summed by kind: (kernel counts, I/O bytes)."""
+    return by_kind(kernel_list(hlo_text))
 
 
 def kernel_counts(hlo_text: str) -> collections.Counter[str]:
@@ -282,20 +289,23 @@ def compile_variant(cfg: Any, batch: int, device: Any, bandwidth: float | None =
     if hlo_path:
         with open(hlo_path, "w") as f:
             f.write(hlo)
-    kernels = kernel_list(hlo)
-    counts, io = kernel_stats(hlo)
+    kernels = kernel_list(hlo)  # parsed once: the sums and the top list come from it
+    counts, io = by_kind(kernels)
     memory = common.memory_of(compiled)
     io_bytes = sum(io.values())
     top = sorted(kernels, key=lambda k: -k["io_bytes"])[:TOP_KERNELS]
+
+    def io_ms(nbytes: int) -> float | None:  # moving `nbytes` at the spec's bandwidth
+        return nbytes / bandwidth * 1e3 if bandwidth else None
+
     return {
         "compile_s": info["compile_s"], "lower_s": info["lower_s"],
         "hlo_flops": info["hlo_flops"], "hlo_flops_source": info["hlo_flops_source"],
         "kernels": sum(counts.values()), "kernel_groups": group_counts(counts),
         "kernels_by_kind": dict(counts.most_common()),
-        "io_bytes": io_bytes, "io_ms": io_bytes / bandwidth * 1e3 if bandwidth else None,
+        "io_bytes": io_bytes, "io_ms": io_ms(io_bytes),
         "io_bytes_by_kind": dict(io.most_common()),
-        "top_io_kernels": [{**k, "io_ms": k["io_bytes"] / bandwidth * 1e3 if bandwidth else None}
-                           for k in top],
+        "top_io_kernels": [{**k, "io_ms": io_ms(k["io_bytes"])} for k in top],
         "memory": memory,
         "memory_gib": memory["estimate_bytes"] / 2**30 if memory else None,
     }
