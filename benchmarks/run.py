@@ -134,8 +134,33 @@ def _parse_remat(text: str) -> bool | str:
     if text in ("on", "off"):
         return text == "on"
     if text not in REMAT_POLICIES:
-        raise SystemExit(f"remat must be on, off or one of {sorted(REMAT_POLICIES)}: {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"remat must be on, off or one of {sorted(REMAT_POLICIES)}: {text!r}")
     return text
+
+
+def _pair(text: str, what: str) -> tuple[str, bool | str]:
+    """'X:REMAT' -> (X, `_parse_remat(REMAT)`), or an argparse error naming the format `what`."""
+    head, sep, remat = text.partition(":")
+    if not sep or not head:
+        raise argparse.ArgumentTypeError(f"expected {what}, e.g. 64:on, got {text!r}")
+    return head, _parse_remat(remat)
+
+
+def memory_target(text: str) -> tuple[int, bool | str]:
+    """`--memory-targets` item 'BATCH:on|off|POLICY' -> (batch, remat)."""
+    batch, remat = _pair(text, "BATCH:on|off|POLICY")
+    if not batch.isdigit() or int(batch) < 1:
+        raise argparse.ArgumentTypeError(f"batch must be a positive integer, got {text!r}")
+    return int(batch), remat
+
+
+def train_config(text: str) -> tuple[str, bool | str]:
+    """`--train-configs` item 'DTYPE:on|off|POLICY' -> (dtype, remat)."""
+    dtype, remat = _pair(text, "DTYPE:on|off|POLICY")
+    if dtype not in DTYPES:
+        raise argparse.ArgumentTypeError(f"dtype must be one of {DTYPES}, got {text!r}")
+    return dtype, remat
 
 
 def _remat_label(remat: bool | str) -> str:
@@ -214,12 +239,21 @@ def inference_section(
 # ------------------------------------------------------------------------------------------
 
 
-def train_one(cfg: Any, batch: int, iters: int) -> dict[str, Any]:
-    """Compile the train step for this config and batch, run 1 + `iters` steps, time them."""
+def _model_flops(cfg: Any, batch: int) -> dict[str, float]:
+    """MFU's model FLOPs for a remat step: the same step traced without remat (no device memory;
+    `_add_mfu`), as {'no_remat_flops_per_step': ...}; {} for a step without remat."""
+    from benchmarks.input_pipeline import train_step_flops
+
+    return {"no_remat_flops_per_step": train_step_flops(cfg, batch)} if cfg.model.remat else {}
+
+
+def train_one(cfg: Any, batch: int, iters: int, *, model_flops: bool = True) -> dict[str, Any]:
+    """Compile the train step for this config and batch, run 1 + `iters` steps, time them.
+    `model_flops`: add `_model_flops` (after the timing; a batch search adds it to its best)."""
     import jax
     import numpy as np
 
-    from benchmarks.input_pipeline import compile_train_step, train_step_flops
+    from benchmarks.input_pipeline import compile_train_step
 
     call, compiled, info = compile_train_step(cfg, batch)
     t0 = time.perf_counter()
@@ -245,8 +279,7 @@ def train_one(cfg: Any, batch: int, iters: int) -> dict[str, Any]:
         "finite": bool(np.isfinite(loss) and float(np.asarray(metrics["finite"])) > 0),
         "xla_memory": common.memory_of(compiled), "device_memory": common.device_memory(),
         "load_before": load, "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        # MFU's model FLOPs for a remat step (traced after the timing: no device memory)
-        **({"no_remat_flops_per_step": train_step_flops(cfg, batch)} if cfg.model.remat else {}),
+        **(_model_flops(cfg, batch) if model_flops else {}),
     }
 
 
@@ -262,7 +295,7 @@ def train_section(
         best, b = None, batch
         while b <= max_batch:
             try:
-                best = train_one(c, b, iters)
+                best = train_one(c, b, iters, model_flops=False)
             except Exception as err:  # noqa: BLE001 - only out-of-memory ends the search
                 if not (search and _is_oom(err)) or best is None and b == batch:
                     raise
@@ -279,7 +312,7 @@ def train_section(
             gc.collect()
         assert best is not None
         entries.append({"dtype": dtype, "remat": remat, "batch_search": search,
-                        "batches_tried": tried, **best})
+                        "batches_tried": tried, **best, **_model_flops(c, best["batch"])})
     _add_mfu(entries, device_kind)
     return entries
 
@@ -829,13 +862,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     infer_batches = a.infer_batch or ([1] if a.quick or not gpu else [1, 8])
     train_batch = a.train_batch or (2 if a.quick or not gpu else 8)
     search = gpu and not a.no_search
-    if a.quick and not a.train_configs:
-        train_configs = [("bfloat16", True)]
-    else:
-        train_configs = [(d, r) for r in (False, True) for d in a.dtypes]
-        if a.train_configs:
-            train_configs = [(d, _parse_remat(r))
-                             for d, r in (s.split(":") for s in a.train_configs)]
+    train_configs = a.train_configs or ([("bfloat16", True)] if a.quick else
+                                        [(d, r) for r in (False, True) for d in a.dtypes])
     config_name = "synthetic:test" if a.quick else a.config
     notes: list[str] = []
     print(f"{config_name} on {backend} ({device_kind}); {iters} timed runs", flush=True)
@@ -864,8 +892,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
             cfg, a.dtypes, infer_batches, iters)
         checkpoint("inference")
     if not a.no_memory:
-        targets = (MEMORY_TARGETS_QUICK if a.quick else MEMORY_TARGETS) if not a.memory_targets \
-            else [(int(b), _parse_remat(r)) for b, r in (t.split(":") for t in a.memory_targets)]
+        targets = a.memory_targets or (MEMORY_TARGETS_QUICK if a.quick else MEMORY_TARGETS)
         mem_dtypes = ["bfloat16"] if a.quick else (a.memory_dtypes or a.dtypes)
 
         def memory_rows(rows: list[dict[str, Any]]) -> None:
@@ -984,7 +1011,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-search", action="store_true", help="GPU: time --train-batch only")
     p.add_argument("--train-image-size", type=int, default=None,
                    help="train step at this size instead of the config's (labelled)")
-    p.add_argument("--train-configs", nargs="+", default=None, metavar="DTYPE:on|off|POLICY",
+    p.add_argument("--train-configs", nargs="+", type=train_config, default=None,
+                   metavar="DTYPE:on|off|POLICY",
                    help="train (dtype, remat) pairs, e.g. float32:off bfloat16:on bfloat16:dots "
                         "(a POLICY of model.remat_policy: remat on with it) "
                         "(default: every --dtypes with remat off and on)")
@@ -996,7 +1024,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-train", action="store_true")
     p.add_argument("--memory-dtypes", nargs="+", choices=DTYPES, default=None,
                    help="dtypes of the train-memory check (default: --dtypes)")
-    p.add_argument("--memory-targets", nargs="+", default=None, metavar="BATCH:on|off|POLICY",
+    p.add_argument("--memory-targets", nargs="+", type=memory_target, default=None,
+                   metavar="BATCH:on|off|POLICY",
                    help="(batch, remat) rows of the train-memory check (default 16:off 64:on, "
                         "the issue's targets; e.g. 64:dots_all = remat with that policy)")
     p.add_argument("--no-memory", action="store_true",

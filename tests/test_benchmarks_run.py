@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -136,7 +137,14 @@ def test_train_step_flops_leaves_out_remat() -> None:
 
     from benchmarks.common import count_macs
     from benchmarks.input_pipeline import train_step_flops, train_step_setup
-    from benchmarks.run import _parse_remat, _remat_label, _with_remat, load_config
+    from benchmarks.run import (
+        _parse_remat,
+        _remat_label,
+        _with_remat,
+        load_config,
+        memory_target,
+        train_config,
+    )
 
     cfg = load_config("refcoco", quick=True)
     counts = {}
@@ -149,8 +157,17 @@ def test_train_step_flops_leaves_out_remat() -> None:
     assert train_step_flops(_with_remat(cfg, "float32", True), 2) == counts[False]
 
     assert [_parse_remat(t) for t in ("off", "on", "dots_all")] == [False, True, "dots_all"]
-    with pytest.raises(SystemExit, match="remat must be on, off or one of"):
+    with pytest.raises(argparse.ArgumentTypeError, match="remat must be on, off or one of"):
         _parse_remat("yes")
+    assert memory_target("48:off") == (48, False)
+    assert memory_target("64:dots_all") == (64, "dots_all")
+    assert train_config("bfloat16:on") == ("bfloat16", True)
+    for bad, match in (("64", "expected BATCH:on"), ("x:on", "batch must be a positive"),
+                       ("0:on", "batch must be a positive"), ("64:yes", "remat must be")):
+        with pytest.raises(argparse.ArgumentTypeError, match=match):
+            memory_target(bad)
+    with pytest.raises(argparse.ArgumentTypeError, match="dtype must be one of"):
+        train_config("fp16:on")
     assert [_remat_label(r) for r in (False, True, "dots")] == ["off", "on", "on (dots)"]
     c = _with_remat(cfg, "bfloat16", "dots")
     assert (c.model.remat, c.model.remat_policy, c.model.dtype) == (True, "dots", "bfloat16")
