@@ -79,8 +79,8 @@ def get_base_config() -> ml_collections.ConfigDict:
              # 3×3 convs: auto (winograd for float32 on CPU, else xla) | xla (cuDNN on GPU) |
              # winograd (Winograd F(6×6) from 96 px, F(4×4) from 48, XLA below; with the
              # inference cache F(4×4)/F(6×6) from 24 px: same parameters, fewer multiply-adds;
-             # faster CPU inference at 480, see README) | winograd2 | winograd4 | winograd6
-             # (one tile size everywhere)
+             # faster CPU inference at 480, see benchmarks/README.md) | winograd2 | winograd4
+             # | winograd6 (one tile size everywhere)
              conv_impl="auto")
     )
     c.model.factory = ""  # "module:attr" building the model instead of VIPA (research forks)

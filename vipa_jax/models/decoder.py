@@ -100,7 +100,7 @@ def winograd_conv3x3(x: Array, kernel: Array, tile: int = 2) -> Array:
     instead of 9m² per tile, i.e. 2.25× (m = 2), 4× (m = 4) or 5.06× (m = 6) fewer
     multiply-adds. The three tile transforms are GEMMs with Kronecker-product matrices
     (`_transform_2d`), which XLA:CPU runs faster than the same transforms written as additions of
-    strided slices (README). H/W that are not multiples of m
+    strided slices (benchmarks/README.md). H/W that are not multiples of m
     are padded to whole tiles and cropped. Differentiable (everything is linear), so it trains.
     """
     return winograd_conv3x3_u(x, winograd_kernel(kernel, tile), tile)
@@ -130,8 +130,8 @@ def winograd_conv3x3_u(x: Array, u: Array, tile: int) -> Array:
 
 def resolve_conv_impl(conv_impl: str, dtype: Any = jnp.float32) -> str:
     """'auto' → 'winograd' for float32 compute on a CPU default backend (the paper config's CPU
-    forward −18 to −23%, README), 'xla' elsewhere (cuDNN on GPU; F(4×4)'s transforms lose too
-    much in bfloat16); any other `conv_impl` as given."""
+    forward −18 to −23%, benchmarks/README.md), 'xla' elsewhere (cuDNN on GPU; F(4×4)'s
+    transforms lose too much in bfloat16); any other `conv_impl` as given."""
     if conv_impl != "auto":
         return conv_impl
     cpu = target_backend() == "cpu"
@@ -151,7 +151,7 @@ def winograd_tile(conv_impl: str, height: int, width: int,
     `vipa.with_winograd_cache`), so only the input and output transforms cost time.
 
     'auto': see `resolve_conv_impl`. 'winograd' picks by map size, from single-convolution
-    timings on a 2-core AVX-512 VM (README), by the shorter side s:
+    timings on a 2-core AVX-512 VM (benchmarks/README.md), by the shorter side s:
     - s < 48 (< 24 with `cached`): XLA's convolution. Without the cache, F(4×4) there costs more
       in its kernel transform than it saves (30×30, 1536→512: 84 ms against 68 for XLA's conv;
       32 ms with U cached).

@@ -213,7 +213,8 @@ def dot_product_attention(
                                dtype=dtype)
     # Head-major operands, so both products are plain batched GEMMs: (..., H, Lq, D)·(..., H, D,
     # Lk) and (..., H, Lq, Lk)·(..., H, Lk, D). Einsums over the (..., L, H, D) layout left the
-    # layout to XLA:CPU, whose choice made Swin-B's stage-1 window attention 3× slower (README).
+    # layout to XLA:CPU, whose choice made Swin-B's stage-1 window attention 3× slower
+    # (benchmarks/README.md).
     qh, kh, vh = (jnp.swapaxes(t, -2, -3) for t in (q, k, v))
     out = attend_head_major(qh, kh, vh, bias=bias, mask=mask, dropout_rate=dropout_rate,
                             dropout_rng=dropout_rng, deterministic=deterministic, dtype=dtype,
@@ -228,7 +229,8 @@ def check_softmax(softmax: str) -> str:
     """`softmax` if it names a form of the einsum attention's softmax, else a ValueError.
 
     'deferred' (the default) divides the (Lq, D) value product by the row sums instead of the
-    (Lq, Lk) weights (`attention_weights`): Swin-B's window attention −40% on XLA:CPU (README).
+    (Lq, Lk) weights (`attention_weights`): Swin-B's window attention −40% on XLA:CPU
+    (benchmarks/README.md).
     'normalized' is the textbook softmax. On XLA:GPU neither becomes one kernel: both write
     float32 exp(·) and read it back (a deviceless compile of the paper model's train step for
     the H200, `benchmarks.gpu_aot`: 'normalized' launches 48 more kernels, needs 0.5 GiB less).
@@ -278,7 +280,8 @@ def attention_weights(
     """The softmax of (logits + bias, masked) before its division, in float32:
     (E = exp(logits − row max) after attention dropout, cast to `dtype`; Σ_k E before dropout,
     (..., H, Lq, 1), float32). softmax·V = (E·V) / Σ: dividing the (Lq, D) product instead of
-    the (Lq, Lk) weights saves a pass over them (Swin-B's window attention: −40%, README).
+    the (Lq, Lk) weights saves a pass over them (Swin-B's window attention: −40%,
+    benchmarks/README.md).
     `normalized`: (softmax after attention dropout, cast to `dtype`; None) instead."""
     logits = logits.astype(jnp.float32)
     if bias is not None:
