@@ -493,6 +493,48 @@ def test_remat_same_params_outputs_and_grads() -> None:
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("remat", [False, True])
+def test_scan_blocks_same_params_outputs_and_grads(remat: bool) -> None:
+    """scan_blocks=True runs a stage's block pairs as one lax.scan (5 blocks: 2 pairs scanned,
+    the last block unrolled) with the unrolled stage's parameter tree, features and gradients;
+    in train mode drop-path still draws per 'dropout' rng, and a rate of 0 needs no rng."""
+    cfg = dict(embed_dim=8, depths=(2, 5), num_heads=(1, 2), window_size=4, remat=remat)
+    images = jnp.asarray(_images(2, 38, 50))  # stage 2: 5x7 map, padded to 8x8, shifted
+    plain = SwinTransformer(**cfg, drop_path_rate=0.3)
+    scan = SwinTransformer(**cfg, drop_path_rate=0.3, scan_blocks=True)
+    variables = plain.init(jax.random.key(0), images)
+    scan_shapes = jax.eval_shape(scan.init, jax.random.key(0), images)
+    assert jax.tree.structure(variables) == jax.tree.structure(scan_shapes)
+    jaxpr = str(jax.make_jaxpr(lambda v: scan.apply(v, images))(variables))
+    assert jaxpr.count("scan[") == 1  # stage 2 only (stage 1 has one pair)
+
+    def loss(m: SwinTransformer, v: Any) -> Any:
+        feats = m.apply(v, images)
+        return sum(jnp.sum(f * jnp.sin(f)) for f in feats), feats
+
+    def grads(m: SwinTransformer) -> Any:
+        return jax.jit(jax.value_and_grad(functools.partial(loss, m), has_aux=True))(variables)
+
+    (_, ref), g_ref = grads(plain)
+    (_, out), g = grads(scan)
+    for a, b in zip(out, ref, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+    scale = max(float(jnp.abs(leaf).max()) for leaf in jax.tree.leaves(g_ref))
+    assert scale > 0.1
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5 * scale)
+
+    train = jax.jit(scan.apply, static_argnames="deterministic")
+    t1, t1b, t2 = (train(variables, images, deterministic=False,
+                         rngs={"dropout": jax.random.key(k)}) for k in (1, 1, 2))
+    np.testing.assert_array_equal(t1[1], t1b[1])
+    assert float(jnp.abs(t1[1] - t2[1]).max()) > 1e-3  # random per rng
+    assert float(jnp.abs(t1[1] - out[1]).max()) > 1e-3  # drop-path is on
+    no_drop = SwinTransformer(**cfg, scan_blocks=True)  # drop_path_rate 0: no 'dropout' rng
+    np.testing.assert_allclose(no_drop.apply(variables, images, deterministic=False)[1], out[1],
+                               atol=1e-5, rtol=1e-5)
+
+
 def test_bias_gradient_kept_apart_on_gpu_only() -> None:
     """Built for a GPU (`compiling_for`), each block's relative-position bias gets a barrier in
     the backward (`layers.materialize_cotangent`), with the same gradients; on the CPU, none."""

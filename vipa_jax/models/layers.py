@@ -588,10 +588,13 @@ class DropPath(nn.Module):
     rate: float = 0.0
 
     @nn.compact
-    def __call__(self, x: Array, *, deterministic: bool = True) -> Array:
-        if deterministic or self.rate == 0.0:
+    def __call__(self, x: Array, *, deterministic: bool = True,
+                 rate: float | Array | None = None) -> Array:
+        """`rate`, when given, replaces the attribute (a traced rate: blocks run by a scan)."""
+        rate = self.rate if rate is None else rate
+        if deterministic or isinstance(rate, float | int) and rate == 0.0:
             return x
-        keep = 1.0 - self.rate
+        keep = 1.0 - rate
         shape = (x.shape[0],) + (1,) * (x.ndim - 1)
         mask = jax.random.bernoulli(self.make_rng("dropout"), keep, shape)
         return jnp.where(mask, x / keep, 0.0).astype(x.dtype)
