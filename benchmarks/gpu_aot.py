@@ -13,9 +13,10 @@ decoder convolution as on a GPU) built, traced and lowered inside `compiling_for
 every `auto` switch picks the GPU's form. Reported per variant:
 - `kernels`: the kernels one step launches, i.e. the fusions and library calls (cuBLAS, cuDNN)
   of the entry computation and of the computations it calls (command buffers, loops and
-  conditionals, each body once), by kind (`kernel_counts`). On the H200 the traced train step
-  (bfloat16, batch 16, commit 911ae5c) ran 5917 kernels; a deviceless compile of the same
-  program (2026-12-04) counted 5945;
+  conditionals; a loop's body as many times as its known trip count), by kind
+  (`kernel_counts`); `kernels_distinct` counts each loop body's kernels once. On the H200 the
+  traced train step (bfloat16, batch 16, commit 911ae5c) ran 5917 kernels; a deviceless
+  compile of the same program (2026-12-04) counted 5945;
 - `memory`: XLA's own buffer assignment, arguments + outputs + temporaries − donated
   (`common.memory_of`): what the memory rows of `benchmarks.run` report on a GPU (26.7 GiB on
   the H200 for that step at an older commit, 24.3 GiB by this count);
@@ -68,6 +69,8 @@ _NOT_KERNELS = frozenset({"parameter", "constant", "get-tuple-element", "tuple",
 _CONTROL = frozenset({"call", "while", "conditional", "async-start"})
 
 
+# A while loop's trip count in its backend_config: `"known_trip_count":{"n":"9"}`.
+_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(?P<n>\d+)"\}')
 _SHAPE = re.compile(r"\b(?P<dtype>pred|[a-z]+\d+[a-z0-9]*)\[(?P<dims>[0-9,]*)\]")
 
 
@@ -112,9 +115,14 @@ def kernel_list(hlo_text: str) -> list[dict[str, Any]]:
 
     Walks the entry computation and, through `call` (command buffers), `while`, `conditional`
     and `async-start`, the computations they run (each once); a fusion or custom call is one
-    kernel, its own computation is not entered. The I/O bytes are the traffic each kernel
-    would cause if it read its operands and wrote its results once: an operand it reads in
-    part (a slice, a gather) counts whole, and one it reads repeatedly (a GEMM's tiles) once.
+    kernel, its own computation is not entered. A kernel inside a `while` loop with a known trip
+    count (XLA's `known_trip_count`, e.g. a `lax.scan`) is listed once with `launches` = the
+    trip count (nested loops multiply; 1 elsewhere); `by_kind` counts it that many times. The
+    I/O bytes are the traffic each kernel would cause if it read its operands and wrote its
+    results once: an operand it reads in part (a slice, a gather) counts whole, and one it
+    reads repeatedly (a GEMM's tiles) once; but a dynamic slice counts what it reads, and a
+    dynamic-update-slice (in place) the update it reads and writes, not the whole buffer (a
+    loop's stacked inputs and outputs).
     """
     comps: dict[str, list[tuple[str, str, str, str, str]]] = {}
     entry = current = None
@@ -130,22 +138,24 @@ def kernel_list(hlo_text: str) -> list[dict[str, Any]]:
         op = _OPCODE.search(rest)
         out_type, args = (rest[:op.start()], rest[op.end():]) if op else (rest, "")
         op_name = _OP_NAME.search(metadata)
+        trips = _TRIP_COUNT.search(m.group("rest"))
         comps[current].append((m.group("name"), op.group("op") if op else "", out_type, args,
-                               op_name.group("op_name") if op_name else ""))
+                               op_name.group("op_name") if op_name else "",
+                               int(trips.group("n")) if trips else 1))
     if entry is None:
         raise ValueError("no ENTRY computation in this HLO text")
     sizes = {(comp, name): shape_bytes(out)  # names may repeat in different computations
-             for comp, insts in comps.items() for name, _, out, _, _ in insts}
+             for comp, insts in comps.items() for name, _, out, _, _, _ in insts}
     kernels: list[dict[str, Any]] = []
 
-    def walk(comp: str) -> None:
-        for name, op, out, args, op_name in comps.get(comp, ()):
+    def walk(comp: str, launches: int = 1) -> None:
+        for name, op, out, args, op_name, trips in comps.get(comp, ()):
             if op in _CONTROL:
                 called = [m.group("comp") for m in _CALLED.finditer(args)]
                 for m in _BRANCHES.finditer(args):
                     called += [c.strip().lstrip("%") for c in m.group("comps").split(",")]
                 for c in called:
-                    walk(c)
+                    walk(c, launches * (trips if op == "while" else 1))
                 continue
             if op in ("fusion", "custom-call"):
                 kind = re.sub(r"(\.\d+)+$", "", name)
@@ -155,9 +165,18 @@ def kernel_list(hlo_text: str) -> list[dict[str, Any]]:
                 continue
             if op == "custom-call":  # a library call's last result may be its scratch space
                 out = _SCRATCH.sub(")", out)
-            io = shape_bytes(out) + sum(sizes.get((comp, a), 0) for a in _operands(args))
+            operands = [sizes.get((comp, a), 0) for a in _operands(args)]
+            if "dynamic_update_slice" in kind or op == "dynamic-update-slice":
+                # in place: the buffer (the operand the size of the result) is neither read nor
+                # written whole; the update is read and written into it
+                result = shape_bytes(out)
+                io = 2 * sum(b for b in operands if b != result)
+            elif "dynamic_slice" in kind or op == "dynamic-slice":
+                io = 2 * shape_bytes(out)  # reads the slice it writes (a scan's stacked input)
+            else:
+                io = shape_bytes(out) + sum(operands)
             kernels.append({"name": name, "kind": kind, "io_bytes": io,
-                            "type": out.strip(), "op_name": op_name})
+                            "type": out.strip(), "op_name": op_name, "launches": launches})
 
     walk(entry)
     return kernels
@@ -166,12 +185,13 @@ def kernel_list(hlo_text: str) -> list[dict[str, Any]]:
 def by_kind(
     kernels: list[dict[str, Any]],
 ) -> tuple[collections.Counter[str], collections.Counter[str]]:
-    """A `kernel_list` summed by kind: (kernel counts, I/O bytes)."""
+    """A `kernel_list` summed by kind over the launches of one step: (kernel launches, I/O
+    bytes)."""
     counts: collections.Counter[str] = collections.Counter()
     io: collections.Counter[str] = collections.Counter()
     for k in kernels:
-        counts[k["kind"]] += 1
-        io[k["kind"]] += k["io_bytes"]
+        counts[k["kind"]] += k.get("launches", 1)
+        io[k["kind"]] += k["io_bytes"] * k.get("launches", 1)
     return counts, io
 
 
@@ -301,7 +321,8 @@ def compile_variant(cfg: Any, batch: int, device: Any, bandwidth: float | None =
     return {
         "compile_s": info["compile_s"], "lower_s": info["lower_s"],
         "hlo_flops": info["hlo_flops"], "hlo_flops_source": info["hlo_flops_source"],
-        "kernels": sum(counts.values()), "kernel_groups": group_counts(counts),
+        "kernels": sum(counts.values()), "kernels_distinct": len(kernels),
+        "kernel_groups": group_counts(counts),
         "kernels_by_kind": dict(counts.most_common()),
         "io_bytes": io_bytes, "io_ms": io_ms(io_bytes),
         "io_bytes_by_kind": dict(io.most_common()),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -70,7 +71,7 @@ ENTRY %main.5 (a: f32[8,8]) -> f32[8,8] {
   %call.1 = f32[8,8]{1,0} call(%gte), to_apply=%command_buffer
   %z = s32[] constant(0)
   %init = (s32[], f32[8,8]{1,0}) tuple(%z, %call.1)
-  %while.2 = (s32[], f32[8,8]{1,0}) while(%init), condition=%cond, body=%body
+  %while.2 = (s32[], f32[8,8]{1,0}) while(%init), condition=%cond, body=%body, @TRIPS
   %w = f32[8,8]{1,0} get-tuple-element(%while.2), index=1
   %copy.3 = f32[8,8]{0,1} copy(%w)
   %p = pred[] constant(true)
@@ -78,16 +79,19 @@ ENTRY %main.5 (a: f32[8,8]) -> f32[8,8] {
   ROOT %bc = f32[8,8]{1,0} bitcast(%conditional.4)
 }
 """.replace("@META", 'metadata={op_type="add" op_name="jit(step)/jvp(encoder)/add" '
-           'source_file="a.py"}')
+           'source_file="a.py"}').replace("@TRIPS", 'backend_config={"known_trip_count":{"n":"4"}}')
 
 
 def test_kernel_counts_walk_calls_loops_and_branches() -> None:
+    """Kernel launches per step: the loop's body and condition (trip count 4) count 4 times."""
     counts = kernel_counts(HLO)
-    assert counts == {"custom-call": 1, "loop_add_fusion": 2, "input_reduce_fusion": 1,
-                      "loop_select_fusion": 1, "op:copy": 1, "op:compare": 1}
+    assert counts == {"custom-call": 1, "loop_add_fusion": 1 + 4, "input_reduce_fusion": 1,
+                      "loop_select_fusion": 1, "op:copy": 1, "op:compare": 4}
     groups = group_counts(counts)
     assert groups == {"gemm": 1, "attention": 0, "softmax": 0, "reduce": 1, "transpose": 0,
-                      "select": 1, "other": 4}
+                      "select": 1, "other": 10}
+    once = kernel_counts(re.sub(r', backend_config=\{"known_trip_count"[^\n]*', "", HLO))
+    assert once["loop_add_fusion"] == 2 and once["op:compare"] == 1  # no trip count: once
     assert group_counts({"dot_product_attention_bwd": 2, "triton_softmax": 3}) == {
         "gemm": 0, "attention": 2, "softmax": 3, "reduce": 0, "transpose": 0, "select": 0,
         "other": 0}
@@ -104,9 +108,29 @@ def test_kernel_io_bytes_count_operands_and_results_once() -> None:
     assert shape_bytes("f8e4m3fn[4]{0}") == 4 and shape_bytes("s32[]") == 4
     counts, io = kernel_stats(HLO)
     assert counts == kernel_counts(HLO)
-    assert io == {"custom-call": 256 + 2 * 256, "loop_add_fusion": 2 * 512,
+    assert io == {"custom-call": 256 + 2 * 256, "loop_add_fusion": 512 + 4 * 512,
                   "input_reduce_fusion": 512, "loop_select_fusion": 512, "op:copy": 512,
-                  "op:compare": 1 + 4 + 4}
+                  "op:compare": 4 * (1 + 4 + 4)}
+
+
+def test_dynamic_slices_count_the_slice_not_the_buffer() -> None:
+    """A scan's stacked buffers: a dynamic slice reads and writes its slice, an in-place
+    dynamic-update-slice reads and writes its update (not the (9, 64, 64) buffer)."""
+    hlo = """HloModule m
+
+ENTRY %main (a: f32[9,64,64], u: f32[1,64,64], i: s32[]) -> f32[9,64,64] {
+  %a = f32[9,64,64]{2,1,0} parameter(0)
+  %u = f32[1,64,64]{2,1,0} parameter(1)
+  %i = s32[] parameter(2)
+  %loop_dynamic_slice_fusion = f32[1,64,64]{2,1,0} fusion(%a, %i), kind=kLoop, calls=%f
+  %loop_add_fusion = f32[1,64,64]{2,1,0} fusion(%loop_dynamic_slice_fusion, %u), calls=%f
+  ROOT %loop_dynamic_update_slice_fusion.2 = f32[9,64,64]{2,1,0} fusion(%a, %loop_add_fusion, %i)
+}
+"""
+    _, io = kernel_stats(hlo)
+    slice_bytes = 64 * 64 * 4
+    assert io == {"loop_dynamic_slice_fusion": 2 * slice_bytes, "loop_add_fusion": 3 * slice_bytes,
+                  "loop_dynamic_update_slice_fusion": 2 * (slice_bytes + 4)}
 
 
 def test_kernel_list_in_launch_order_with_source_ops() -> None:
@@ -121,8 +145,10 @@ def test_kernel_list_in_launch_order_with_source_ops() -> None:
     assert by_name["custom-call.24"]["type"] == "(f32[8,8]{1,0})"  # no scratch
     assert by_name["loop_add_fusion.9"]["op_name"] == "jit(step)/jvp(encoder)/add"
     assert by_name["loop_add_fusion.3"]["op_name"] == ""
+    assert [k["launches"] for k in ks] == [1, 1, 1, 4, 4, 1, 1]
     counts, io = kernel_stats(HLO)
-    assert sum(k["io_bytes"] for k in ks) == sum(io.values()) and len(ks) == sum(counts.values())
+    assert sum(k["io_bytes"] * k["launches"] for k in ks) == sum(io.values())
+    assert sum(k["launches"] for k in ks) == sum(counts.values())
 
 
 def _plugin_env() -> dict[str, str] | None:
