@@ -393,6 +393,30 @@ def test_macs_plus_skipped_padding_equal_pytorch_swin() -> None:
     assert macs + padding == counter.get_total_flops() // 2
 
 
+def _assert_same_features_and_grads(model: SwinTransformer, ref: SwinTransformer,
+                                    variables: Any, images: jax.Array, *, feature_tol: float,
+                                    min_grad_scale: float) -> list[jax.Array]:
+    """`model`'s features equal `ref`'s (to `feature_tol`) and so do the gradients of Σ f·sin f
+    (to 1e-5 of the largest, which must exceed `min_grad_scale`); -> `model`'s features."""
+
+    def features_and_grads(m: SwinTransformer) -> Any:
+        def loss(v: Any) -> Any:
+            feats = m.apply(v, images)
+            return sum(jnp.sum(f * jnp.sin(f)) for f in feats), feats
+
+        (_, feats), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables)
+        return feats, grads
+
+    (out, g), (want, g_ref) = features_and_grads(model), features_and_grads(ref)
+    for a, b in zip(out, want, strict=True):
+        np.testing.assert_allclose(a, b, atol=feature_tol, rtol=feature_tol)
+    scale = max(float(jnp.abs(leaf).max()) for leaf in jax.tree.leaves(g_ref))
+    assert scale > min_grad_scale
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5 * scale)
+    return out
+
+
 @pytest.mark.parametrize("variant", [
     dict(attention_impl="xla"),
     dict(attention_softmax="normalized"),
@@ -412,21 +436,8 @@ def test_attention_variants_match_einsum(variant: dict[str, str]) -> None:
     params = jax.tree.map(  # O(1) relative-position biases, so the bias folding matters
         lambda p: p * 50.0 if p.ndim == 2 and p.shape[0] == 13 * 13 else p, params)
 
-    def loss(model: SwinTransformer, p: Any) -> Any:
-        feats = model.apply(p, x)
-        return sum(jnp.sum(f * jnp.sin(f)) for f in feats), feats
-
-    def grads(model: SwinTransformer) -> Any:
-        return jax.jit(jax.value_and_grad(functools.partial(loss, model), has_aux=True))(params)
-
-    (_, ref), g_ref = grads(ref_model)
-    (_, out), g = grads(SwinTransformer(**cfg, **variant))
-    for a, b in zip(out, ref, strict=True):
-        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
-    scale = max(float(jnp.abs(leaf).max()) for leaf in jax.tree.leaves(g_ref))
-    assert scale > 1.0
-    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref), strict=True):
-        np.testing.assert_allclose(a, b, atol=1e-5 * scale)
+    _assert_same_features_and_grads(SwinTransformer(**cfg, **variant), ref_model, params, x,
+                                    feature_tol=1e-4, min_grad_scale=1.0)
     key, value = next(iter(variant.items()))
     with pytest.raises(ValueError, match=f"swin.{key} must be one of"):
         SwinTransformer(**cfg, **{key: value + "_bad"}).init(jax.random.PRNGKey(0), x)
@@ -508,21 +519,8 @@ def test_scan_blocks_same_params_outputs_and_grads(remat: bool) -> None:
     jaxpr = str(jax.make_jaxpr(lambda v: scan.apply(v, images))(variables))
     assert jaxpr.count("scan[") == 1  # stage 2 only (stage 1 has one pair)
 
-    def loss(m: SwinTransformer, v: Any) -> Any:
-        feats = m.apply(v, images)
-        return sum(jnp.sum(f * jnp.sin(f)) for f in feats), feats
-
-    def grads(m: SwinTransformer) -> Any:
-        return jax.jit(jax.value_and_grad(functools.partial(loss, m), has_aux=True))(variables)
-
-    (_, ref), g_ref = grads(plain)
-    (_, out), g = grads(scan)
-    for a, b in zip(out, ref, strict=True):
-        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
-    scale = max(float(jnp.abs(leaf).max()) for leaf in jax.tree.leaves(g_ref))
-    assert scale > 0.1
-    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref), strict=True):
-        np.testing.assert_allclose(a, b, atol=1e-5 * scale)
+    out = _assert_same_features_and_grads(scan, plain, variables, images, feature_tol=1e-5,
+                                          min_grad_scale=0.1)
 
     train = jax.jit(scan.apply, static_argnames="deterministic")
     t1, t1b, t2 = (train(variables, images, deterministic=False,
