@@ -63,6 +63,7 @@ def per_type_markdown(out_dir: Path, splits: tuple[str, ...], protocol: str = "l
 def main(argv: list[str]) -> None:
     """Train, evaluate and visualise the demo model."""
     del argv
+    from vipa_jax.backend import enable_compilation_cache
     from vipa_jax.data import pipeline
     from vipa_jax.evaluate import evaluate_splits, make_train_evaluator, results_markdown
     from vipa_jax.export import load_checkpoint
@@ -70,6 +71,8 @@ def main(argv: list[str]) -> None:
 
     logging.getLogger().setLevel(logging.WARNING)
     config = _CONFIG.value
+    cache = enable_compilation_cache(config.get("compilation_cache_dir", ""))
+    print(f"[demo] XLA compilation cache: {cache or 'off'}", flush=True)
     out = Path(_OUT.value)
     t0 = time.time()
     print(f"[demo] data: {config.data.root} (generated on first use)", flush=True)

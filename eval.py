@@ -40,6 +40,7 @@ def main(argv: list[str]) -> None:
     _INIT_DISTRIBUTED()  # before any JAX computation
     import jax
 
+    from vipa_jax.backend import DEFAULT_COMPILATION_CACHE_DIR, enable_compilation_cache
     from vipa_jax.evaluate import evaluate_splits, results_markdown
     from vipa_jax.export import load_any
 
@@ -54,6 +55,8 @@ def main(argv: list[str]) -> None:
         config.data, config.eval = user.data, user.eval
         if "sharding" in user:
             config.sharding = user.sharding
+    enable_compilation_cache((_CONFIG.value or config).get("compilation_cache_dir",
+                                                           DEFAULT_COMPILATION_CACHE_DIR))
     splits = _SPLITS.value or list(config.data.eval_splits)
     protocol = _PROTOCOL.value or config.eval.get("protocol", "lavt")
     batch = _BATCH.value or int(config.eval.batch_size)

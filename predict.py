@@ -57,9 +57,11 @@ def main(argv: list[str]) -> None:
     """Entry point."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from vipa_jax.backend import enable_compilation_cache
     from vipa_jax.predict import PredictError, Predictor, predict_file
 
     jobs = _jobs()
+    enable_compilation_cache()
     predictor = Predictor.from_checkpoint(_CHECKPOINT.value, _STEP.value, _VOCAB.value)
     failed = 0
     for image, text, out, where in jobs:

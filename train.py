@@ -41,15 +41,18 @@ def main(argv: list[str]) -> None:
     _INIT_DISTRIBUTED()  # before any JAX computation
     import jax
 
+    from vipa_jax.backend import enable_compilation_cache
     from vipa_jax.train.loop import train_and_evaluate
 
     logging.getLogger().setLevel(logging.INFO)
     for handler in logging.getLogger().handlers:  # orbax logs every save step at INFO
         handler.addFilter(lambda r: r.levelno >= logging.WARNING or "/orbax/" not in r.pathname)
     config = _CONFIG.value
-    logging.info("JAX %s: process %d/%d, %d local / %d global devices", jax.__version__,
+    cache = enable_compilation_cache(config.get("compilation_cache_dir", ""))
+    logging.info("JAX %s: process %d/%d, %d local / %d global devices; compilation cache %s",
+                 jax.__version__,
                  jax.process_index(), jax.process_count(), jax.local_device_count(),
-                 jax.device_count())
+                 jax.device_count(), cache or "off")
     train_and_evaluate(config, _WORKDIR.value, evaluate_fn=_evaluate_fn(config))
 
 

@@ -38,3 +38,31 @@ def test_saved_config_loads_over_defaults():
     assert isinstance(got.model.lang_stage_layers, tuple)
     assert got.custom.note == "kept"
     assert got.model.image_size == 128
+
+
+def test_compilation_cache_is_turned_on_once(tmp_path, monkeypatch) -> None:
+    """`enable_compilation_cache`: off for '', `~` expanded and the folder created, a cache set
+    before (JAX_COMPILATION_CACHE_DIR, as the test suite sets) kept, and a folder that cannot be
+    made leaves it off; the configs default to a folder under the user's cache."""
+    import jax
+
+    from vipa_jax.backend import DEFAULT_COMPILATION_CACHE_DIR, enable_compilation_cache
+
+    assert get_base_config().compilation_cache_dir == DEFAULT_COMPILATION_CACHE_DIR
+    assert DEFAULT_COMPILATION_CACHE_DIR.startswith("~/")
+    before = jax.config.jax_compilation_cache_dir
+    monkeypatch.setenv("HOME", str(tmp_path))
+    try:
+        jax.config.update("jax_compilation_cache_dir", None)
+        assert enable_compilation_cache("") is None
+        assert jax.config.jax_compilation_cache_dir is None
+        blocker = tmp_path / "a_file"
+        blocker.write_text("")
+        assert enable_compilation_cache(str(blocker / "xla")) is None  # warned, still off
+        got = enable_compilation_cache("~/cache/xla")
+        assert got == str(tmp_path / "cache" / "xla") and (tmp_path / "cache" / "xla").is_dir()
+        assert jax.config.jax_compilation_cache_dir == got
+        assert enable_compilation_cache(str(tmp_path / "other")) == got  # the one set is kept
+        assert not (tmp_path / "other").exists()
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)

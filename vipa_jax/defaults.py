@@ -16,6 +16,9 @@ import ml_collections
 def get_base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
+    # JAX's persistent compilation cache for train.py / eval.py / demo.py ('' = off;
+    # JAX_COMPILATION_CACHE_DIR, when set, wins): reruns load compiled programs
+    c.compilation_cache_dir = "~/.cache/vipa_jax/xla"
 
     # --- model (Swin-B w12 + BERT-base, the paper's model) --------------------------------
     c.model = ml_collections.ConfigDict()
