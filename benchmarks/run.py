@@ -746,7 +746,8 @@ def _md_profile(p: dict[str, Any], rows: int = 8) -> list[str]:
 
 
 def _md_gpu_aot(results_dir: str) -> list[str]:
-    """The newest non-quick `benchmarks.gpu_aot` result per (target, dtype, batch, remat)."""
+    """The newest non-quick `benchmarks.gpu_aot` result per (target, dtype, batch, remat, set of
+    variants): a run comparing other variants does not hide an earlier one."""
     latest: dict[tuple[Any, ...], dict[str, Any]] = {}
     for path in glob.glob(os.path.join(results_dir, "gpu_aot-*.json")):
         with open(path) as f:
@@ -754,7 +755,7 @@ def _md_gpu_aot(results_dir: str) -> list[str]:
         if r.get("benchmark") != "gpu_aot" or r.get("quick"):
             continue
         r["_file"] = os.path.basename(path)
-        key = (r["target"], r["dtype"], r["batch"], r["remat"])
+        key = (r["target"], r["dtype"], r["batch"], r["remat"], tuple(sorted(r["variants"])))
         if key not in latest or r["machine_info"]["time_utc"] > latest[key]["machine_info"][
                 "time_utc"]:
             latest[key] = r

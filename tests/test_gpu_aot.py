@@ -191,8 +191,9 @@ def test_deviceless_gpu_compile_quick(tmp_path: Path) -> None:
 
 
 def test_results_markdown_lists_the_newest_gpu_aot_run(tmp_path: Path) -> None:
-    """RESULTS.md's section: the newest non-quick result per (target, dtype, batch, remat),
-    kernels relative to the reference, and an error row for a variant that did not compile."""
+    """RESULTS.md's section: the newest non-quick result per (target, dtype, batch, remat, set
+    of variants), kernels relative to the reference, and an error row for a variant that did
+    not compile."""
     from benchmarks.run import _md_gpu_aot
 
     def result(time: str, kernels: int, quick: bool = False) -> dict:
@@ -223,6 +224,11 @@ def test_results_markdown_lists_the_newest_gpu_aot_run(tmp_path: Path) -> None:
     assert "| base | - | 5945 | +0 | 10 | 0 | 0 | 20 | 5 | 187.7 GB (39.1 ms) | 24.2 GiB |" in text
     assert "| fewer | model.x=y | 5900 | -45 | 10 | 0 | 0 | 20 | 5 | - | 23.5 GiB |" in text
     assert "| cudnn | model.swin.attention_impl=cudnn | error: XlaRuntimeError: no cuDNN |" in text
+    other = result("2026-12-06T00:00:00Z", 5000)  # newer, other variants: shown beside it
+    other["variants"] = {"base": other["variants"]["base"]}
+    (tmp_path / "gpu_aot-other.json").write_text(json.dumps(other))
+    text = "\n".join(_md_gpu_aot(str(tmp_path)))
+    assert "gpu_aot-new.json" in text and "gpu_aot-other.json" in text and "gpu_aot-old" not in text
 
 
 def test_missing_plugin_or_spec_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
