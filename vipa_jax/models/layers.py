@@ -156,6 +156,7 @@ def remat_policy(remat: bool | str) -> Callable[..., bool] | None:
     return REMAT_POLICIES[name]
 
 
+@functools.cache  # one wrapped class per (class, setting): modules may ask for it per block
 def maybe_remat(module_cls: type[nn.Module], remat: bool | str,
                 static_argnums: tuple[int, ...] = ()) -> type[nn.Module]:
     """`nn.remat(module_cls)` under `remat`'s policy (True = 'full', a name of

@@ -293,12 +293,12 @@ class SwinBlock(nn.Module):
                      regroup=to_windows, ungroup=from_windows)  # (B, H, W, C)
         else:  # windowing the input once is cheaper than windowing q, k and v
             y = from_windows(attn(to_windows(x_norm), bias=bias, deterministic=deterministic))
-        drop = DropPath(self.drop_path)
-        x = x + drop(y, deterministic=deterministic, rate=drop_path)
+        # two DropPath modules (DropPath_0, DropPath_1): each its own rng stream
+        x = x + DropPath(self.drop_path)(y, deterministic=deterministic, rate=drop_path)
 
         y = Mlp(int(c * self.mlp_ratio), dtype=self.dtype, kernel_init=_dense_init,
                 name="mlp")(ln(name="norm2")(x), deterministic=deterministic)
-        return x + drop(y, deterministic=deterministic, rate=drop_path)
+        return x + DropPath(self.drop_path)(y, deterministic=deterministic, rate=drop_path)
 
 
 class SwinStage(nn.Module):
@@ -307,8 +307,9 @@ class SwinStage(nn.Module):
     `scan_blocks`: run the (unshifted, shifted) block pairs as one `lax.scan` over their
     parameters, stacked at call time (`scan_block_pairs`); the parameter tree, the function and
     the gradients stay those of the unrolled stage, while XLA compiles one pair instead of
-    depth / 2 (the paper model's bfloat16 train step, compiled for an H200 without a GPU: 160 →
-    123 s with stage 3's 9 pairs scanned). Drop-path draws other random numbers than unrolled.
+    depth / 2: the paper model's bfloat16 train step, compiled for an H200 without a GPU, 173 →
+    152 s with stage 3's 9 pairs scanned, for 998 more kernel launches per step
+    (benchmarks/README.md). Drop-path draws other random numbers than unrolled.
     """
 
     depth: int
@@ -328,6 +329,7 @@ class SwinStage(nn.Module):
     def block(self, j: int, *, bound: bool = True) -> nn.Module:
         """Block j (shifted when j is odd), a child `blocks_{j}`, or unbound (`bound=False`: a
         module to `apply` to block j's parameters)."""
+        # static_argnums counts `self` as 0, so 2 is `deterministic`.
         block_cls = maybe_remat(SwinBlock, self.remat, static_argnums=(2,))
         rates = tuple(self.drop_path_rates) or (0.0,) * self.depth
         return block_cls(
@@ -354,7 +356,6 @@ class SwinStage(nn.Module):
         if pairs >= 2:
             x = self.scan_block_pairs(x, pairs, rates, deterministic)
         for j in range(2 * pairs if pairs >= 2 else 0, self.depth):
-            # static_argnums counts `self` as 0, so 2 is `deterministic`.
             x = self.block(j)(x, deterministic)
         return x
 
