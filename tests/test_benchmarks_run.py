@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -406,6 +407,38 @@ def test_device_suite_quick(tmp_path: Path, jax_cache: str) -> None:
                          env={**env, "SUITE_STEPS": "inference-b1"}, capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode == 2 and "unknown step" in bad.stdout
+
+
+def test_device_suite_gpu_command_lines(tmp_path: Path) -> None:
+    """The suite's GPU branch (not run by the quick CPU check), with a stand-in for Python that
+    prints what it was given: MEMORY_TARGETS reaches `--memory-targets` (memory-remat: the last
+    row), train-float32 gets cuBLAS GEMMs unless F32_XLA_FLAGS says otherwise, every step gets
+    the per-fusion autotune cache, and train-ab's base is the batch-16 step without remat."""
+    stub = tmp_path / "python"
+    stub.write_text('#!/bin/sh\necho "XLA_FLAGS=[$XLA_FLAGS]"; echo "ARGS=[$*]"\n')
+    stub.chmod(0o755)
+
+    def suite(step: str, **env: str) -> dict[str, str]:
+        proc = subprocess.run(
+            ["bash", str(ROOT / "benchmarks" / "device_suite.sh"), "__cmd", step], cwd=ROOT,
+            env={k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "SUITE_QUICK")}
+            | {"PYTHON": str(stub), "OUT": str(tmp_path)} | env,
+            capture_output=True, text=True, timeout=60, check=True)
+        return dict(line.split("=", 1) for line in proc.stdout.splitlines())
+
+    out = suite("memory-remat", MEMORY_TARGETS="16:off 48:off")
+    assert out["ARGS"].startswith("[-m benchmarks.run --device gpu --no-infer")
+    assert "--memory-targets 16:off 48:off --train-at-memory-targets" in out["ARGS"]
+    assert out["ARGS"].endswith("--memory-targets 48:off]")  # argparse: the last one wins
+    assert "--xla_gpu_per_fusion_autotune_cache_dir=" in out["XLA_FLAGS"]
+    assert "--memory-targets 16:off 64:on " in suite("memory+train")["ARGS"]  # the default
+    f32 = suite("train-float32")
+    assert "--xla_gpu_enable_triton_gemm=false" in f32["XLA_FLAGS"]
+    assert "--train-configs float32:off --no-search --train-batch 16" in f32["ARGS"]
+    assert "triton" not in suite("train-float32", F32_XLA_FLAGS="")["XLA_FLAGS"]
+    ab = suite("train-ab")["ARGS"]
+    assert "-m benchmarks.train_ab --device gpu --dtype bfloat16 --batch 16 --out" in ab
+    assert "--remat" not in ab
 
 
 def test_device_suite_attention_step_quick(tmp_path: Path, jax_cache: str) -> None:
