@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -245,7 +246,7 @@ def test_softmax_and_qkv_projection_forms_are_the_same_function(dropout: float) 
 
     ref, g_ref = grads(ref_mod)
     for softmax, qkv in (("normalized", "separate"), ("deferred", "fused"),
-                         ("normalized", "fused")):
+                         ("normalized", "fused"), ("compact", "separate"), ("compact", "fused")):
         mod = module(softmax, qkv)
         jax.tree.map(np.testing.assert_array_equal, mod.init(jax.random.key(0), x)["params"],
                      ref_mod.init(jax.random.key(0), x)["params"])  # the same parameters
@@ -260,6 +261,41 @@ def test_softmax_and_qkv_projection_forms_are_the_same_function(dropout: float) 
                 assert float(jnp.abs(b).max()) > 1e-2, (name, leaf)
                 np.testing.assert_allclose(g[name][leaf], b, atol=1e-4, rtol=1e-4,
                                            err_msg=f"{softmax} {qkv} {name}/{leaf}")
+
+
+def test_softmax_rounded_keeps_only_the_rounded_weights() -> None:
+    """`softmax_rounded` ('compact' attention softmax): in float32 jax.nn.softmax, value and
+    gradient; in bfloat16 the rounded softmax, a gradient within bfloat16 rounding of the
+    float32 one, and only the bfloat16 weights kept for the backward (jax.nn.softmax keeps its
+    float32 output)."""
+    from vipa_jax.models.layers import softmax_rounded
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(3 * rng.standard_normal((4, 8, 144)), jnp.float32)
+    ct = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+
+    def grad(fn: Callable[[jax.Array], jax.Array]) -> jax.Array:
+        return jax.grad(lambda v: jnp.sum(fn(v).astype(jnp.float32) * ct))(x)
+
+    ref = jax.nn.softmax(x, axis=-1)
+    g_ref = grad(lambda v: jax.nn.softmax(v, axis=-1))
+    assert float(jnp.abs(g_ref).max()) > 0.1
+    np.testing.assert_allclose(softmax_rounded(x, jnp.float32), ref, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(grad(lambda v: softmax_rounded(v, jnp.float32)), g_ref,
+                               rtol=1e-5, atol=1e-6)
+    low = softmax_rounded(x, jnp.bfloat16)
+    assert low.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(low, ref.astype(jnp.bfloat16))
+    g_low = grad(lambda v: softmax_rounded(v, jnp.bfloat16))
+    scale = float(jnp.abs(g_ref).max())
+    np.testing.assert_allclose(g_low, g_ref, atol=2e-2 * scale)
+    assert float(jnp.abs(g_low - g_ref).max()) > 0  # it does use the rounded weights
+    kept = saved_residual_bytes(
+        lambda v: softmax_rounded(v, jnp.bfloat16).astype(jnp.float32).sum(), x)
+    assert kept == x.size * 2
+    assert saved_residual_bytes(
+        lambda v: jax.nn.softmax(v, axis=-1).astype(jnp.bfloat16).astype(jnp.float32).sum(),
+        x) >= x.size * 4
 
 
 def test_softmax_and_qkv_projection_auto_policy() -> None:

@@ -420,6 +420,7 @@ def _assert_same_features_and_grads(model: SwinTransformer, ref: SwinTransformer
 @pytest.mark.parametrize("variant", [
     dict(attention_impl="xla"),
     dict(attention_softmax="normalized"),
+    dict(attention_softmax="compact"),
     dict(qkv_projection="fused"),
     dict(attention_softmax="normalized", qkv_projection="fused"),
 ], ids=lambda v: ",".join(f"{k}={x}" for k, x in v.items()))

@@ -223,7 +223,7 @@ def dot_product_attention(
     return jnp.swapaxes(out, -2, -3)
 
 
-SOFTMAX_MODES = ("deferred", "normalized")
+SOFTMAX_MODES = ("deferred", "normalized", "compact")
 
 
 def check_softmax(softmax: str) -> str:
@@ -235,6 +235,9 @@ def check_softmax(softmax: str) -> str:
     'normalized' is the textbook softmax. On XLA:GPU neither becomes one kernel: both write
     float32 exp(·) and read it back (a deviceless compile of the paper model's train step for
     the H200, `benchmarks.gpu_aot`: 'normalized' launches 48 more kernels, needs 0.5 GiB less).
+    'compact' is the textbook softmax rounded to the compute dtype, whose backward works from
+    those rounded weights (`softmax_rounded`): no float32 copy of the weights is written or
+    kept; the same function in float32.
     """
     if softmax not in SOFTMAX_MODES:
         raise ValueError(f"attention softmax must be one of {SOFTMAX_MODES}, got {softmax!r}")
@@ -257,14 +260,38 @@ def attend_head_major(
     """`dot_product_attention`'s einsum implementation on head-major operands:
     -> (..., H, Lq, D). `softmax`: see `check_softmax`."""
     dtype = dtype or qh.dtype
-    normalized = check_softmax(softmax) == "normalized"
+    normalized = check_softmax(softmax) != "deferred"
     qh = qh / jnp.sqrt(jnp.asarray(qh.shape[-1], dtype=qh.dtype))
     logits = qh @ jnp.swapaxes(kh, -1, -2)  # (..., H, Lq, Lk)
     weights, total = attention_weights(
         logits, bias=bias, mask=mask, dropout_rate=dropout_rate, dropout_rng=dropout_rng,
-        deterministic=deterministic, dtype=dtype, normalized=normalized)
+        deterministic=deterministic, dtype=dtype, normalized=normalized,
+        rounded=softmax == "compact")
     out = weights @ vh.astype(dtype)  # (..., H, Lq, D)
     return out.astype(dtype) if normalized else (out / total).astype(dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def softmax_rounded(logits: Array, dtype: Any) -> Array:
+    """softmax(logits) over the last axis, rounded to `dtype`; its backward computes
+    p ⊙ (g − Σ g ⊙ p) in float32 from those rounded p, so only they are kept (in bfloat16: half
+    the bytes of jax.nn.softmax's float32 output, which the backward would keep). In float32 it
+    is jax.nn.softmax."""
+    return jax.nn.softmax(logits, axis=-1).astype(dtype)
+
+
+def _softmax_rounded_fwd(logits: Array, dtype: Any) -> tuple[Array, Array]:
+    p = softmax_rounded(logits, dtype)
+    return p, p
+
+
+def _softmax_rounded_bwd(dtype: Any, p: Array, g: Array) -> tuple[Array]:
+    del dtype
+    p, g = p.astype(jnp.float32), g.astype(jnp.float32)
+    return (p * (g - jnp.sum(g * p, axis=-1, keepdims=True)),)
+
+
+softmax_rounded.defvjp(_softmax_rounded_fwd, _softmax_rounded_bwd)
 
 
 def attention_weights(
@@ -277,19 +304,23 @@ def attention_weights(
     deterministic: bool = True,
     dtype: Dtype = jnp.float32,
     normalized: bool = False,
+    rounded: bool = False,
 ) -> tuple[Array, Array | None]:
     """The softmax of (logits + bias, masked) before its division, in float32:
     (E = exp(logits − row max) after attention dropout, cast to `dtype`; Σ_k E before dropout,
     (..., H, Lq, 1), float32). softmax·V = (E·V) / Σ: dividing the (Lq, D) product instead of
     the (Lq, Lk) weights saves a pass over them (Swin-B's window attention: −40%,
     benchmarks/README.md).
-    `normalized`: (softmax after attention dropout, cast to `dtype`; None) instead."""
+    `normalized`: (softmax after attention dropout, cast to `dtype`; None) instead; with
+    `rounded`, the softmax is `softmax_rounded` (its backward from the `dtype` weights)."""
     logits = logits.astype(jnp.float32)
     if bias is not None:
         logits = logits + bias.astype(jnp.float32)
     if mask is not None:
         logits = jnp.where(mask, logits, _MASK_VALUE)
-    if normalized:
+    if normalized and rounded:
+        weights, total = softmax_rounded(logits, jnp.dtype(dtype)), None
+    elif normalized:
         weights, total = jax.nn.softmax(logits, axis=-1), None
     else:
         weights = jnp.exp(logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True)))
