@@ -39,8 +39,9 @@ def get_base_config() -> ml_collections.ConfigDict:
             # window attention: 'einsum' (ours) | 'xla' | 'cudnn' (jax.nn.dot_product_attention;
             # cudnn = cuDNN fused attention, GPU with bfloat16/float16 compute only)
             attention_impl="einsum",
-            # deferred (divide E·V by the row sums) | normalized (the textbook softmax); the
-            # same function (layers.check_softmax)
+            # deferred (divide E·V by the row sums) | normalized (the textbook softmax) |
+            # compact (normalized, its weights and backward in the compute dtype: in bfloat16
+            # no float32 copy of the weights); the same function (layers.check_softmax)
             attention_softmax="deferred",
             # auto (separate on CPU, else fused) | fused (one (C, 3C) q/k/v GEMM, one window
             # partition) | separate; the same parameters and function

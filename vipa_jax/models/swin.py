@@ -422,7 +422,7 @@ class SwinTransformer(nn.Module):
     # Window attention: 'einsum' (ours), 'xla' / 'cudnn' (jax.nn.dot_product_attention's; cuDNN's
     # fused attention needs a GPU and float16 / bfloat16 compute).
     attention_impl: str = "einsum"
-    # The window attention's softmax division, 'deferred' | 'normalized', and q/k/v
+    # The window attention's softmax, 'deferred' | 'normalized' | 'compact', and q/k/v
     # projection, 'auto' | 'fused' (one (C, 3C) GEMM and one window partition) | 'separate';
     # the same parameters and function either way (layers.MultiHeadAttention).
     attention_softmax: str = "deferred"
