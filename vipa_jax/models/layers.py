@@ -428,7 +428,7 @@ class MultiHeadAttention(nn.Module):
     # key/value inputs and project afterwards (einsum implementation, no regroup); 'auto':
     # the one with fewer multiply-adds (`projects_kv_after`). The same function either way.
     kv_projection: str = "auto"
-    # 'deferred' | 'normalized': where the einsum implementation's softmax divides
+    # 'deferred' | 'normalized' | 'compact': the einsum implementation's softmax form
     # (`check_softmax`).
     softmax: str = "deferred"
     # Self-attention with `kv_projection` 'before': 'fused' = one (C, 3F) projection through the
