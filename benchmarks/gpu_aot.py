@@ -190,8 +190,8 @@ def by_kind(
     counts: collections.Counter[str] = collections.Counter()
     io: collections.Counter[str] = collections.Counter()
     for k in kernels:
-        counts[k["kind"]] += k.get("launches", 1)
-        io[k["kind"]] += k["io_bytes"] * k.get("launches", 1)
+        counts[k["kind"]] += k["launches"]
+        io[k["kind"]] += k["io_bytes"] * k["launches"]
     return counts, io
 
 

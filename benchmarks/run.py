@@ -140,10 +140,11 @@ def _parse_remat(text: str) -> bool | str:
 
 
 def _pair(text: str, what: str) -> tuple[str, bool | str]:
-    """'X:REMAT' -> (X, `_parse_remat(REMAT)`), or an argparse error naming the format `what`."""
+    """'X:REMAT' -> (X, `_parse_remat(REMAT)`), or an argparse error naming the format `what`
+    (e.g. 'BATCH:on|off|POLICY')."""
     head, sep, remat = text.partition(":")
     if not sep or not head:
-        raise argparse.ArgumentTypeError(f"expected {what}, e.g. 64:on, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
     return head, _parse_remat(remat)
 
 

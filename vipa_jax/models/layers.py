@@ -260,15 +260,13 @@ def attend_head_major(
     """`dot_product_attention`'s einsum implementation on head-major operands:
     -> (..., H, Lq, D). `softmax`: see `check_softmax`."""
     dtype = dtype or qh.dtype
-    normalized = check_softmax(softmax) != "deferred"
     qh = qh / jnp.sqrt(jnp.asarray(qh.shape[-1], dtype=qh.dtype))
     logits = qh @ jnp.swapaxes(kh, -1, -2)  # (..., H, Lq, Lk)
     weights, total = attention_weights(
         logits, bias=bias, mask=mask, dropout_rate=dropout_rate, dropout_rng=dropout_rng,
-        deterministic=deterministic, dtype=dtype, normalized=normalized,
-        rounded=softmax == "compact")
+        deterministic=deterministic, dtype=dtype, softmax=softmax)
     out = weights @ vh.astype(dtype)  # (..., H, Lq, D)
-    return out.astype(dtype) if normalized else (out / total).astype(dtype)
+    return out.astype(dtype) if total is None else (out / total).astype(dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -310,24 +308,24 @@ def attention_weights(
     dropout_rng: Array | None = None,
     deterministic: bool = True,
     dtype: Dtype = jnp.float32,
-    normalized: bool = False,
-    rounded: bool = False,
+    softmax: str = "deferred",
 ) -> tuple[Array, Array | None]:
     """The softmax of (logits + bias, masked) before its division, in float32:
     (E = exp(logits − row max) after attention dropout, cast to `dtype`; Σ_k E before dropout,
     (..., H, Lq, 1), float32). softmax·V = (E·V) / Σ: dividing the (Lq, D) product instead of
     the (Lq, Lk) weights saves a pass over them (Swin-B's window attention: −40%,
     benchmarks/README.md).
-    `normalized`: (softmax after attention dropout, cast to `dtype`; None) instead; with
-    `rounded`, the softmax is `softmax_rounded` (its backward from the `dtype` weights)."""
+    `softmax` 'normalized': (softmax after attention dropout, cast to `dtype`; None) instead;
+    'compact': the same with `softmax_rounded` (its backward from the `dtype` weights)."""
     logits = logits.astype(jnp.float32)
     if bias is not None:
         logits = logits + bias.astype(jnp.float32)
     if mask is not None:
         logits = jnp.where(mask, logits, _MASK_VALUE)
-    if normalized and rounded:
+    softmax = check_softmax(softmax)
+    if softmax == "compact":
         weights, total = softmax_rounded(logits, jnp.dtype(dtype)), None
-    elif normalized:
+    elif softmax == "normalized":
         weights, total = jax.nn.softmax(logits, axis=-1), None
     else:
         weights = jnp.exp(logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True)))

@@ -326,18 +326,25 @@ class SwinStage(nn.Module):
     qkv_projection: str = "auto"
     scan_blocks: bool = False  # scan the block pairs of a stage with at least two pairs
 
+    @property
+    def rates(self) -> tuple[float, ...]:
+        """The drop-path rate of each block (all 0 when `drop_path_rates` is empty)."""
+        rates = tuple(self.drop_path_rates) or (0.0,) * self.depth
+        if len(rates) != self.depth:
+            raise ValueError(f"{len(rates)} drop_path_rates for a stage of depth {self.depth}")
+        return rates
+
     def block(self, j: int, *, bound: bool = True) -> nn.Module:
         """Block j (shifted when j is odd), a child `blocks_{j}`, or unbound (`bound=False`: a
         module to `apply` to block j's parameters)."""
         # static_argnums counts `self` as 0, so 2 is `deterministic`.
         block_cls = maybe_remat(SwinBlock, self.remat, static_argnums=(2,))
-        rates = tuple(self.drop_path_rates) or (0.0,) * self.depth
         return block_cls(
             num_heads=self.num_heads,
             window_size=self.window_size,
             shift_size=0 if j % 2 == 0 else self.window_size // 2,
             mlp_ratio=self.mlp_ratio,
-            drop_path=rates[j],
+            drop_path=self.rates[j],
             always_partition=self.always_partition,
             layer_norm_eps=self.layer_norm_eps,
             dtype=self.dtype,
@@ -349,26 +356,25 @@ class SwinStage(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, deterministic: bool = True) -> Array:
-        rates = tuple(self.drop_path_rates) or (0.0,) * self.depth
-        if len(rates) != self.depth:
-            raise ValueError(f"{len(rates)} drop_path_rates for a stage of depth {self.depth}")
-        pairs = self.depth // 2 if self.scan_blocks and not self.is_initializing() else 0
-        if pairs >= 2:
-            x = self.scan_block_pairs(x, pairs, rates, deterministic)
-        for j in range(2 * pairs if pairs >= 2 else 0, self.depth):
+        self.rates  # noqa: B018 - checks drop_path_rates before anything runs
+        scan = self.scan_blocks and self.depth >= 4 and not self.is_initializing()
+        pairs = self.depth // 2 if scan else 0  # init runs unrolled: it makes `blocks_{j}`
+        if pairs:
+            x = self.scan_block_pairs(x, pairs, deterministic)
+        for j in range(2 * pairs, self.depth):
             x = self.block(j)(x, deterministic)
         return x
 
-    def scan_block_pairs(self, x: Array, pairs: int, rates: Sequence[float],
-                         deterministic: bool) -> Array:
+    def scan_block_pairs(self, x: Array, pairs: int, deterministic: bool) -> Array:
         """Blocks 0 .. 2·pairs − 1 as a `lax.scan` over the pairs (blocks 2i, 2i + 1), their
         `blocks_{j}` parameters stacked: (B, H, W, C) -> (B, H, W, C)."""
         params = self.variables["params"]
         stacked = jax.tree.map(lambda *p: jnp.stack(p), *[  # leaves (pairs, ...)
             (params[f"blocks_{2 * i}"], params[f"blocks_{2 * i + 1}"]) for i in range(pairs)])
-        pair_rates = jnp.asarray(rates[:2 * pairs], jnp.float32).reshape(pairs, 2)
+        rates = self.rates[:2 * pairs]
+        pair_rates = jnp.asarray(rates, jnp.float32).reshape(pairs, 2)
         keys = (jax.random.split(self.make_rng("dropout"), (pairs, 2))
-                if not deterministic and any(rates[:2 * pairs]) else None)
+                if not deterministic and any(rates) else None)
         blocks = (self.block(0, bound=False), self.block(1, bound=False))
 
         def pair(h: Array, xs: tuple[Any, Array, Array | None]) -> tuple[Array, None]:
