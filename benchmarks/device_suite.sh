@@ -93,9 +93,12 @@ export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/vipa_jax-xla-
 # tarball AUTOTUNE_SEED (default benchmarks/results/autotune-<GPU>.tgz, if there) and leaves
 # it as $OUT/autotune-cache.tgz: commit that as the seed, and the next lease on the same GPU
 # and jax version skips the autotuning it did (results for other fusions are just not used).
+# Both flags name the folder: XLA's newer autotuner (jax 0.11.2 on the H200 lease) reads and
+# writes only `xla_gpu_experimental_autotuner_cache_dir`, and left the per-fusion folder empty.
 AUTOTUNE_DIR=${AUTOTUNE_CACHE_DIR:-/tmp/vipa_jax-autotune}
 if [[ ${SUITE_QUICK:-0} != 1 ]]; then
   export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_per_fusion_autotune_cache_dir=$AUTOTUNE_DIR"
+  XLA_FLAGS+=" --xla_gpu_experimental_autotuner_cache_dir=$AUTOTUNE_DIR"
 fi
 
 # cmd NAME [ARGS...]: exec the step's command (with ARGS appended); `bash $SELF __cmd NAME` runs

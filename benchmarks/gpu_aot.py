@@ -291,7 +291,7 @@ def compile_variant(cfg: Any, batch: int, device: Any, bandwidth: float | None =
     import jax
     from jax.sharding import SingleDeviceSharding
 
-    from benchmarks.input_pipeline import train_step_setup
+    from benchmarks.input_pipeline import step_compiler_options, train_step_setup
     from vipa_jax.backend import compiling_for
 
     sharding = SingleDeviceSharding(device)
@@ -304,7 +304,8 @@ def compile_variant(cfg: Any, batch: int, device: Any, bandwidth: float | None =
         step, state, data = train_step_setup(cfg, batch)
         key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=sharding)
         compiled, info = common.compile_jax(step, abstract(state), abstract(data), key,
-                                            donate_argnums=(0,))
+                                            donate_argnums=(0,),
+                                            compiler_options=step_compiler_options(cfg))
     hlo = compiled.as_text()
     if hlo_path:
         with open(hlo_path, "w") as f:

@@ -413,7 +413,7 @@ def test_device_suite_gpu_command_lines(tmp_path: Path) -> None:
     """The suite's GPU branch (not run by the quick CPU check), with a stand-in for Python that
     prints what it was given: MEMORY_TARGETS reaches `--memory-targets` (memory-remat: the last
     row), train-float32 gets cuBLAS GEMMs unless F32_XLA_FLAGS says otherwise, every step gets
-    the per-fusion autotune cache, and train-ab's base is the batch-16 step without remat."""
+    the autotune cache (both of XLA's flags for it), and train-ab's base is the batch-16 step without remat."""
     stub = tmp_path / "python"
     stub.write_text('#!/bin/sh\necho "XLA_FLAGS=[$XLA_FLAGS]"; echo "ARGS=[$*]"\n')
     stub.chmod(0o755)
@@ -430,7 +430,8 @@ def test_device_suite_gpu_command_lines(tmp_path: Path) -> None:
     assert out["ARGS"].startswith("[-m benchmarks.run --device gpu --no-infer")
     assert "--memory-targets 16:off 48:off --train-at-memory-targets" in out["ARGS"]
     assert out["ARGS"].endswith("--memory-targets 48:off]")  # argparse: the last one wins
-    assert "--xla_gpu_per_fusion_autotune_cache_dir=" in out["XLA_FLAGS"]
+    for flag in ("per_fusion_autotune_cache_dir", "experimental_autotuner_cache_dir"):
+        assert f"--xla_gpu_{flag}=/tmp/vipa_jax-autotune" in out["XLA_FLAGS"]
     assert "--memory-targets 16:off 64:on " in suite("memory+train")["ARGS"]  # the default
     f32 = suite("train-float32")
     assert "--xla_gpu_enable_triton_gemm=false" in f32["XLA_FLAGS"]

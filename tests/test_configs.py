@@ -66,3 +66,24 @@ def test_compilation_cache_is_turned_on_once(tmp_path, monkeypatch) -> None:
         assert not (tmp_path / "other").exists()
     finally:
         jax.config.update("jax_compilation_cache_dir", before)
+
+
+def test_xla_options_parse_and_reject_clearly() -> None:
+    """`train.xla_options` is written as in XLA_FLAGS; values are typed as XLA wants them (a
+    bool option given the string 'false' is an XLA error), and a malformed item names the
+    field and the item."""
+    from vipa_jax.backend import parse_xla_options
+
+    assert get_base_config().train.xla_options == ""
+    assert parse_xla_options("") == {} and parse_xla_options("  \n") == {}
+    got = parse_xla_options("--xla_gpu_enable_triton_gemm=false xla_gpu_autotune_level=0\n"
+                            "--xla_dump_to=/tmp/x --xla_gpu_autotune_gemm_rtol=0.25 "
+                            "--xla_cpu_enable_fast_math=TRUE")
+    assert got == {"xla_gpu_enable_triton_gemm": False, "xla_gpu_autotune_level": 0,
+                   "xla_dump_to": "/tmp/x", "xla_gpu_autotune_gemm_rtol": 0.25,
+                   "xla_cpu_enable_fast_math": True}
+    assert type(got["xla_gpu_autotune_level"]) is int
+    for bad in ("xla_gpu_enable_triton_gemm", "--xla_gpu_enable_triton_gemm=",
+                "gpu_enable_triton_gemm=false", "--XLA_FOO=1", "-xla_foo=1"):
+        with pytest.raises(ValueError, match=r"train\.xla_options: .* is not an XLA option"):
+            parse_xla_options(f"--xla_dump_to=/tmp/x {bad}")

@@ -161,21 +161,24 @@ def _plugin_env() -> dict[str, str] | None:
 def test_deviceless_gpu_compile_quick(tmp_path: Path) -> None:
     """The tiny model's train step compiled by XLA:GPU for the H200 spec on this CPU machine:
     its kernels and XLA's memory estimate; the fused q/k/v projection launches fewer kernels
-    than the separate ones; `auto` picks the GPU's (`compiling_for`)."""
+    than the separate ones; `auto` picks the GPU's (`compiling_for`); `train.xla_options` holds
+    for the variant's program alone."""
     env = _plugin_env()
     if env is None:
         pytest.skip("XLA's CUDA plugin is not installed: `make gpu-aot-deps`")
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.gpu_aot", "--quick", "--out", str(tmp_path),
          "--variant", "separate:model.swin.qkv_projection=separate",
-         "--variant", "fused:model.swin.qkv_projection=fused", "--dump-hlo", str(tmp_path)],
+         "--variant", "fused:model.swin.qkv_projection=fused",
+         "--variant", "cublas:train.xla_options=--xla_gpu_enable_triton_gemm=false",
+         "--dump-hlo", str(tmp_path)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (path,) = tmp_path.glob("gpu_aot-*-h200-bfloat16-b2.json")
     res = json.loads(path.read_text())
     assert res["device_kind"] == "NVIDIA H200" and res["reference"] == "base"
     v = res["variants"]
-    for name in ("base", "separate", "fused"):
+    for name in ("base", "separate", "fused", "cublas"):
         assert "error" not in v[name], v[name]
         assert v[name]["kernels"] > 100 and v[name]["memory_gib"] > 0
         assert v[name]["kernel_groups"]["gemm"] > 10
@@ -188,6 +191,10 @@ def test_deviceless_gpu_compile_quick(tmp_path: Path) -> None:
         assert sum(k["io_bytes"] for k in kernel_list(hlo)) == v[name]["io_bytes"]
     assert v["base"]["kernels"] == v["fused"]["kernels"]  # auto = the GPU's form
     assert v["fused"]["kernels"] < v["separate"]["kernels"]
+    # `train.xla_options` reaches the step's compile: no Triton GEMM fusions, all cuBLAS
+    triton = {n: sum(c for k, c in v[n]["kernels_by_kind"].items() if k.startswith("gemm_fusion"))
+              for n in ("base", "cublas")}
+    assert triton["base"] > 10 and triton["cublas"] == 0, triton
 
 
 def test_results_markdown_lists_the_newest_gpu_aot_run(tmp_path: Path) -> None:

@@ -217,6 +217,21 @@ def test_loop_skips_nan_when_configured(tmp_path):
     assert np.isfinite(rows[-1]["train/loss"])
 
 
+def test_loop_compiles_the_step_with_train_xla_options(tmp_path):
+    """`train.xla_options` reaches the train step's compile, and only that program's: XLA's
+    per-program dump option writes the step and nothing else; a malformed item stops the run
+    before it builds anything."""
+    cfg = _standin.loop_config(total_steps=2, every_steps=0)
+    cfg.train.xla_options = "--xla_dump_to=" + str(tmp_path / "dump")
+    loop.train_and_evaluate(cfg, tmp_path / "run")
+    dumped = {p.name.split(".")[1] for p in (tmp_path / "dump").iterdir()}
+    assert dumped == {"jit_train_step"}, dumped
+    cfg.train.xla_options = "--xla_gpu_enable_triton_gemm"
+    with pytest.raises(ValueError, match="train.xla_options: '--xla_gpu_enable_triton_gemm'"):
+        loop.train_and_evaluate(cfg, tmp_path / "bad")
+    assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
 FIXTURE_BERT = ROOT / "tests" / "fixtures" / "tiny_bert_flax"
 
 

@@ -6,7 +6,8 @@ and q/k/v projection (`models.layers`), the decoder's 3×3 convolution (`models.
 the train step's non-finite guard (`train.step`); Swin's relative-position bias keeps its
 gradient apart (`models.swin`) on every backend but the CPU.
 
-Also JAX's persistent compilation cache for the command-line tools (`enable_compilation_cache`).
+Also JAX's persistent compilation cache for the command-line tools (`enable_compilation_cache`),
+and XLA options for one program (`parse_xla_options`: `train.xla_options`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 from collections.abc import Iterator
 
 import jax
@@ -60,3 +62,40 @@ def enable_compilation_cache(path: str | None = DEFAULT_COMPILATION_CACHE_DIR) -
         return None
     jax.config.update("jax_compilation_cache_dir", folder)
     return folder
+
+
+_XLA_OPTION = re.compile(r"xla_[a-z0-9_]+")
+XlaOptionValue = bool | int | float | str
+
+
+def parse_xla_options(text: str, field: str = "train.xla_options") -> dict[str, XlaOptionValue]:
+    """XLA options for one program, written as in `XLA_FLAGS`, -> `jax.jit(compiler_options=)`.
+
+    ``"--xla_gpu_enable_triton_gemm=false --xla_gpu_autotune_level=0"`` ->
+    ``{"xla_gpu_enable_triton_gemm": False, "xla_gpu_autotune_level": 0}``: whitespace-separated
+    ``[--]name=value`` items; true/false become bools, numbers ints or floats, anything else
+    stays a string. Unlike `XLA_FLAGS`, which holds for every program of the process, these
+    hold for the one program compiled with them, and they are part of its compilation-cache
+    key. A malformed item is a ValueError naming `field`; XLA rejects an unknown option name
+    when it compiles.
+    """
+    out: dict[str, XlaOptionValue] = {}
+    for item in str(text or "").split():
+        name, eq, value = item.removeprefix("--").partition("=")
+        if not eq or not _XLA_OPTION.fullmatch(name) or not value:
+            raise ValueError(f"{field}: {item!r} is not an XLA option `[--]xla_name=value`, "
+                             "e.g. '--xla_gpu_enable_triton_gemm=false'")
+        out[name] = _option_value(value)
+    return out
+
+
+def _option_value(text: str) -> XlaOptionValue:
+    """'true'/'false' -> bool, '3' -> 3, '0.5' -> 0.5, anything else the string itself."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text

@@ -147,6 +147,10 @@ def get_base_config() -> ml_collections.ConfigDict:
     # How the gradient norm is summed: auto | per_leaf | grouped (`train.optim.global_norm`;
     # auto = per leaf on CPU, one reduction per distinct leaf shape elsewhere).
     c.train.grad_norm = "auto"
+    # XLA options for the train step alone, written as in XLA_FLAGS, e.g.
+    # "--xla_gpu_enable_triton_gemm=false" (cuBLAS for every GEMM); "" = XLA's defaults
+    # (`backend.parse_xla_options`; part of the step's compilation-cache key).
+    c.train.xla_options = ""
     c.train.init_swin = ""  # official .pth or HF folder/safetensors; "" = random
     c.train.init_bert = ""  # HF folder (safetensors or flax_model.msgpack); "minilm"; "" = random
     c.train.swin_params_path = "encoder/backbone"  # where init_swin lands in the param tree

@@ -27,6 +27,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from vipa_jax.backend import parse_xla_options
 from vipa_jax.train import optim as optim_lib
 from vipa_jax.train import sharding as shd
 from vipa_jax.train import step as step_lib
@@ -300,6 +301,7 @@ def train_and_evaluate(
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
+    xla_options = parse_xla_options(config.train.get("xla_options", ""))  # errors first
     mesh = shd.make_mesh(config.sharding.mesh_shape)
     global_batch = int(config.train.batch_size)
     per_host = shd.check_global_batch(global_batch, mesh)
@@ -358,7 +360,7 @@ def train_and_evaluate(
                                  micro_batch_sharding=batch_sh,
                                  finite_guard=config.train.get("finite_guard", "auto"),
                                  grad_norm=config.train.get("grad_norm", "auto")),
-        state_sh, batch_sh, rep)
+        state_sh, batch_sh, rep, compiler_options=xla_options)
     base_rng = jax.make_array_from_process_local_data(rep, np.asarray(base_rng))
 
     # --- loop ----------------------------------------------------------------------------

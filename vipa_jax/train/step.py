@@ -207,10 +207,13 @@ def make_train_step(
 
 
 def jit_train_step(step_fn: Callable, state_sharding: Any, batch_sharding: Any,
-                   rng_sharding: Any) -> Callable:
-    """``jax.jit`` with explicit in/out shardings and the state donated."""
+                   rng_sharding: Any, compiler_options: dict[str, Any] | None = None,
+                   ) -> Callable:
+    """``jax.jit`` with explicit in/out shardings and the state donated; `compiler_options`:
+    XLA options for this program (`backend.parse_xla_options` of ``train.xla_options``)."""
     return jax.jit(step_fn, in_shardings=(state_sharding, batch_sharding, rng_sharding),
-                   out_shardings=(state_sharding, rng_sharding), donate_argnums=(0,))
+                   out_shardings=(state_sharding, rng_sharding), donate_argnums=(0,),
+                   compiler_options=compiler_options or None)
 
 
 def make_predict_fn(model: Any) -> Callable[[TrainState, Batch], dict[str, jax.Array]]:
