@@ -228,3 +228,75 @@ def test_profile_quick(tmp_path: Path) -> None:
     assert sum(r["ms"] for r in res["by_module"]) == pytest.approx(res["op_time_ms"], rel=1e-6)
     # the Swin stages do most of the encoder's work even in the tiny model
     assert any(r["name"] == "encoder/backbone.run_stage" for r in res["by_module"])
+
+
+XLA_TIMER_LOG = """\
+I1204 23:38:13.1 9968 hlo_pass_pipeline.cc:303] Running HLO pass pipeline on module jit_step: opt
+I1204 23:38:13.2 9968 hlo_pass_pipeline.cc:181]   HLO pass algsimp
+I1204 23:38:13.3 9968 hlo_pass_pipeline.cc:176] HLO pass: algsimp time: 250 us (250 us) (cumulati
+I1204 23:38:13.4 9968 hlo_pass_pipeline.cc:176] HLO pass: cse time: 1.5 ms (1500 us) (cumulative
+I1204 23:38:13.5 9968 hlo_pass_pipeline.cc:303] Running HLO pass pipeline on module fused.7: fusion
+I1204 23:38:13.6 9968 hlo_pass_pipeline.cc:176] HLO pass: algsimp time: 2 s (2000000 us) (cumul
+I1204 23:38:13.7 9968 hlo_pass_pipeline.cc:303] Running HLO pass pipeline on module jit_step: fusion
+I1204 23:38:13.8 9968 hlo_pass_pipeline.cc:176] HLO pass: priority-fusion time: 1.02 min (61199421
+I1204 23:38:13.9 9968 hlo_pass_pipeline.cc:176] HLO pass: algsimp time: 750 us (750 us) (cumulat
+I1204 23:39:23.3 9968 gpu_compiler.cc:2152] GpuCompiler::RunHloPasses for jit_step time: 1.17 min (
+I1204 23:39:23.4 9968 cpu_compiler.cc:2094] Compiling [jit_other] for CPU using JIT time: 29 ms (28
+I1204 23:39:23.5 9968 cpu_compiler.cc:1215] CpuCompiler - Running LLVM verifier time: 10 us (10
+I1204 23:40:23.4 9968 gpu_compiler.cc:2817] GpuCompiler::RunBackend for jit_step time: 2 s (2000
+I1204 23:40:24.0 9968 hlo_pass_pipeline.cc:303] Running HLO pass pipeline on module jit_step: opt
+I1204 23:40:24.1 9968 hlo_pass_pipeline.cc:176] HLO pass: cse time: 3 ms (3000 us) (cumulative
+I1204 23:40:25.4 9968 gpu_compiler.cc:2817] GpuCompiler::RunBackend for jit_step time: 4 s (4000
+"""
+
+
+def test_compile_phases_parses_xla_timers() -> None:
+    """Pass times per module and pipeline (a nested module's passes apart), phases by timer
+    label with the module named in it, a program compiled twice as two entries, units from ns
+    to min."""
+    from benchmarks.compile_phases import parse_log, pick, seconds
+
+    mods = parse_log(XLA_TIMER_LOG.splitlines())
+    step = mods["jit_step"]
+    assert step.passes == {"algsimp": pytest.approx(1e-3), "cse": pytest.approx(1.5e-3),
+                           "priority-fusion": pytest.approx(61.2)}
+    assert step.pipelines == {"opt": pytest.approx(1.75e-3), "fusion": pytest.approx(61.20075)}
+    assert step.pass_runs == 4 and step.pass_total == pytest.approx(61.2025)
+    # a timer that names no module is the current one's (the last pipeline's): the verifier
+    assert step.phases == {"GpuCompiler::RunHloPasses for <module>": pytest.approx(70.2),
+                           "CpuCompiler - Running LLVM verifier": pytest.approx(1e-5),
+                           "GpuCompiler::RunBackend for <module>": 2.0}
+    # the same program compiled again, after its backend phase: a second entry
+    again = mods["jit_step#2"]
+    assert again.passes == {"cse": 3e-3} and again.phases == {
+        "GpuCompiler::RunBackend for <module>": 4.0}
+    assert mods["fused.7"].passes == {"algsimp": 2.0}
+    assert mods["jit_other"].phases == {"Compiling [<module>] for CPU using JIT": 0.029}
+    assert mods["jit_other"].passes == {}
+    assert pick(mods, None) == ["jit_step"] and pick(mods, "fused") == ["fused.7"]
+    assert pick(mods, "jit_step") == ["jit_step", "jit_step#2"]
+    with pytest.raises(ValueError, match="no compiled module's name contains 'nope'"):
+        pick(mods, "nope")
+    assert seconds("3", "ns") == pytest.approx(3e-9)
+    with pytest.raises(ValueError, match="unknown time unit 'fortnight'"):
+        seconds("1", "fortnight")
+
+
+def test_compile_phases_runs_a_command_on_cpu(tmp_path: Path) -> None:
+    """The wrapper runs a JAX program with XLA's timers on and reports its module: XLA:CPU's
+    "Running HLO passes" phase is at least the sum of the passes it logged."""
+    prog = ("import jax, jax.numpy as jnp\n"
+            "def probe_fn(x):\n    return jnp.tanh(x @ x.T).sum()\n"
+            "print(jax.jit(probe_fn)(jnp.ones((32, 32))))\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.compile_phases", "--module", "jit_probe_fn", "--out",
+         str(tmp_path), "--tag", "t", "--", sys.executable, "-c", prog],
+        cwd=ROOT, env=quick_env(JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+        timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    (path,) = tmp_path.glob("compile_phases-*-t.json")
+    res = json.loads(path.read_text())
+    mod = res["modules"]["jit_probe_fn"]
+    hlo_phase = mod["phases_s"]["Running HLO passes on [<module>] for CPU"]
+    assert 0 < mod["pass_total_s"] <= hlo_phase and mod["pass_runs"] > 20
+    assert "== jit_probe_fn:" in proc.stdout and Path(res["log"]).is_file()

@@ -413,7 +413,8 @@ def test_device_suite_gpu_command_lines(tmp_path: Path) -> None:
     """The suite's GPU branch (not run by the quick CPU check), with a stand-in for Python that
     prints what it was given: MEMORY_TARGETS reaches `--memory-targets` (memory-remat: the last
     row), train-float32 gets cuBLAS GEMMs unless F32_XLA_FLAGS says otherwise, every step gets
-    the autotune cache (both of XLA's flags for it), and train-ab's base is the batch-16 step without remat."""
+    the autotune cache (both of XLA's flags for it), and train-ab's base is the batch-16 step
+    without remat."""
     stub = tmp_path / "python"
     stub.write_text('#!/bin/sh\necho "XLA_FLAGS=[$XLA_FLAGS]"; echo "ARGS=[$*]"\n')
     stub.chmod(0o755)

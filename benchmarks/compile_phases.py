@@ -1,0 +1,183 @@
+"""Where XLA's compile time goes: per HLO pass, per pass pipeline and per compiler phase.
+
+``python -m benchmarks.compile_phases [--module SUBSTR] [--top N] [--tag T] -- COMMAND...``
+runs COMMAND (e.g. ``python -m benchmarks.gpu_aot --batch 16``) with XLA's pass timers logged
+(``TF_CPP_VMODULE=hlo_pass_pipeline=1,gpu_compiler=1,cpu_compiler=1``), keeps that log in
+``benchmarks/results/compile_phases-<machine>[-<tag>].log``, and prints, for each compiled HLO
+module whose name contains SUBSTR (default: the one with the most pass time), its compiler
+phases (XLA:GPU: ``GpuCompiler::RunHloPasses``, ``RunBackend``; XLA:CPU: "Running HLO passes",
+"Compiling ... using JIT"), its pass pipelines and its slowest passes, in seconds. The table
+goes to ``compile_phases-<machine>[-<tag>].json`` too. ``--log FILE`` reads a log written
+before instead of running anything. COMMAND's exit status is this script's.
+
+XLA writes one line per pass it runs (``HLO pass: NAME time: 45.5 s (45520515 us)``) and one per
+scoped timer; a pass belongs to the module named by the last "Running HLO pass pipeline on
+module M: PIPELINE" line before it. Passes that run on nested computations (e.g. each Triton
+fusion's own pipeline) count under their own small modules, not the program's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterable
+from typing import Any
+
+from benchmarks import common
+
+VMODULE = "hlo_pass_pipeline=1,gpu_compiler=1,cpu_compiler=1"
+
+_UNIT_S = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0, "min": 60.0, "h": 3600.0}
+_PIPELINE = re.compile(r"Running HLO pass pipeline on module (\S+): (.*?)\s*$")
+_PASS = re.compile(r"HLO pass: (\S+) time: ([0-9.]+) ?([a-z]+) ")
+_TIMER = re.compile(r"\] (.+?) time: ([0-9.]+) ?([a-z]+) \(")
+_MODULE_IN_TIMER = re.compile(r"(?:for |on \[|Compiling \[)(\w[\w.\-]*)")
+
+
+@dataclasses.dataclass
+class ModuleTimes:
+    """One HLO module's compile time by pass, pass pipeline and compiler phase (seconds)."""
+
+    passes: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+    pipelines: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+    phases: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+    pass_runs: int = 0
+
+    @property
+    def pass_total(self) -> float:
+        return sum(self.passes.values())
+
+    def as_dict(self, top: int) -> dict[str, Any]:
+        return {"pass_total_s": self.pass_total, "pass_runs": self.pass_runs,
+                "phases_s": dict(self.phases.most_common()),
+                "pipelines_s": dict(self.pipelines.most_common(top)),
+                "passes_s": dict(self.passes.most_common(top))}
+
+
+def seconds(value: str, unit: str) -> float:
+    """XLA's printed duration ('45.5', 's') -> seconds; a ValueError for an unknown unit."""
+    if unit not in _UNIT_S:
+        raise ValueError(f"unknown time unit {unit!r} in XLA's log")
+    return float(value) * _UNIT_S[unit]
+
+
+# The phase that ends a compile: a module of the same name compiled again is a new entry
+_LAST_PHASES = ("RunBackend", "using JIT")
+
+
+def parse_log(lines: Iterable[str]) -> dict[str, ModuleTimes]:
+    """XLA's timer log -> {module name: its times}, in the order the modules first appear. The
+    same program compiled again (e.g. `gpu_aot`'s variants, all `jit_train_step`) gets its own
+    entry, `name#2`, `name#3`, ..., once the compile before it has finished."""
+    modules: dict[str, ModuleTimes] = {}
+    current: dict[str, str] = {}  # module name -> the key of its latest compile
+    finished: set[str] = set()
+    module, pipeline = None, None
+    for line in lines:
+        if m := _PIPELINE.search(line):
+            name, pipeline = m.group(1), m.group(2)
+            if name not in current or current[name] in finished:
+                n = sum(1 for k in modules if k == name or k.startswith(name + "#"))
+                current[name] = name if n == 0 else f"{name}#{n + 1}"
+            module = current[name]
+            modules.setdefault(module, ModuleTimes())
+        elif m := _PASS.search(line):
+            if module is None:
+                continue
+            t = seconds(m.group(2), m.group(3))
+            times = modules[module]
+            times.passes[m.group(1)] += t
+            times.pipelines[pipeline or "?"] += t
+            times.pass_runs += 1
+        elif m := _TIMER.search(line):
+            label = m.group(1).strip()
+            named = _MODULE_IN_TIMER.search(label)
+            if named:
+                label = label.replace(named.group(1), "<module>")
+            owner = current.get(named.group(1), named.group(1)) if named else module
+            if owner is None:
+                continue
+            modules.setdefault(owner, ModuleTimes()).phases[label] += seconds(m.group(2),
+                                                                              m.group(3))
+            if any(p in label for p in _LAST_PHASES):
+                finished.add(owner)
+    return modules
+
+
+def pick(modules: dict[str, ModuleTimes], substr: str | None) -> list[str]:
+    """The modules to report: those whose name contains `substr`, else the one with the most
+    pass time; a ValueError naming the modules seen when none matches."""
+    if not modules:
+        raise ValueError("XLA's log has no pass timers: was anything compiled?")
+    if substr is None:
+        return [max(modules, key=lambda n: modules[n].pass_total)]
+    names = [n for n in modules if substr in n]
+    if not names:
+        seen = sorted(modules, key=lambda n: -modules[n].pass_total)[:10]
+        raise ValueError(f"no compiled module's name contains {substr!r}; the largest: {seen}")
+    return names
+
+
+def report(name: str, times: ModuleTimes, top: int) -> None:
+    print(f"== {name}: {times.pass_total:.2f} s in {times.pass_runs} pass runs")
+    for title, counter, n in (("phase", times.phases, None), ("pipeline", times.pipelines, top),
+                              ("pass", times.passes, top)):
+        rows = [[k, v] for k, v in counter.most_common(n)]
+        if rows:
+            common.print_table(rows, [title, "s"])
+
+
+def run_logged(command: list[str], log_path: str) -> int:
+    """Run `command` with XLA's pass timers on, its stderr into `log_path` -> its exit status."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="0")
+    env["TF_CPP_VMODULE"] = ",".join(v for v in (env.get("TF_CPP_VMODULE"), VMODULE) if v)
+    with open(log_path, "w") as log:
+        return subprocess.run(command, env=env, stderr=log).returncode
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    command: list[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, command = argv[:i], argv[i + 1:]
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                usage="%(prog)s [options] (-- COMMAND... | --log FILE)")
+    p.add_argument("--module", default=None, help="report the modules whose name contains this")
+    p.add_argument("--top", type=int, default=15, help="pipelines and passes listed (15)")
+    p.add_argument("--log", default=None, help="parse this log instead of running COMMAND")
+    p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    p.add_argument("--tag", default="", help="appended to the result's file name")
+    args = p.parse_args(argv)
+    if bool(command) == bool(args.log):
+        p.error("give either a COMMAND after `--` or --log FILE")
+    status = 0
+    if command:
+        log_path = common.result_path("compile_phases", args.out, args.tag)[:-5] + ".log"
+        os.makedirs(os.path.dirname(log_path), exist_ok=True)
+        status = run_logged(command, log_path)
+        print(f"XLA's log: {log_path} (the command exited with {status})")
+    else:
+        log_path = args.log
+    with open(log_path, errors="replace") as f:
+        modules = parse_log(f)
+    try:
+        names = pick(modules, args.module)
+    except ValueError as e:
+        print(f"compile_phases: {e}", file=sys.stderr)
+        return status or 1
+    for name in names:
+        report(name, modules[name], args.top)
+    result = {"command": command, "log": log_path, "exit_status": status,
+              "modules": {n: modules[n].as_dict(args.top) for n in names}}
+    print("wrote", common.write_result("compile_phases", result, args.out, args.tag))
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
