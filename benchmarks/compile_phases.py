@@ -7,8 +7,9 @@ runs COMMAND (e.g. ``python -m benchmarks.gpu_aot --batch 16``) with XLA's pass 
 module whose name contains SUBSTR (default: the one with the most pass time), its compiler
 phases (XLA:GPU: ``GpuCompiler::RunHloPasses``, ``RunBackend``; XLA:CPU: "Running HLO passes",
 "Compiling ... using JIT"), its pass pipelines and its slowest passes, in seconds. The table
-goes to ``compile_phases-<machine>[-<tag>].json`` too. ``--log FILE`` reads a log written
-before instead of running anything. COMMAND's exit status is this script's.
+goes to ``compile_phases-<machine>[-<tag>].json`` too (``--log-out`` puts the log, about 3 MB
+per paper-model train step, elsewhere). ``--log FILE`` reads a log written before instead of
+running anything. COMMAND's exit status is this script's.
 
 XLA writes one line per pass it runs (``HLO pass: NAME time: 45.5 s (45520515 us)``) and one per
 scoped timer; a pass belongs to the module named by the last "Running HLO pass pipeline on
@@ -151,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--module", default=None, help="report the modules whose name contains this")
     p.add_argument("--top", type=int, default=15, help="pipelines and passes listed (15)")
     p.add_argument("--log", default=None, help="parse this log instead of running COMMAND")
+    p.add_argument("--log-out", default=None,
+                   help="where COMMAND's log goes (default: beside the result, .log)")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     p.add_argument("--tag", default="", help="appended to the result's file name")
     args = p.parse_args(argv)
@@ -158,8 +161,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error("give either a COMMAND after `--` or --log FILE")
     status = 0
     if command:
-        log_path = common.result_path("compile_phases", args.out, args.tag)[:-5] + ".log"
-        os.makedirs(os.path.dirname(log_path), exist_ok=True)
+        log_path = args.log_out or (
+            common.result_path("compile_phases", args.out, args.tag)[:-5] + ".log")
+        os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
         status = run_logged(command, log_path)
         print(f"XLA's log: {log_path} (the command exited with {status})")
     else:
@@ -168,9 +172,9 @@ def main(argv: list[str] | None = None) -> int:
         modules = parse_log(f)
     try:
         names = pick(modules, args.module)
-    except ValueError as e:
+    except ValueError as e:  # running a command: its own status stands
         print(f"compile_phases: {e}", file=sys.stderr)
-        return status or 1
+        return status if command else 1
     for name in names:
         report(name, modules[name], args.top)
     result = {"command": command, "log": log_path, "exit_status": status,

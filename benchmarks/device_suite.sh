@@ -36,6 +36,9 @@
 #   30% less kernel I/O and 7 GiB less memory; "before:model.swin.qkv_projection=separate,
 #   train.grad_norm=per_leaf" is the program the 2026-12-04 profile measured), beside the
 #   base config, whose program is memory+train's row of that batch.
+# `COMPILE_PHASES=1` runs each step under `benchmarks.compile_phases`: XLA's compile time per
+# pass, pipeline and phase (autotuning included) of every program named like
+# COMPILE_PHASES_MODULE (default jit_train_step), one `compile_phases-*-<step>.json` per step.
 # `SUITE_STEPS` picks and orders the steps (default "inference memory+train profile
 # profile-train train-float32"), so a later lease can measure what an earlier one did not.
 # Steps 1, 2 and 5 write one `run-*.json` (the later ones merge the earlier sections), steps 3
@@ -106,21 +109,26 @@ fi
 cmd() {
   local name=$1
   shift
+  local py=($PY)
+  if [[ ${COMPILE_PHASES:-0} == 1 ]]; then  # XLA's compile time per pass and phase, per step
+    py=($PY -m benchmarks.compile_phases --module "${COMPILE_PHASES_MODULE:-jit_train_step}"
+        --out "$OUT" --tag "${name//+/-}" --log-out "/tmp/compile_phases-${name//+/-}.log" -- $PY)
+  fi
   case $name in
-    inference) exec $PY -m benchmarks.run "${DEV[@]}" --no-memory --no-train --out "$OUT" "$@" ;;
-    memory+train) exec $PY -m benchmarks.run "${DEV[@]}" --no-infer --memory-dtypes bfloat16 \
+    inference) exec "${py[@]}" -m benchmarks.run "${DEV[@]}" --no-memory --no-train --out "$OUT" "$@" ;;
+    memory+train) exec "${py[@]}" -m benchmarks.run "${DEV[@]}" --no-infer --memory-dtypes bfloat16 \
       --memory-targets "${MEM_TARGETS[@]}" --train-at-memory-targets --out "$OUT" "$@" ;;
     memory-remat) cmd memory+train --memory-targets "${MEM_TARGETS[-1]}" "$@" ;;  # the last wins
-    attention) exec $PY -m benchmarks.attention "${ATTN_DEV[@]}" --train \
+    attention) exec "${py[@]}" -m benchmarks.attention "${ATTN_DEV[@]}" --train \
       ${ATTN_IMPLS:+--impls $ATTN_IMPLS} --out "$OUT" "$@" ;;
-    profile) exec $PY -m benchmarks.profile "${PROFILE_DEV[@]}" --dtype bfloat16 --out "$OUT" \
+    profile) exec "${py[@]}" -m benchmarks.profile "${PROFILE_DEV[@]}" --dtype bfloat16 --out "$OUT" \
       "$@" ;;
-    profile-train) exec $PY -m benchmarks.profile "${PROFILE_DEV[@]}" --train --dtype bfloat16 \
+    profile-train) exec "${py[@]}" -m benchmarks.profile "${PROFILE_DEV[@]}" --train --dtype bfloat16 \
       --batch "$TRAIN_BATCH" "${PROFILE_TRAIN[@]}" --out "$OUT" "$@" ;;
     train-float32) XLA_FLAGS="${XLA_FLAGS:-} ${F32_XLA_FLAGS-$F32_XLA_FLAGS_GPU}" \
-      exec $PY -m benchmarks.run "${DEV[@]}" --no-infer --no-memory \
+      exec "${py[@]}" -m benchmarks.run "${DEV[@]}" --no-infer --no-memory \
       --train-configs float32:off --no-search --train-batch 16 --out "$OUT" "$@" ;;
-    train-ab) exec $PY -m benchmarks.train_ab "${PROFILE_DEV[@]}" --dtype bfloat16 \
+    train-ab) exec "${py[@]}" -m benchmarks.train_ab "${PROFILE_DEV[@]}" --dtype bfloat16 \
       "${AB_ARGS[@]}" --out "$OUT" "$@" ;;
     *) echo "unknown command $name" >&2; exit 2 ;;
   esac

@@ -413,8 +413,8 @@ def test_device_suite_gpu_command_lines(tmp_path: Path) -> None:
     """The suite's GPU branch (not run by the quick CPU check), with a stand-in for Python that
     prints what it was given: MEMORY_TARGETS reaches `--memory-targets` (memory-remat: the last
     row), train-float32 gets cuBLAS GEMMs unless F32_XLA_FLAGS says otherwise, every step gets
-    the autotune cache (both of XLA's flags for it), and train-ab's base is the batch-16 step
-    without remat."""
+    the autotune cache (both of XLA's flags for it), train-ab's base is the batch-16 step
+    without remat, and COMPILE_PHASES=1 wraps a step in `benchmarks.compile_phases`."""
     stub = tmp_path / "python"
     stub.write_text('#!/bin/sh\necho "XLA_FLAGS=[$XLA_FLAGS]"; echo "ARGS=[$*]"\n')
     stub.chmod(0o755)
@@ -441,6 +441,11 @@ def test_device_suite_gpu_command_lines(tmp_path: Path) -> None:
     ab = suite("train-ab")["ARGS"]
     assert "-m benchmarks.train_ab --device gpu --dtype bfloat16 --batch 16 --out" in ab
     assert "--remat" not in ab
+    # COMPILE_PHASES=1: each step runs under benchmarks.compile_phases
+    ab = suite("train-ab", COMPILE_PHASES="1")["ARGS"]
+    assert ab.startswith(f"[-m benchmarks.compile_phases --module jit_train_step --out {tmp_path}"
+                         " --tag train-ab --log-out /tmp/compile_phases-train-ab.log -- ")
+    assert f" -- {stub} -m benchmarks.train_ab --device gpu" in ab
 
 
 def test_device_suite_attention_step_quick(tmp_path: Path, jax_cache: str) -> None:
