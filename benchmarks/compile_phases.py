@@ -160,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     if bool(command) == bool(args.log):
         p.error("give either a COMMAND after `--` or --log FILE")
     status = 0
+    started = common.machine_info()  # the commit COMMAND ran at, not a later one
     if command:
         log_path = args.log_out or (
             common.result_path("compile_phases", args.out, args.tag)[:-5] + ".log")
@@ -177,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         return status if command else 1
     for name in names:
         report(name, modules[name], args.top)
-    result = {"command": command, "log": log_path, "exit_status": status,
+    result = {"machine_info": started, "command": command, "log": log_path,
+              "exit_status": status,
               "modules": {n: modules[n].as_dict(args.top) for n in names}}
     print("wrote", common.write_result("compile_phases", result, args.out, args.tag))
     return status

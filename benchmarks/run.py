@@ -800,6 +800,41 @@ def _md_gpu_aot(results_dir: str) -> list[str]:
     return lines
 
 
+def _md_compile_phases(results_dir: str, passes: int = 3) -> list[str]:
+    """The newest `benchmarks.compile_phases` result per file name: each program's compiler
+    phases, its HLO pass time and its slowest passes."""
+    lines: list[str] = []
+    for path in sorted(glob.glob(os.path.join(results_dir, "compile_phases-*.json"))):
+        with open(path) as f:
+            r = json.load(f)
+        if r.get("benchmark") != "compile_phases" or not r.get("modules"):
+            continue
+        mi = r["machine_info"]
+        command = " ".join(r["command"]) if r.get("command") else f"(log {r.get('log')})"
+        lines += [
+            f"`{command}` on {mi['machine']} ({mi.get('processor', '?')}, {mi['cpu_count']} "
+            f"cores); commit `{mi['git_commit']}`"
+            + (" (with uncommitted changes)" if mi.get("git_dirty") else "")
+            + f", {mi['time_utc']}; file `benchmarks/results/{os.path.basename(path)}`.", "",
+            "| program | compiler phases | HLO passes | slowest passes |", "|---|---|---|---|"]
+        for name, m in r["modules"].items():
+            phases = ", ".join(f"{k.replace(' for <module>', '').replace('<module>', '·')} "
+                               f"{v:.1f} s"
+                               for k, v in m["phases_s"].items() if v >= 0.05) or "-"
+            slow = ", ".join(f"{k} {v:.1f} s" for k, v in list(m["passes_s"].items())[:passes])
+            lines.append(f"| {name} | {phases} | {m['pass_total_s']:.1f} s "
+                         f"({m['pass_runs']} runs) | {slow} |")
+        lines.append("")
+    if lines:
+        lines = ["## XLA compile time by phase", "",
+                 "`python -m benchmarks.compile_phases -- COMMAND`: XLA's own timers for each "
+                 "program COMMAND compiled (a program compiled again is `name#2`, ...). "
+                 "Phases are XLA's compiler stages (XLA:GPU: HLO passes, then the backend's "
+                 "kernel emission and PTX compilation; autotuning on a GPU); HLO passes: the "
+                 "sum over every pass run.", "", *lines]
+    return lines
+
+
 def _io_cell(entry: dict[str, Any]) -> str:
     """'187.7 GB (39.1 ms)': a gpu_aot variant's kernel I/O and its time at the spec's
     bandwidth; '-' for results written before gpu_aot counted it."""
@@ -841,6 +876,7 @@ def write_markdown(results_dir: str, path: str) -> str:
                 lines += ["", *_md_profile(profiles[f"{key}#{mode}"])]
         lines.append("")
     lines += _md_gpu_aot(results_dir)
+    lines += _md_compile_phases(results_dir)
     with open(path, "w") as f:
         f.write("\n".join(lines))
     return path

@@ -300,3 +300,25 @@ def test_compile_phases_runs_a_command_on_cpu(tmp_path: Path) -> None:
     hlo_phase = mod["phases_s"]["Running HLO passes on [<module>] for CPU"]
     assert 0 < mod["pass_total_s"] <= hlo_phase and mod["pass_runs"] > 20
     assert "== jit_probe_fn:" in proc.stdout and Path(res["log"]).is_file()
+
+
+def test_results_markdown_shows_compile_phases(tmp_path: Path) -> None:
+    """RESULTS.md's compile-phase table: one row per program, its phases and slowest passes."""
+    from benchmarks.common import write_result
+    from benchmarks.compile_phases import parse_log
+    from benchmarks.run import _md_compile_phases
+
+    mods = parse_log(XLA_TIMER_LOG.splitlines())
+    write_result("compile_phases", {"command": ["python", "-m", "x"], "log": "l", "exit_status": 0,
+                                    "modules": {n: mods[n].as_dict(2) for n in ("jit_step",
+                                                                                "jit_step#2")}},
+                 str(tmp_path), "t")
+    lines = _md_compile_phases(str(tmp_path))
+    assert lines[0] == "## XLA compile time by phase"
+    rows = [x for x in lines if x.startswith("| jit_step")]
+    assert rows == [
+        "| jit_step | GpuCompiler::RunHloPasses 70.2 s, GpuCompiler::RunBackend 2.0 s | 61.2 s "
+        "(4 runs) | priority-fusion 61.2 s, cse 0.0 s |",
+        "| jit_step#2 | GpuCompiler::RunBackend 4.0 s | 0.0 s (1 runs) | cse 0.0 s |"]
+    assert any(x.startswith("`python -m x` on ") for x in lines)
+    assert _md_compile_phases(str(tmp_path / "none")) == []
