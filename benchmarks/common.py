@@ -129,8 +129,10 @@ def pin_cpus(n: int) -> list[int]:
     return cpus
 
 
-def machine_info() -> dict[str, Any]:
-    """Where a number was measured: host, CPU, versions, git commit, load at the time."""
+def machine_info(devices: bool = True) -> dict[str, Any]:
+    """Where a number was measured: host, CPU, versions, git commit, load at the time.
+    `devices=False`: JAX's version only, without starting its backend (a process that only
+    launches the one measuring must not take the GPU's memory)."""
     info: dict[str, Any] = {
         "machine": machine_name(),
         "node": platform.node(),
@@ -153,9 +155,10 @@ def machine_info() -> dict[str, Any]:
         import jax
 
         info["jax"] = jax.__version__
-        info["jax_backend"] = jax.default_backend()
-        info["jax_devices"] = [str(d) for d in jax.devices()]
-        info["device_kind"] = jax.devices()[0].device_kind
+        if devices:
+            info["jax_backend"] = jax.default_backend()
+            info["jax_devices"] = [str(d) for d in jax.devices()]
+            info["device_kind"] = jax.devices()[0].device_kind
         info["jaxlib"] = _version("jaxlib")
         info["flax"] = _version("flax")
     except ImportError:  # pragma: no cover

@@ -24,6 +24,7 @@ import collections
 import dataclasses
 import os
 import re
+import signal
 import subprocess
 import sys
 from collections.abc import Iterable
@@ -133,12 +134,32 @@ def report(name: str, times: ModuleTimes, top: int) -> None:
             common.print_table(rows, [title, "s"])
 
 
+def gpu_name() -> str | None:
+    """The first GPU's name from `nvidia-smi` (None without one); CUDA is not started here."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    names = out.stdout.strip().splitlines() if out.returncode == 0 else []
+    return names[0].strip() if names else None
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)  # subprocess.run kills the command on the way out
+
+
 def run_logged(command: list[str], log_path: str) -> int:
-    """Run `command` with XLA's pass timers on, its stderr into `log_path` -> its exit status."""
+    """Run `command` with XLA's pass timers on, its stderr into `log_path` -> its exit status.
+    A SIGTERM to this process stops the command too (it must not keep the GPU)."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="0")
     env["TF_CPP_VMODULE"] = ",".join(v for v in (env.get("TF_CPP_VMODULE"), VMODULE) if v)
-    with open(log_path, "w") as log:
-        return subprocess.run(command, env=env, stderr=log).returncode
+    before = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        with open(log_path, "w") as log:
+            return subprocess.run(command, env=env, stderr=log).returncode
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,7 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     if bool(command) == bool(args.log):
         p.error("give either a COMMAND after `--` or --log FILE")
     status = 0
-    started = common.machine_info()  # the commit COMMAND ran at, not a later one
+    # the commit COMMAND ran at, not a later one; no JAX backend started here (on a GPU it
+    # would take most of the memory COMMAND measures)
+    started = common.machine_info(devices=False)
     if command:
         log_path = args.log_out or (
             common.result_path("compile_phases", args.out, args.tag)[:-5] + ".log")
@@ -178,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         return status if command else 1
     for name in names:
         report(name, modules[name], args.top)
-    result = {"machine_info": started, "command": command, "log": log_path,
+    result = {"machine_info": started, "gpu": gpu_name(), "command": command, "log": log_path,
               "exit_status": status,
               "modules": {n: modules[n].as_dict(args.top) for n in names}}
     print("wrote", common.write_result("compile_phases", result, args.out, args.tag))

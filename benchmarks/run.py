@@ -813,7 +813,7 @@ def _md_compile_phases(results_dir: str, passes: int = 3) -> list[str]:
         command = " ".join(r["command"]) if r.get("command") else f"(log {r.get('log')})"
         lines += [
             f"`{command}` on {mi['machine']} ({mi.get('processor', '?')}, {mi['cpu_count']} "
-            f"cores); commit `{mi['git_commit']}`"
+            f"cores{', ' + r['gpu'] if r.get('gpu') else ''}); commit `{mi['git_commit']}`"
             + (" (with uncommitted changes)" if mi.get("git_dirty") else "")
             + f", {mi['time_utc']}; file `benchmarks/results/{os.path.basename(path)}`.", "",
             "| program | compiler phases | HLO passes | slowest passes |", "|---|---|---|---|"]

@@ -284,7 +284,8 @@ def test_compile_phases_parses_xla_timers() -> None:
 
 def test_compile_phases_runs_a_command_on_cpu(tmp_path: Path) -> None:
     """The wrapper runs a JAX program with XLA's timers on and reports its module: XLA:CPU's
-    "Running HLO passes" phase is at least the sum of the passes it logged."""
+    "Running HLO passes" phase is at least the sum of the passes it logged. The wrapper itself
+    starts no JAX backend."""
     prog = ("import jax, jax.numpy as jnp\n"
             "def probe_fn(x):\n    return jnp.tanh(x @ x.T).sum()\n"
             "print(jax.jit(probe_fn)(jnp.ones((32, 32))))\n")
@@ -300,6 +301,10 @@ def test_compile_phases_runs_a_command_on_cpu(tmp_path: Path) -> None:
     hlo_phase = mod["phases_s"]["Running HLO passes on [<module>] for CPU"]
     assert 0 < mod["pass_total_s"] <= hlo_phase and mod["pass_runs"] > 20
     assert "== jit_probe_fn:" in proc.stdout and Path(res["log"]).is_file()
+    # the wrapper records versions without starting a JAX backend (a GPU's memory is the
+    # command's); no GPU here
+    assert res["machine_info"]["jax"] and "jax_devices" not in res["machine_info"]
+    assert res["gpu"] is None
 
 
 def test_results_markdown_shows_compile_phases(tmp_path: Path) -> None:
@@ -322,3 +327,32 @@ def test_results_markdown_shows_compile_phases(tmp_path: Path) -> None:
         "| jit_step#2 | GpuCompiler::RunBackend 4.0 s | 0.0 s (1 runs) | cse 0.0 s |"]
     assert any(x.startswith("`python -m x` on ") for x in lines)
     assert _md_compile_phases(str(tmp_path / "none")) == []
+
+
+def test_compile_phases_stops_its_command_on_sigterm(tmp_path: Path) -> None:
+    """A SIGTERM to the wrapper (the device suite's time limit) stops the command it runs."""
+    import os
+    import signal
+    import time
+
+    pid_file = tmp_path / "child.pid"
+    prog = (f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); "
+            "time.sleep(120)")
+    wrapper = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.compile_phases", "--out", str(tmp_path), "--",
+         sys.executable, "-c", prog], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while not pid_file.exists() or not pid_file.read_text():
+        assert time.time() < deadline and wrapper.poll() is None
+        time.sleep(0.05)
+    child = int(pid_file.read_text())
+    wrapper.send_signal(signal.SIGTERM)
+    assert wrapper.wait(timeout=30) == 128 + signal.SIGTERM
+    for _ in range(100):  # the child is gone (killed, then reaped by the wrapper)
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError(f"the command (pid {child}) outlived its wrapper")
