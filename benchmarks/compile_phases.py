@@ -145,21 +145,35 @@ def gpu_name() -> str | None:
     return names[0].strip() if names else None
 
 
+_INFO_LINE = re.compile(r"I\d{4} \d\d:\d\d:\d\d\.\d+\s+\d+ \S+:\d+\] ")  # XLA's (glog)
+
+
 def _exit_on_sigterm(signum: int, frame: Any) -> None:
-    raise SystemExit(128 + signum)  # subprocess.run kills the command on the way out
+    raise SystemExit(128 + signum)  # `run_logged` kills the command on the way out
 
 
 def run_logged(command: list[str], log_path: str) -> int:
-    """Run `command` with XLA's pass timers on, its stderr into `log_path` -> its exit status.
-    A SIGTERM to this process stops the command too (it must not keep the GPU)."""
+    """Run `command` with XLA's pass timers on -> its exit status. All its stderr goes to
+    `log_path`; what is not an info line of XLA's log (its tracebacks, warnings, errors) goes
+    to this process's stderr too. A SIGTERM to this process stops the command (it must not
+    keep the GPU)."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="0")
     env["TF_CPP_VMODULE"] = ",".join(v for v in (env.get("TF_CPP_VMODULE"), VMODULE) if v)
     before = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    proc = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True,
+                            errors="replace")
     try:
         with open(log_path, "w") as log:
-            return subprocess.run(command, env=env, stderr=log).returncode
+            for line in proc.stderr:  # type: ignore[union-attr]
+                log.write(line)
+                if not _INFO_LINE.match(line):
+                    sys.stderr.write(line)
+        return proc.wait()
     finally:
         signal.signal(signal.SIGTERM, before)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def main(argv: list[str] | None = None) -> int:

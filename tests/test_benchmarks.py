@@ -286,7 +286,8 @@ def test_compile_phases_runs_a_command_on_cpu(tmp_path: Path) -> None:
     """The wrapper runs a JAX program with XLA's timers on and reports its module: XLA:CPU's
     "Running HLO passes" phase is at least the sum of the passes it logged. The wrapper itself
     starts no JAX backend."""
-    prog = ("import jax, jax.numpy as jnp\n"
+    prog = ("import sys, jax, jax.numpy as jnp\n"
+            "print('probe: not an XLA line', file=sys.stderr)\n"
             "def probe_fn(x):\n    return jnp.tanh(x @ x.T).sum()\n"
             "print(jax.jit(probe_fn)(jnp.ones((32, 32))))\n")
     proc = subprocess.run(
@@ -305,6 +306,10 @@ def test_compile_phases_runs_a_command_on_cpu(tmp_path: Path) -> None:
     # command's); no GPU here
     assert res["machine_info"]["jax"] and "jax_devices" not in res["machine_info"]
     assert res["gpu"] is None
+    # the command's own stderr passes through; XLA's info lines only go to the log
+    assert "probe: not an XLA line" in proc.stderr and "HLO pass:" not in proc.stderr
+    log = Path(res["log"]).read_text()
+    assert "probe: not an XLA line" in log and "HLO pass:" in log
 
 
 def test_results_markdown_shows_compile_phases(tmp_path: Path) -> None:
