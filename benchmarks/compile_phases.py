@@ -35,9 +35,12 @@ from benchmarks import common
 VMODULE = "hlo_pass_pipeline=1,gpu_compiler=1,cpu_compiler=1"
 
 _UNIT_S = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0, "min": 60.0, "h": 3600.0}
-_PIPELINE = re.compile(r"Running HLO pass pipeline on module (\S+): (.*?)\s*$")
-_PASS = re.compile(r"HLO pass: (\S+) time: ([0-9.]+) ?([a-z]+) ")
-_TIMER = re.compile(r"\] (.+?) time: ([0-9.]+) ?([a-z]+) \(")
+# glog's prefix: level, date, time, thread id, file:line]
+_GLOG = re.compile(r"^[IWEF]\d{4} [\d:.]+\s+(\d+) [^\s:]+:\d+\] (.*?)\s*$")
+_PIPELINE = re.compile(r"Running HLO pass pipeline on module (\S+): (.*)$")
+_PASS_START = re.compile(r"HLO pass (\S.*)$")
+_PASS_END = re.compile(r"HLO pass: (.+?) time: ([0-9.]+) ?([a-z]+) ")
+_TIMER = re.compile(r"^(.+?) time: ([0-9.]+) ?([a-z]+) \(")
 _MODULE_IN_TIMER = re.compile(r"(?:for |on \[|Compiling \[)(\w[\w.\-]*)")
 
 
@@ -72,36 +75,75 @@ def seconds(value: str, unit: str) -> float:
 _LAST_PHASES = ("RunBackend", "using JIT")
 
 
+@dataclasses.dataclass
+class _Frame:
+    """A pipeline (`pipeline` set) or a pass (`name` set) running on one thread."""
+
+    module: str
+    pipeline: str | None = None
+    name: str | None = None
+    holds_pipeline: bool = False  # a pass that runs a pipeline of its own module
+
+
 def parse_log(lines: Iterable[str]) -> dict[str, ModuleTimes]:
-    """XLA's timer log -> {module name: its times}, in the order the modules first appear. The
-    same program compiled again (e.g. `gpu_aot`'s variants, all `jit_train_step`) gets its own
-    entry, `name#2`, `name#3`, ..., once the compile before it has finished."""
+    """XLA's timer log -> {module name: its times}, in the order the modules first appear.
+
+    Each thread's passes and pipelines are followed as a stack, from XLA's "Running HLO pass
+    pipeline", "HLO pass NAME" (start) and "HLO pass: NAME time:" (end) lines, so that a
+    pipeline run as a pass of another counts once (its own passes, not itself), a pass belongs
+    to the pipeline it ran in, and another module compiled inside a pass (a Triton fusion's
+    own pipeline inside priority fusion, autotuning's candidates on other threads) counts
+    apart. The same program compiled again (`gpu_aot`'s variants are all `jit_train_step`)
+    gets its own entry, `name#2`, `name#3`, ..., once the compile before it has finished.
+    """
     modules: dict[str, ModuleTimes] = {}
     current: dict[str, str] = {}  # module name -> the key of its latest compile
     finished: set[str] = set()
-    module, pipeline = None, None
+    stacks: dict[str, list[_Frame]] = collections.defaultdict(list)  # per thread id
     for line in lines:
-        if m := _PIPELINE.search(line):
-            name, pipeline = m.group(1), m.group(2)
+        g = _GLOG.match(line)
+        if not g:
+            continue
+        stack, msg = stacks[g.group(1)], g.group(2)
+        if m := _PIPELINE.search(msg):
+            name = m.group(1)
             if name not in current or current[name] in finished:
                 n = sum(1 for k in modules if k == name or k.startswith(name + "#"))
                 current[name] = name if n == 0 else f"{name}#{n + 1}"
-            module = current[name]
-            modules.setdefault(module, ModuleTimes())
-        elif m := _PASS.search(line):
-            if module is None:
+            key = current[name]
+            modules.setdefault(key, ModuleTimes())
+            while stack and stack[-1].pipeline is not None:  # a finished pipeline
+                stack.pop()
+            if stack and stack[-1].module == key:
+                stack[-1].holds_pipeline = True
+            stack.append(_Frame(key, pipeline=m.group(2)))
+        elif m := _PASS_END.search(msg):
+            name = m.group(1)
+            while stack and stack[-1].name != name:  # pipelines this pass ran
+                stack.pop()
+            if not stack:
                 continue
+            frame = stack.pop()
+            if frame.holds_pipeline:
+                continue  # its own passes counted already
+            owner = next((f for f in reversed(stack) if f.pipeline is not None), None)
             t = seconds(m.group(2), m.group(3))
-            times = modules[module]
-            times.passes[m.group(1)] += t
-            times.pipelines[pipeline or "?"] += t
+            times = modules[frame.module]
+            times.passes[name] += t
+            times.pipelines[owner.pipeline if owner else "?"] += t
             times.pass_runs += 1
-        elif m := _TIMER.search(line):
+        elif m := _PASS_START.search(msg):
+            if stack:
+                pipe = next((f for f in reversed(stack) if f.pipeline is not None), None)
+                if pipe is not None:
+                    stack.append(_Frame(pipe.module, name=m.group(1)))
+        elif m := _TIMER.search(msg):
             label = m.group(1).strip()
             named = _MODULE_IN_TIMER.search(label)
             if named:
                 label = label.replace(named.group(1), "<module>")
-            owner = current.get(named.group(1), named.group(1)) if named else module
+            here = stack[-1].module if stack else None
+            owner = current.get(named.group(1), named.group(1)) if named else here
             if owner is None:
                 continue
             modules.setdefault(owner, ModuleTimes()).phases[label] += seconds(m.group(2),
@@ -121,7 +163,8 @@ def pick(modules: dict[str, ModuleTimes], substr: str | None) -> list[str]:
     names = [n for n in modules if substr in n]
     if not names:
         seen = sorted(modules, key=lambda n: -modules[n].pass_total)[:10]
-        raise ValueError(f"no compiled module's name contains {substr!r}; the largest: {seen}")
+        raise ValueError(f"no compiled module's name contains {substr!r} (a program loaded "
+                         f"from JAX's compilation cache is not compiled); the largest: {seen}")
     return names
 
 

@@ -234,35 +234,52 @@ XLA_TIMER_LOG = """\
 I1204 23:38:13.1 9968 hlo_pass_pipeline.cc:303] Running HLO pass pipeline on module jit_step: opt
 I1204 23:38:13.2 9968 hlo_pass_pipeline.cc:181]   HLO pass algsimp
 I1204 23:38:13.3 9968 hlo_pass_pipeline.cc:176] HLO pass: algsimp time: 250 us (250 us) (cumulati
+I1204 23:38:13.3 9968 hlo_pass_pipeline.cc:181]   HLO pass simp
+I1204 23:38:13.3 9968 hlo_pass_pipeline.cc:303] Running HLO pass pipeline on module jit_step: simp
+I1204 23:38:13.3 9968 hlo_pass_pipeline.cc:181]   HLO pass cse
 I1204 23:38:13.4 9968 hlo_pass_pipeline.cc:176] HLO pass: cse time: 1.5 ms (1500 us) (cumulative
-I1204 23:38:13.5 9968 hlo_pass_pipeline.cc:303] Running HLO pass pipeline on module fused.7: fusion
-I1204 23:38:13.6 9968 hlo_pass_pipeline.cc:176] HLO pass: algsimp time: 2 s (2000000 us) (cumul
+I1204 23:38:13.4 9968 hlo_pass_pipeline.cc:181]   HLO pass dce
+I1204 23:38:13.4 9968 hlo_pass_pipeline.cc:176] HLO pass: dce time: 500 us (500 us) (cumulative
+I1204 23:38:13.4 9968 hlo_pass_pipeline.cc:176] HLO pass: simp time: 2.1 ms (2100 us) (cumulativ
+I1204 23:38:13.4 9968 hlo_pass_pipeline.cc:181]   HLO pass algsimp
+I1204 23:38:13.4 9968 hlo_pass_pipeline.cc:176] HLO pass: algsimp time: 750 us (750 us) (cumulati
 I1204 23:38:13.7 9968 hlo_pass_pipeline.cc:303] Running HLO pass pipeline on module jit_step: fusion
-I1204 23:38:13.8 9968 hlo_pass_pipeline.cc:176] HLO pass: priority-fusion time: 1.02 min (61199421
-I1204 23:38:13.9 9968 hlo_pass_pipeline.cc:176] HLO pass: algsimp time: 750 us (750 us) (cumulat
+I1204 23:38:13.7 9968 hlo_pass_pipeline.cc:181]   HLO pass priority-fusion
+I1204 23:38:13.8 9968 hlo_pass_pipeline.cc:303] Running HLO pass pipeline on module fused.7: nested
+I1204 23:38:13.8 9968 hlo_pass_pipeline.cc:181]   HLO pass algsimp
+I1204 23:38:13.8 7001 hlo_pass_pipeline.cc:303] Running HLO pass pipeline on module cand.3: tune
+I1204 23:38:13.8 7001 hlo_pass_pipeline.cc:181]   HLO pass algsimp
+I1204 23:38:13.8 9968 hlo_pass_pipeline.cc:176] HLO pass: algsimp time: 2 s (2000000 us) (cumul
+I1204 23:38:13.8 7001 hlo_pass_pipeline.cc:176] HLO pass: algsimp time: 5 ms (5000 us) (cumul
+I1204 23:38:13.9 9968 hlo_pass_pipeline.cc:176] HLO pass: priority-fusion time: 1.02 min (6119942
 I1204 23:39:23.3 9968 gpu_compiler.cc:2152] GpuCompiler::RunHloPasses for jit_step time: 1.17 min (
 I1204 23:39:23.4 9968 cpu_compiler.cc:2094] Compiling [jit_other] for CPU using JIT time: 29 ms (28
 I1204 23:39:23.5 9968 cpu_compiler.cc:1215] CpuCompiler - Running LLVM verifier time: 10 us (10
+not a log line: HLO pass: algsimp time: 9 s (9000000 us)
 I1204 23:40:23.4 9968 gpu_compiler.cc:2817] GpuCompiler::RunBackend for jit_step time: 2 s (2000
 I1204 23:40:24.0 9968 hlo_pass_pipeline.cc:303] Running HLO pass pipeline on module jit_step: opt
+I1204 23:40:24.1 9968 hlo_pass_pipeline.cc:181]   HLO pass cse
 I1204 23:40:24.1 9968 hlo_pass_pipeline.cc:176] HLO pass: cse time: 3 ms (3000 us) (cumulative
 I1204 23:40:25.4 9968 gpu_compiler.cc:2817] GpuCompiler::RunBackend for jit_step time: 4 s (4000
 """
 
 
 def test_compile_phases_parses_xla_timers() -> None:
-    """Pass times per module and pipeline (a nested module's passes apart), phases by timer
-    label with the module named in it, a program compiled twice as two entries, units from ns
+    """Pass times per module and pipeline: a pipeline run as a pass counts by its own passes,
+    once; a module compiled inside a pass (or on another thread) counts apart; phases by timer
+    label with the module named in it; a program compiled twice as two entries; units from ns
     to min."""
     from benchmarks.compile_phases import parse_log, pick, seconds
 
     mods = parse_log(XLA_TIMER_LOG.splitlines())
+    assert list(mods) == ["jit_step", "fused.7", "cand.3", "jit_other", "jit_step#2"]
     step = mods["jit_step"]
     assert step.passes == {"algsimp": pytest.approx(1e-3), "cse": pytest.approx(1.5e-3),
-                           "priority-fusion": pytest.approx(61.2)}
-    assert step.pipelines == {"opt": pytest.approx(1.75e-3), "fusion": pytest.approx(61.20075)}
-    assert step.pass_runs == 4 and step.pass_total == pytest.approx(61.2025)
-    # a timer that names no module is the current one's (the last pipeline's): the verifier
+                           "dce": pytest.approx(5e-4), "priority-fusion": pytest.approx(61.2)}
+    assert step.pipelines == {"opt": pytest.approx(1e-3), "simp": pytest.approx(2e-3),
+                              "fusion": pytest.approx(61.2)}
+    assert step.pass_runs == 5 and step.pass_total == pytest.approx(61.203)
+    # a timer that names no module is the current one's (this thread's): the verifier
     assert step.phases == {"GpuCompiler::RunHloPasses for <module>": pytest.approx(70.2),
                            "CpuCompiler - Running LLVM verifier": pytest.approx(1e-5),
                            "GpuCompiler::RunBackend for <module>": 2.0}
@@ -271,6 +288,8 @@ def test_compile_phases_parses_xla_timers() -> None:
     assert again.passes == {"cse": 3e-3} and again.phases == {
         "GpuCompiler::RunBackend for <module>": 4.0}
     assert mods["fused.7"].passes == {"algsimp": 2.0}
+    assert mods["fused.7"].pipelines == {"nested": 2.0}
+    assert mods["cand.3"].passes == {"algsimp": 5e-3}
     assert mods["jit_other"].phases == {"Compiling [<module>] for CPU using JIT": 0.029}
     assert mods["jit_other"].passes == {}
     assert pick(mods, None) == ["jit_step"] and pick(mods, "fused") == ["fused.7"]
@@ -328,7 +347,7 @@ def test_results_markdown_shows_compile_phases(tmp_path: Path) -> None:
     rows = [x for x in lines if x.startswith("| jit_step")]
     assert rows == [
         "| jit_step | GpuCompiler::RunHloPasses 70.2 s, GpuCompiler::RunBackend 2.0 s | 61.2 s "
-        "(4 runs) | priority-fusion 61.2 s, cse 0.0 s |",
+        "(5 runs) | priority-fusion 61.2 s, cse 0.0 s |",
         "| jit_step#2 | GpuCompiler::RunBackend 4.0 s | 0.0 s (1 runs) | cse 0.0 s |"]
     assert any(x.startswith("`python -m x` on ") for x in lines)
     assert _md_compile_phases(str(tmp_path / "none")) == []
