@@ -2,19 +2,19 @@
 
 ``python -m benchmarks.compile_phases [--module SUBSTR] [--top N] [--tag T] -- COMMAND...``
 runs COMMAND (e.g. ``python -m benchmarks.gpu_aot --batch 16``) with XLA's pass timers logged
-(``TF_CPP_VMODULE=hlo_pass_pipeline=1,gpu_compiler=1,cpu_compiler=1``), keeps that log in
-``benchmarks/results/compile_phases-<machine>[-<tag>].log``, and prints, for each compiled HLO
-module whose name contains SUBSTR (default: the one with the most pass time), its compiler
-phases (XLA:GPU: ``GpuCompiler::RunHloPasses``, ``RunBackend``; XLA:CPU: "Running HLO passes",
-"Compiling ... using JIT"), its pass pipelines and its slowest passes, in seconds. The table
-goes to ``compile_phases-<machine>[-<tag>].json`` too (``--log-out`` puts the log, about 3 MB
-per paper-model train step, elsewhere). ``--log FILE`` reads a log written before instead of
-running anything. COMMAND's exit status is this script's.
+(``TF_CPP_VMODULE=hlo_pass_pipeline=1,gpu_compiler=1,cpu_compiler=1``) and prints, for each
+compiled HLO module whose name contains SUBSTR (default: the one with the most pass time), its
+compiler phases (XLA:GPU: ``GpuCompiler::RunHloPasses``, ``RunBackend``; XLA:CPU: "Running
+HLO passes", "Compiling ... using JIT"), its pass pipelines and its slowest passes, in
+seconds. The table goes to ``benchmarks/results/compile_phases-<machine>[-<tag>].json``; the
+log (about 3 MB per paper-model train step) to the temp folder, or ``--log-out``. ``--log
+FILE`` reads a log written before instead of running anything. COMMAND's exit status is this
+script's.
 
-XLA writes one line per pass it runs (``HLO pass: NAME time: 45.5 s (45520515 us)``) and one per
-scoped timer; a pass belongs to the module named by the last "Running HLO pass pipeline on
-module M: PIPELINE" line before it. Passes that run on nested computations (e.g. each Triton
-fusion's own pipeline) count under their own small modules, not the program's.
+XLA writes a line when a pass starts (``HLO pass NAME``), one when it ends (``HLO pass: NAME
+time: 45.5 s (45520515 us)``), one when a pipeline starts on a module ("Running HLO pass
+pipeline on module M: PIPELINE"), and one per scoped timer (the phases). `parse_log` follows
+them per thread as a stack (see there).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterable
 from typing import Any
 
@@ -202,9 +203,13 @@ def run_logged(command: list[str], log_path: str) -> int:
     keep the GPU)."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="0")
     env["TF_CPP_VMODULE"] = ",".join(v for v in (env.get("TF_CPP_VMODULE"), VMODULE) if v)
+    try:
+        proc = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True,
+                                errors="replace")
+    except OSError as e:
+        print(f"compile_phases: cannot run {command[0]!r}: {e}", file=sys.stderr)
+        return 127
     before = signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    proc = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True,
-                            errors="replace")
     try:
         with open(log_path, "w") as log:
             for line in proc.stderr:  # type: ignore[union-attr]
@@ -231,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top", type=int, default=15, help="pipelines and passes listed (15)")
     p.add_argument("--log", default=None, help="parse this log instead of running COMMAND")
     p.add_argument("--log-out", default=None,
-                   help="where COMMAND's log goes (default: beside the result, .log)")
+                   help="where COMMAND's log goes (default: the temp folder)")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     p.add_argument("--tag", default="", help="appended to the result's file name")
     args = p.parse_args(argv)
@@ -242,10 +247,12 @@ def main(argv: list[str] | None = None) -> int:
     # would take most of the memory COMMAND measures)
     started = common.machine_info(devices=False)
     if command:
-        log_path = args.log_out or (
-            common.result_path("compile_phases", args.out, args.tag)[:-5] + ".log")
+        log_path = args.log_out or os.path.join(tempfile.gettempdir(), os.path.basename(
+            common.result_path("compile_phases", args.out, args.tag))[:-5] + ".log")
         os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
         status = run_logged(command, log_path)
+        if not os.path.exists(log_path):  # the command did not start
+            return status
         print(f"XLA's log: {log_path} (the command exited with {status})")
     else:
         log_path = args.log

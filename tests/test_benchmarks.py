@@ -353,6 +353,16 @@ def test_results_markdown_shows_compile_phases(tmp_path: Path) -> None:
     assert _md_compile_phases(str(tmp_path / "none")) == []
 
 
+def test_compile_phases_reports_a_command_that_cannot_start(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.compile_phases", "--out", str(tmp_path), "--log-out",
+         str(tmp_path / "x.log"), "--", str(tmp_path / "no-such-program")], cwd=ROOT,
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 127
+    assert "compile_phases: cannot run" in proc.stderr and "no-such-program" in proc.stderr
+    assert not list(tmp_path.iterdir())
+
+
 def test_compile_phases_stops_its_command_on_sigterm(tmp_path: Path) -> None:
     """A SIGTERM to the wrapper (the device suite's time limit) stops the command it runs."""
     import os
