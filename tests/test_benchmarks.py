@@ -311,7 +311,8 @@ def test_compile_phases_runs_a_command_on_cpu(tmp_path: Path) -> None:
             "print(jax.jit(probe_fn)(jnp.ones((32, 32))))\n")
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.compile_phases", "--module", "jit_probe_fn", "--out",
-         str(tmp_path), "--tag", "t", "--", sys.executable, "-c", prog],
+         str(tmp_path), "--tag", "t", "--log-out", str(tmp_path / "xla.log"), "--",
+         sys.executable, "-c", prog],
         cwd=ROOT, env=quick_env(JAX_PLATFORMS="cpu"), capture_output=True, text=True,
         timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -320,7 +321,7 @@ def test_compile_phases_runs_a_command_on_cpu(tmp_path: Path) -> None:
     mod = res["modules"]["jit_probe_fn"]
     hlo_phase = mod["phases_s"]["Running HLO passes on [<module>] for CPU"]
     assert 0 < mod["pass_total_s"] <= hlo_phase and mod["pass_runs"] > 20
-    assert "== jit_probe_fn:" in proc.stdout and Path(res["log"]).is_file()
+    assert "== jit_probe_fn:" in proc.stdout and res["log"] == str(tmp_path / "xla.log")
     # the wrapper records versions without starting a JAX backend (a GPU's memory is the
     # command's); no GPU here
     assert res["machine_info"]["jax"] and "jax_devices" not in res["machine_info"]
@@ -373,8 +374,8 @@ def test_compile_phases_stops_its_command_on_sigterm(tmp_path: Path) -> None:
     prog = (f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); "
             "time.sleep(120)")
     wrapper = subprocess.Popen(
-        [sys.executable, "-m", "benchmarks.compile_phases", "--out", str(tmp_path), "--",
-         sys.executable, "-c", prog], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        [sys.executable, "-m", "benchmarks.compile_phases", "--out", str(tmp_path), "--log-out",
+         str(tmp_path / "xla.log"), "--", sys.executable, "-c", prog], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 60
     while not pid_file.exists() or not pid_file.read_text():
         assert time.time() < deadline and wrapper.poll() is None
