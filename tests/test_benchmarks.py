@@ -375,7 +375,8 @@ def test_compile_phases_stops_its_command_on_sigterm(tmp_path: Path) -> None:
             "time.sleep(120)")
     wrapper = subprocess.Popen(
         [sys.executable, "-m", "benchmarks.compile_phases", "--out", str(tmp_path), "--log-out",
-         str(tmp_path / "xla.log"), "--", sys.executable, "-c", prog], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+         str(tmp_path / "xla.log"), "--", sys.executable, "-c", prog], cwd=ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 60
     while not pid_file.exists() or not pid_file.read_text():
         assert time.time() < deadline and wrapper.poll() is None
