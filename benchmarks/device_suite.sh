@@ -115,16 +115,18 @@ cmd() {
         --out "$OUT" --tag "${name//+/-}" --log-out "/tmp/compile_phases-${name//+/-}.log" -- $PY)
   fi
   case $name in
-    inference) exec "${py[@]}" -m benchmarks.run "${DEV[@]}" --no-memory --no-train --out "$OUT" "$@" ;;
-    memory+train) exec "${py[@]}" -m benchmarks.run "${DEV[@]}" --no-infer --memory-dtypes bfloat16 \
-      --memory-targets "${MEM_TARGETS[@]}" --train-at-memory-targets --out "$OUT" "$@" ;;
+    inference) exec "${py[@]}" -m benchmarks.run "${DEV[@]}" --no-memory --no-train \
+      --out "$OUT" "$@" ;;
+    memory+train) exec "${py[@]}" -m benchmarks.run "${DEV[@]}" --no-infer \
+      --memory-dtypes bfloat16 --memory-targets "${MEM_TARGETS[@]}" --train-at-memory-targets \
+      --out "$OUT" "$@" ;;
     memory-remat) cmd memory+train --memory-targets "${MEM_TARGETS[-1]}" "$@" ;;  # the last wins
     attention) exec "${py[@]}" -m benchmarks.attention "${ATTN_DEV[@]}" --train \
       ${ATTN_IMPLS:+--impls $ATTN_IMPLS} --out "$OUT" "$@" ;;
-    profile) exec "${py[@]}" -m benchmarks.profile "${PROFILE_DEV[@]}" --dtype bfloat16 --out "$OUT" \
-      "$@" ;;
-    profile-train) exec "${py[@]}" -m benchmarks.profile "${PROFILE_DEV[@]}" --train --dtype bfloat16 \
-      --batch "$TRAIN_BATCH" "${PROFILE_TRAIN[@]}" --out "$OUT" "$@" ;;
+    profile) exec "${py[@]}" -m benchmarks.profile "${PROFILE_DEV[@]}" --dtype bfloat16 \
+      --out "$OUT" "$@" ;;
+    profile-train) exec "${py[@]}" -m benchmarks.profile "${PROFILE_DEV[@]}" --train \
+      --dtype bfloat16 --batch "$TRAIN_BATCH" "${PROFILE_TRAIN[@]}" --out "$OUT" "$@" ;;
     train-float32) XLA_FLAGS="${XLA_FLAGS:-} ${F32_XLA_FLAGS-$F32_XLA_FLAGS_GPU}" \
       exec "${py[@]}" -m benchmarks.run "${DEV[@]}" --no-infer --no-memory \
       --train-configs float32:off --no-search --train-batch 16 --out "$OUT" "$@" ;;
