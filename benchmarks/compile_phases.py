@@ -86,6 +86,11 @@ class _Frame:
     holds_pipeline: bool = False  # a pass that runs a pipeline of its own module
 
 
+def _innermost_pipeline(stack: list[_Frame]) -> _Frame | None:
+    """The pipeline a thread is running its current pass in (None outside any)."""
+    return next((f for f in reversed(stack) if f.pipeline is not None), None)
+
+
 def parse_log(lines: Iterable[str]) -> dict[str, ModuleTimes]:
     """XLA's timer log -> {module name: its times}, in the order the modules first appear.
 
@@ -127,17 +132,15 @@ def parse_log(lines: Iterable[str]) -> dict[str, ModuleTimes]:
             frame = stack.pop()
             if frame.holds_pipeline:
                 continue  # its own passes counted already
-            owner = next((f for f in reversed(stack) if f.pipeline is not None), None)
+            owner = _innermost_pipeline(stack)
             t = seconds(m.group(2), m.group(3))
             times = modules[frame.module]
             times.passes[name] += t
             times.pipelines[owner.pipeline if owner else "?"] += t
             times.pass_runs += 1
         elif m := _PASS_START.search(msg):
-            if stack:
-                pipe = next((f for f in reversed(stack) if f.pipeline is not None), None)
-                if pipe is not None:
-                    stack.append(_Frame(pipe.module, name=m.group(1)))
+            if (pipe := _innermost_pipeline(stack)) is not None:
+                stack.append(_Frame(pipe.module, name=m.group(1)))
         elif m := _TIMER.search(msg):
             label = m.group(1).strip()
             named = _MODULE_IN_TIMER.search(label)

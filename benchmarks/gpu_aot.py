@@ -291,8 +291,9 @@ def compile_variant(cfg: Any, batch: int, device: Any, bandwidth: float | None =
     import jax
     from jax.sharding import SingleDeviceSharding
 
-    from benchmarks.input_pipeline import step_compiler_options, train_step_setup
+    from benchmarks.input_pipeline import train_step_setup
     from vipa_jax.backend import compiling_for
+    from vipa_jax.train.step import step_compiler_options
 
     sharding = SingleDeviceSharding(device)
 

@@ -143,14 +143,6 @@ def train_step_flops(cfg: Any, batch: int) -> float:
     return 2.0 * common.count_macs(fn, state, data, jax.random.key(1))
 
 
-def step_compiler_options(cfg: Any) -> dict[str, Any] | None:
-    """The train step's XLA options from `cfg.train.xla_options` (None: XLA's defaults), as
-    `train.py` compiles it with them."""
-    from vipa_jax.backend import parse_xla_options
-
-    return parse_xla_options(cfg.train.get("xla_options", "")) or None
-
-
 def compile_train_step(cfg: Any, batch: int) -> tuple[Callable[[], Any], Any, dict[str, Any]]:
     """The train step of `train_step_setup`, compiled with the state donated and the batch on
     the device -> (call, compiled, compile info). `call()` runs one step on the state the last
@@ -159,6 +151,7 @@ def compile_train_step(cfg: Any, batch: int) -> tuple[Callable[[], Any], Any, di
     import jax
 
     from benchmarks import common
+    from vipa_jax.train.step import step_compiler_options
 
     step_fn, state, data = train_step_setup(cfg, batch)
     data, key = jax.device_put(data), jax.random.key(1)  # no host transfer in the timings

@@ -678,6 +678,12 @@ def _md_table(rows: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+def _md_commit(mi: dict[str, Any]) -> str:
+    """A result's commit for RESULTS.md: '`abc1234`', '(with uncommitted changes)' added when
+    the tree was dirty."""
+    return f"`{mi['git_commit']}`" + (" (with uncommitted changes)" if mi.get("git_dirty") else "")
+
+
 def _md_section(r: dict[str, Any]) -> list[str]:
     mi = r["machine_info"]
     versions = ", ".join(f"{k} {mi[k]}" for k in ("python", "jax", "jaxlib", "flax", "torch")
@@ -688,9 +694,8 @@ def _md_section(r: dict[str, Any]) -> list[str]:
            + f", {mi.get('cpu_isa', 'vector ISA not recorded')}, {mi['cpus_used']} of "
            f"{mi['cpu_count']} CPUs)"
            if r["backend"] == "cpu" else f" (host: {mi['processor']})") + ".",
-        f"Versions: {versions}. Commit `{mi['git_commit']}`"
-        + (" (with uncommitted changes)" if mi.get("git_dirty") else "")
-        + f", {mi['time_utc']}; file `benchmarks/results/{r['_file']}`.",
+        f"Versions: {versions}. Commit {_md_commit(mi)}, {mi['time_utc']}; "
+        f"file `benchmarks/results/{r['_file']}`.",
         f"Config `{r['config']}`; {r['iters']} timed runs per figure; command: "
         f"`{r['command']}`.",
         f"Load at the start (1-min load average, other busy processes): "
@@ -776,8 +781,7 @@ def _md_gpu_aot(results_dir: str) -> list[str]:
         mi = r["machine_info"]
         lines += [
             f"{r['device_kind']} spec (`{r['target']}`), `{r['config']}`, batch {r['batch']}, "
-            f"{r['dtype']}, remat {'on' if r['remat'] else 'off'}; commit `{mi['git_commit']}`"
-            + (" (with uncommitted changes)" if mi.get("git_dirty") else "")
+            f"{r['dtype']}, remat {'on' if r['remat'] else 'off'}; commit {_md_commit(mi)}"
             + (f"; `XLA_FLAGS={r['xla_flags']}`" if r.get("xla_flags") else "")
             + f", {mi['time_utc']}; file `benchmarks/results/{r['_file']}`.", "",
             "| variant | overrides | kernels | vs " + str(r["reference"]) + " | GEMM | cuDNN "
@@ -801,8 +805,8 @@ def _md_gpu_aot(results_dir: str) -> list[str]:
 
 
 def _md_compile_phases(results_dir: str, passes: int = 3) -> list[str]:
-    """The newest `benchmarks.compile_phases` result per file name: each program's compiler
-    phases, its HLO pass time and its slowest passes."""
+    """Every `benchmarks.compile_phases` result: each program's compiler phases, its HLO pass
+    time and its slowest passes."""
     lines: list[str] = []
     for path in sorted(glob.glob(os.path.join(results_dir, "compile_phases-*.json"))):
         with open(path) as f:
@@ -813,9 +817,8 @@ def _md_compile_phases(results_dir: str, passes: int = 3) -> list[str]:
         command = " ".join(r["command"]) if r.get("command") else f"(log {r.get('log')})"
         lines += [
             f"`{command}` on {mi['machine']} ({mi.get('processor', '?')}, {mi['cpu_count']} "
-            f"cores{', ' + r['gpu'] if r.get('gpu') else ''}); commit `{mi['git_commit']}`"
-            + (" (with uncommitted changes)" if mi.get("git_dirty") else "")
-            + f", {mi['time_utc']}; file `benchmarks/results/{os.path.basename(path)}`.", "",
+            f"cores{', ' + r['gpu'] if r.get('gpu') else ''}); commit {_md_commit(mi)}, "
+            f"{mi['time_utc']}; file `benchmarks/results/{os.path.basename(path)}`.", "",
             "| program | compiler phases | HLO passes | slowest passes |", "|---|---|---|---|"]
         for name, m in r["modules"].items():
             phases = ", ".join(f"{k.replace(' for <module>', '').replace('<module>', '·')} "

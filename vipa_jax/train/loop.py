@@ -27,7 +27,6 @@ from typing import Any
 import jax
 import numpy as np
 
-from vipa_jax.backend import parse_xla_options
 from vipa_jax.train import optim as optim_lib
 from vipa_jax.train import sharding as shd
 from vipa_jax.train import step as step_lib
@@ -301,7 +300,7 @@ def train_and_evaluate(
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
-    xla_options = parse_xla_options(config.train.get("xla_options", ""))  # errors first
+    xla_options = step_lib.step_compiler_options(config)  # errors first
     mesh = shd.make_mesh(config.sharding.mesh_shape)
     global_batch = int(config.train.batch_size)
     per_host = shd.check_global_batch(global_batch, mesh)

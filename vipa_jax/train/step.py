@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from vipa_jax.backend import target_backend
+from vipa_jax.backend import parse_xla_options, target_backend
 from vipa_jax.train.optim import global_norm, resolve_grad_norm
 
 Batch = dict[str, jax.Array]
@@ -206,11 +206,17 @@ def make_train_step(
     return train_step
 
 
+def step_compiler_options(config: Any) -> dict[str, Any] | None:
+    """The train step's XLA options, `backend.parse_xla_options` of ``config.train.xla_options``
+    (None when there are none: XLA's defaults)."""
+    return parse_xla_options(config.train.get("xla_options", "")) or None
+
+
 def jit_train_step(step_fn: Callable, state_sharding: Any, batch_sharding: Any,
                    rng_sharding: Any, compiler_options: dict[str, Any] | None = None,
                    ) -> Callable:
     """``jax.jit`` with explicit in/out shardings and the state donated; `compiler_options`:
-    XLA options for this program (`backend.parse_xla_options` of ``train.xla_options``)."""
+    XLA options for this program (`step_compiler_options`)."""
     return jax.jit(step_fn, in_shardings=(state_sharding, batch_sharding, rng_sharding),
                    out_shardings=(state_sharding, rng_sharding), donate_argnums=(0,),
                    compiler_options=compiler_options or None)
