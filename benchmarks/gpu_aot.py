@@ -78,17 +78,22 @@ _SHAPE = re.compile(r"\b(?P<dtype>pred|[a-z]+\d+[a-z0-9]*)\[(?P<dims>[0-9,]*)\]"
 _SCRATCH = re.compile(r",\s*[su]8\[[0-9]*\]\{?[0-9,]*\}?\s*\)\s*$")
 
 
-def shape_bytes(type_text: str) -> int:
-    """Bytes of every array shape in an HLO type ('f32[2,3]{1,0}' -> 24; a tuple: the sum)."""
-    total = 0
+def _arrays(type_text: str) -> list[tuple[int, int]]:
+    """(bytes per element, elements) of every array shape in an HLO type."""
+    arrays = []
     for m in _SHAPE.finditer(type_text):
         dtype = m.group("dtype")
         bits = 8 if dtype == "pred" else int(re.match(r"[a-z]+(\d+)", dtype).group(1))
         n = 1
         for d in filter(None, m.group("dims").split(",")):
             n *= int(d)
-        total += max(1, bits // 8) * n
-    return total
+        arrays.append((max(1, bits // 8), n))
+    return arrays
+
+
+def shape_bytes(type_text: str) -> int:
+    """Bytes of every array shape in an HLO type ('f32[2,3]{1,0}' -> 24; a tuple: the sum)."""
+    return sum(size * n for size, n in _arrays(type_text))
 
 
 def _operands(call_text: str) -> list[str]:
@@ -119,8 +124,11 @@ def kernel_list(hlo_text: str) -> list[dict[str, Any]]:
     count (XLA's `known_trip_count`, e.g. a `lax.scan`) is listed once with `launches` = the
     trip count (nested loops multiply; 1 elsewhere); `by_kind` counts it that many times. The
     I/O bytes are the traffic each kernel would cause if it read its operands and wrote its
-    results once: an operand it reads in part (a slice, a gather) counts whole, and one it
-    reads repeatedly (a GEMM's tiles) once; but a dynamic slice counts what it reads, and a
+    results once: an operand it reads in part through a gather counts whole, and one it reads
+    repeatedly (a GEMM's tiles) once; but a fusion operand that only static `slice`s read
+    counts as those slices, an elementwise (`loop_*`, no reduce) fusion reads at most one
+    element of an operand per element it writes (a slice of a concatenation it fuses: the part
+    it reads, not every part whole), a dynamic slice counts what it reads, and a
     dynamic-update-slice (in place) the update it reads and writes, not the whole buffer (a
     loop's stacked inputs and outputs).
     """
@@ -146,6 +154,7 @@ def kernel_list(hlo_text: str) -> list[dict[str, Any]]:
         raise ValueError("no ENTRY computation in this HLO text")
     sizes = {(comp, name): shape_bytes(out)  # names may repeat in different computations
              for comp, insts in comps.items() for name, _, out, _, _, _ in insts}
+    types = {(comp, name): out for comp, insts in comps.items() for name, _, out, *_ in insts}
     kernels: list[dict[str, Any]] = []
 
     def walk(comp: str, launches: int = 1) -> None:
@@ -165,7 +174,19 @@ def kernel_list(hlo_text: str) -> list[dict[str, Any]]:
                 continue
             if op == "custom-call":  # a library call's last result may be its scratch space
                 out = _SCRATCH.sub(")", out)
-            operands = [sizes.get((comp, a), 0) for a in _operands(args)]
+            names = _operands(args)
+            operands = [sizes.get((comp, a), 0) for a in names]
+            if op == "fusion" and (called := _CALLED.search(args)) is not None:
+                for i, nbytes in _sliced_reads(comps.get(called.group("comp"), ())).items():
+                    if i < len(operands):
+                        operands[i] = min(operands[i], nbytes)
+            if kind.startswith("loop_") and "reduce" not in kind:
+                # an elementwise (loop) fusion reads at most one element of an operand per
+                # element it writes: a slice of a concatenation it fuses, not every part whole
+                written = sum(n for _, n in _arrays(out))
+                for i, a in enumerate(names):
+                    if len(arrays := _arrays(types.get((comp, a), ""))) == 1:
+                        operands[i] = min(operands[i], written * arrays[0][0])
             if "dynamic_update_slice" in kind or op == "dynamic-update-slice":
                 # in place: the buffer (the operand the size of the result) is neither read nor
                 # written whole; the update is read and written into it
@@ -180,6 +201,20 @@ def kernel_list(hlo_text: str) -> list[dict[str, Any]]:
 
     walk(entry)
     return kernels
+
+
+def _sliced_reads(insts: list[tuple[Any, ...]]) -> dict[int, int]:
+    """For a fused computation's instructions: {parameter index: bytes read} for each parameter
+    that only `slice` instructions use (the fusion reads those slices, not the whole operand)."""
+    params = {name: int(m.group(1)) for name, op, _, args, *_ in insts
+              if op == "parameter" and (m := re.match(r"\s*(\d+)\)", args))}
+    users: dict[str, list[tuple[str, str]]] = {name: [] for name in params}
+    for _, op, out, args, *_ in insts:
+        for a in set(_operands(args)):
+            if a in users:
+                users[a].append((op, out))
+    return {params[name]: sum(shape_bytes(out) for _, out in used)
+            for name, used in users.items() if used and all(op == "slice" for op, _ in used)}
 
 
 def by_kind(

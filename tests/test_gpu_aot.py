@@ -133,6 +133,45 @@ ENTRY %main (a: f32[9,64,64], u: f32[1,64,64], i: s32[]) -> f32[9,64,64] {
                   "loop_dynamic_update_slice_fusion": 2 * (slice_bytes + 4)}
 
 
+def test_partly_read_fusion_operands() -> None:
+    """A fusion operand only static slices read (a flat vector's parts) counts as those slices,
+    one another op also reads counts whole; and an elementwise (loop) fusion reads at most one
+    element of an operand per element it writes."""
+    hlo = """HloModule m
+
+%fused_parts (p0: f32[1000], p1: f32[64], p2: f32[1000]) -> (f32[64], f32[16]) {
+  %p0 = f32[1000]{0} parameter(0)
+  %p1 = f32[64]{0} parameter(1)
+  %p2 = f32[1000]{0} parameter(2)
+  %slice.1 = f32[64]{0} slice(%p0), slice={[0:64]}
+  %slice.2 = f32[16]{0} slice(%p0), slice={[100:116]}
+  %add.1 = f32[64]{0} add(%slice.1, %p1)
+  %slice.3 = f32[64]{0} slice(%p2), slice={[0:64]}
+  %neg.1 = f32[1000]{0} negate(%p2)
+  %slice.4 = f32[64]{0} slice(%neg.1), slice={[0:64]}
+  %add.2 = f32[64]{0} add(%add.1, %slice.3)
+  %add.3 = f32[64]{0} add(%add.2, %slice.4)
+  ROOT %t = (f32[64]{0}, f32[16]{0}) tuple(%add.3, %slice.2)
+}
+
+ENTRY %main (a: f32[1000], b: f32[64], c: f32[1000], d: f32[4]) -> (f32[64], f32[16]) {
+  %a = f32[1000]{0} parameter(0)
+  %b = f32[64]{0} parameter(1)
+  %c = f32[1000]{0} parameter(2)
+  %d = f32[4]{0} parameter(3)
+  ROOT %input_slice_fusion = (f32[64]{0}, f32[16]{0}) fusion(%a, %b, %c), calls=%fused_parts
+}
+"""
+    (kernel,) = kernel_list(hlo)
+    # results 64 + 16 floats; a: its two slices (64 + 16); b: whole (64); c: whole (1000)
+    assert kernel["io_bytes"] == 4 * ((64 + 16) + (64 + 16) + 64 + 1000)
+    (kernel,) = kernel_list(hlo.replace("%input_slice_fusion", "%loop_slice_fusion"))
+    # as a loop fusion, c is capped at the 80 elements written
+    assert kernel["io_bytes"] == 4 * ((64 + 16) + (64 + 16) + 64 + 80)
+    (kernel,) = kernel_list(hlo.replace("%input_slice_fusion", "%loop_reduce_fusion"))
+    assert kernel["io_bytes"] == 4 * ((64 + 16) + (64 + 16) + 64 + 1000)  # not past a reduce
+
+
 def test_kernel_list_in_launch_order_with_source_ops() -> None:
     """Per kernel: name, kind, I/O bytes, result type and the JAX op of its metadata; the
     kinds and bytes add up to `kernel_stats`."""
