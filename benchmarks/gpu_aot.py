@@ -67,6 +67,9 @@ _BRANCHES = re.compile(r"\bbranch_computations=\{(?P<comps>[^}]*)\}")
 _NOT_KERNELS = frozenset({"parameter", "constant", "get-tuple-element", "tuple", "bitcast",
                           "after-all", "partition-id", "replica-id", "opt-barrier"})
 _CONTROL = frozenset({"call", "while", "conditional", "async-start"})
+# Ops that read more than one element of an operand per element they write.
+_MANY_TO_ONE = frozenset({"reduce", "reduce-window", "dot", "convolution", "scatter", "sort",
+                          "select-and-scatter", "fusion", "custom-call", "call", "while"})
 
 
 # A while loop's trip count in its backend_config: `"known_trip_count":{"n":"9"}`.
@@ -126,9 +129,10 @@ def kernel_list(hlo_text: str) -> list[dict[str, Any]]:
     I/O bytes are the traffic each kernel would cause if it read its operands and wrote its
     results once: an operand it reads in part through a gather counts whole, and one it reads
     repeatedly (a GEMM's tiles) once; but a fusion operand that only static `slice`s read
-    counts as those slices, an elementwise (`loop_*`, no reduce) fusion reads at most one
-    element of an operand per element it writes (a slice of a concatenation it fuses: the part
-    it reads, not every part whole), a dynamic slice counts what it reads, and a
+    counts as those slices, an elementwise fusion (`loop_*`, no reduce, dot or such inside)
+    reads at most one element of an operand per element it writes (a slice of a concatenation
+    it fuses: the part it reads, not every part whole), a dynamic slice counts what it reads,
+    and a
     dynamic-update-slice (in place) the update it reads and writes, not the whole buffer (a
     loop's stacked inputs and outputs).
     """
@@ -176,11 +180,13 @@ def kernel_list(hlo_text: str) -> list[dict[str, Any]]:
                 out = _SCRATCH.sub(")", out)
             names = _operands(args)
             operands = [sizes.get((comp, a), 0) for a in names]
-            if op == "fusion" and (called := _CALLED.search(args)) is not None:
-                for i, nbytes in _sliced_reads(comps.get(called.group("comp"), ())).items():
-                    if i < len(operands):
-                        operands[i] = min(operands[i], nbytes)
-            if kind.startswith("loop_") and "reduce" not in kind:
+            called = _CALLED.search(args) if op == "fusion" else None
+            fused = comps.get(called.group("comp"), []) if called else []
+            for i, nbytes in _sliced_reads(fused).items():
+                if i < len(operands):
+                    operands[i] = min(operands[i], nbytes)
+            if kind.startswith("loop_") and fused and not any(
+                    inst[1] in _MANY_TO_ONE for inst in fused):
                 # an elementwise (loop) fusion reads at most one element of an operand per
                 # element it writes: a slice of a concatenation it fuses, not every part whole
                 written = sum(n for _, n in _arrays(out))

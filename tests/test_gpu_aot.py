@@ -168,8 +168,10 @@ ENTRY %main (a: f32[1000], b: f32[64], c: f32[1000], d: f32[4]) -> (f32[64], f32
     (kernel,) = kernel_list(hlo.replace("%input_slice_fusion", "%loop_slice_fusion"))
     # as a loop fusion, c is capped at the 80 elements written
     assert kernel["io_bytes"] == 4 * ((64 + 16) + (64 + 16) + 64 + 80)
-    (kernel,) = kernel_list(hlo.replace("%input_slice_fusion", "%loop_reduce_fusion"))
-    assert kernel["io_bytes"] == 4 * ((64 + 16) + (64 + 16) + 64 + 1000)  # not past a reduce
+    with_reduce = hlo.replace("%input_slice_fusion", "%loop_add_fusion").replace(
+        "  %neg.1", "  %r.1 = f32[] reduce(%p2, %p1), dimensions={0}, to_apply=%sum\n  %neg.1")
+    (kernel,) = kernel_list(with_reduce)
+    assert kernel["io_bytes"] == 4 * ((64 + 16) + (64 + 16) + 64 + 1000)  # a reduce inside
 
 
 def test_kernel_list_in_launch_order_with_source_ops() -> None:
