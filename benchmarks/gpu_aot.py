@@ -67,7 +67,8 @@ _BRANCHES = re.compile(r"\bbranch_computations=\{(?P<comps>[^}]*)\}")
 _NOT_KERNELS = frozenset({"parameter", "constant", "get-tuple-element", "tuple", "bitcast",
                           "after-all", "partition-id", "replica-id", "opt-barrier"})
 _CONTROL = frozenset({"call", "while", "conditional", "async-start"})
-# Ops that read more than one element of an operand per element they write.
+# Ops in a fused computation that void the one-read-per-written-element bound of an
+# elementwise fusion: they read many elements per output, or run code not looked into here.
 _MANY_TO_ONE = frozenset({"reduce", "reduce-window", "dot", "convolution", "scatter", "sort",
                           "select-and-scatter", "fusion", "custom-call", "call", "while"})
 
@@ -132,9 +133,8 @@ def kernel_list(hlo_text: str) -> list[dict[str, Any]]:
     counts as those slices, an elementwise fusion (`loop_*`, no reduce, dot or such inside)
     reads at most one element of an operand per element it writes (a slice of a concatenation
     it fuses: the part it reads, not every part whole), a dynamic slice counts what it reads,
-    and a
-    dynamic-update-slice (in place) the update it reads and writes, not the whole buffer (a
-    loop's stacked inputs and outputs).
+    and a dynamic-update-slice (in place) the update it reads and writes, not the whole buffer
+    (a loop's stacked inputs and outputs).
     """
     comps: dict[str, list[tuple[str, str, str, str, str]]] = {}
     entry = current = None
@@ -156,9 +156,10 @@ def kernel_list(hlo_text: str) -> list[dict[str, Any]]:
                                int(trips.group("n")) if trips else 1))
     if entry is None:
         raise ValueError("no ENTRY computation in this HLO text")
-    sizes = {(comp, name): shape_bytes(out)  # names may repeat in different computations
-             for comp, insts in comps.items() for name, _, out, _, _, _ in insts}
-    types = {(comp, name): out for comp, insts in comps.items() for name, _, out, *_ in insts}
+    # (bytes per element, elements) of each instruction's arrays; names may repeat in
+    # different computations
+    arrays = {(comp, name): _arrays(out) for comp, insts in comps.items()
+              for name, _, out, *_ in insts}
     kernels: list[dict[str, Any]] = []
 
     def walk(comp: str, launches: int = 1) -> None:
@@ -179,7 +180,7 @@ def kernel_list(hlo_text: str) -> list[dict[str, Any]]:
             if op == "custom-call":  # a library call's last result may be its scratch space
                 out = _SCRATCH.sub(")", out)
             names = _operands(args)
-            operands = [sizes.get((comp, a), 0) for a in names]
+            operands = [sum(size * n for size, n in arrays.get((comp, a), ())) for a in names]
             called = _CALLED.search(args) if op == "fusion" else None
             fused = comps.get(called.group("comp"), []) if called else []
             for i, nbytes in _sliced_reads(fused).items():
@@ -191,8 +192,8 @@ def kernel_list(hlo_text: str) -> list[dict[str, Any]]:
                 # element it writes: a slice of a concatenation it fuses, not every part whole
                 written = sum(n for _, n in _arrays(out))
                 for i, a in enumerate(names):
-                    if len(arrays := _arrays(types.get((comp, a), ""))) == 1:
-                        operands[i] = min(operands[i], written * arrays[0][0])
+                    if len(operand := arrays.get((comp, a), ())) == 1:
+                        operands[i] = min(operands[i], written * operand[0][0])
             if "dynamic_update_slice" in kind or op == "dynamic-update-slice":
                 # in place: the buffer (the operand the size of the result) is neither read nor
                 # written whole; the update is read and written into it

@@ -154,11 +154,10 @@ def test_partly_read_fusion_operands() -> None:
   ROOT %t = (f32[64]{0}, f32[16]{0}) tuple(%add.3, %slice.2)
 }
 
-ENTRY %main (a: f32[1000], b: f32[64], c: f32[1000], d: f32[4]) -> (f32[64], f32[16]) {
+ENTRY %main (a: f32[1000], b: f32[64], c: f32[1000]) -> (f32[64], f32[16]) {
   %a = f32[1000]{0} parameter(0)
   %b = f32[64]{0} parameter(1)
   %c = f32[1000]{0} parameter(2)
-  %d = f32[4]{0} parameter(3)
   ROOT %input_slice_fusion = (f32[64]{0}, f32[16]{0}) fusion(%a, %b, %c), calls=%fused_parts
 }
 """
