@@ -16,6 +16,7 @@ import pytest
 from benchmarks.common import saved_residual_bytes
 from vipa_jax.models.layers import (
     LayerNorm,
+    cpu_fusion_barrier,
     dot_product_attention,
     exact_gelu,
     materialize_cotangent,
@@ -92,6 +93,41 @@ def test_materialize_cotangent_is_the_identity_with_a_barrier_in_the_backward() 
     text = str(jax.make_jaxpr(jax.grad(loss), static_argnums=1)(table, True))
     assert text.count("optimization_barrier") == 1
     assert "optimization_barrier" not in str(jax.make_jaxpr(loss, static_argnums=1)(table, True))
+
+
+def test_cpu_fusion_barrier_is_exact_and_stops_chain_duplication(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The identity (bit for bit on finite values, forward and gradient), and on XLA:CPU it keeps
+    a residual stream of LayerNorms from being recomputed inside every later layer's kernels:
+    the gradient program of 8 layers is several times smaller with it than without."""
+    from vipa_jax.models import layers
+
+    x = jax.random.normal(jax.random.key(0), (3, 5, 16)) * 4
+    np.testing.assert_array_equal(np.asarray(jax.jit(cpu_fusion_barrier)(x)), np.asarray(x))
+    np.testing.assert_array_equal(np.asarray(cpu_fusion_barrier(-0.0 * x)), -0.0 * np.asarray(x))
+
+    class Stack(nn.Module):
+        @nn.compact
+        def __call__(self, h: jax.Array) -> jax.Array:
+            for _ in range(8):
+                h = LayerNorm()(h + nn.Dense(h.shape[-1])(h))
+            return h
+
+    m, h = Stack(), jnp.ones((2, 8, 32)) * jnp.arange(32.0)
+    v = m.init(jax.random.key(1), h)
+
+    def grad_and_hlo_lines() -> tuple[jax.Array, int]:
+        fn = jax.jit(jax.grad(lambda v: (m.apply(v, h) ** 2).sum()))
+        return fn(v), fn.lower(v).compile().as_text().count("\n")
+
+    g, lines = grad_and_hlo_lines()
+    monkeypatch.setattr(layers, "cpu_fusion_barrier", lambda y: y)
+    g_ref, lines_ref = grad_and_hlo_lines()
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    # measured 2269 against 14771 lines (jax 0.10.2, XLA:CPU)
+    assert lines * 3 < lines_ref, (lines, lines_ref)
 
 
 def test_layer_norm_constant_rows_and_default_dtype() -> None:

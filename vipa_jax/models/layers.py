@@ -59,6 +59,23 @@ def _exact_gelu_jvp(primals: tuple[Array], tangents: tuple[Array]) -> tuple[Arra
     return exact_gelu(x), (cdf + xf * pdf).astype(x.dtype) * t
 
 
+def cpu_fusion_barrier(x: Array) -> Array:
+    """x, computed once by a kernel of its own on XLA:CPU; the identity on other backends.
+
+    XLA:CPU fuses a cheap elementwise producer into every one of its consumers, duplicating it,
+    and drops `optimization_barrier`s before it fuses. Along a residual stream of LayerNorms
+    (the text path of a train step, forward and backward) each layer's statistics and gradient
+    sums then recompute the whole elementwise chain of the layers before it: the test model's
+    train step had 167 fusions of ~700 instructions each, and 100k of its 160k HLO lines were
+    such chains. XLA:CPU never duplicates a float division, so x / (x·0 + 1) is written out
+    once: exactly x for finite x (NaN for ±inf). The test model's float32 train step then
+    compiles in 42 instead of 80 s (benchmarks/README.md, "Compile time on a CPU").
+    """
+    if target_backend() != "cpu":
+        return x
+    return x / (x * 0 + 1)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def layer_norm(x: Array, scale: Array, bias: Array, epsilon: float) -> Array:
     """LayerNorm over the last axis, exactly flax's `nn.LayerNorm` forward (float32 statistics,
@@ -66,11 +83,14 @@ def layer_norm(x: Array, scale: Array, bias: Array, epsilon: float) -> Array:
 
     Its backward keeps only x (in its own dtype) and the per-token mean and 1/σ, where autodiff
     of flax's version keeps three float32 arrays the size of x.
+
+    Differentiated on XLA:CPU, its output and its input gradient go through
+    `cpu_fusion_barrier`, which halves the compile time of a train step there.
     """
-    return _layer_norm_fwd(x, scale, bias, epsilon)[0]
+    return _layer_norm(x, scale, bias, epsilon)[0]
 
 
-def _layer_norm_fwd(
+def _layer_norm(
     x: Array, scale: Array, bias: Array, epsilon: float,
 ) -> tuple[Array, tuple[Array, Array, Array, Array]]:
     xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
@@ -79,6 +99,13 @@ def _layer_norm_fwd(
     rstd = jax.lax.rsqrt(var + epsilon)
     y = (x - mean) * (rstd * scale) + bias
     return y, (x, mean, rstd, scale)
+
+
+def _layer_norm_fwd(
+    x: Array, scale: Array, bias: Array, epsilon: float,
+) -> tuple[Array, tuple[Array, Array, Array, Array]]:
+    y, res = _layer_norm(x, scale, bias, epsilon)
+    return cpu_fusion_barrier(y), res
 
 
 def _layer_norm_bwd(
@@ -91,7 +118,7 @@ def _layer_norm_bwd(
     lead = tuple(range(x.ndim - 1))
     gs = g * scale
     dx = rstd * (gs - gs.mean(-1, keepdims=True) - xhat * (gs * xhat).mean(-1, keepdims=True))
-    return (dx.astype(x.dtype), (g * xhat).sum(lead).astype(scale.dtype),
+    return (cpu_fusion_barrier(dx).astype(x.dtype), (g * xhat).sum(lead).astype(scale.dtype),
             g.sum(lead).astype(scale.dtype))
 
 
