@@ -387,13 +387,42 @@ def device_memory() -> dict[str, int] | None:
     return {k: int(stats[k]) for k in keys if k in stats}
 
 
+def _top_level_items(text: str) -> list[str]:
+    """`text` split at the commas outside brackets and quotes: 'a=(1,2),b=c' -> ['a=(1,2)',
+    'b=c']; an unbalanced bracket or quote is a ValueError."""
+    items, depth, quote, start = [], 0, "", 0
+    for i, ch in enumerate(text):
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+            if depth < 0:
+                raise ValueError(f"unbalanced {ch!r} at position {i}")
+        elif ch == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    if depth or quote:
+        raise ValueError("unclosed " + (f"quote {quote}" if quote else "bracket"))
+    return [*items, text[start:]]
+
+
 def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
-    """'cond:train.finite_guard=cond,model.remat=True' -> ('cond', {...: 'cond', ...: True})."""
+    """'cond:train.finite_guard=cond,model.remat=True' -> ('cond', {...: 'cond', ...: True}).
+    Values are Python literals where they parse as one (commas inside brackets belong to the
+    value: 'd6:model.swin.depths=(2,2,6,2)'), else strings."""
     name, sep, rest = text.partition(":")
     if not sep or not name or not rest:
         raise ValueError(f"--variant {text!r}: expected NAME:KEY=VALUE[,KEY=VALUE...]")
+    try:
+        items = _top_level_items(rest)
+    except ValueError as e:
+        raise ValueError(f"--variant {text!r}: {e}") from None
     overrides: dict[str, Any] = {}
-    for item in rest.split(","):
+    for item in items:
         key, eq, value = item.partition("=")
         if not eq or not key:
             raise ValueError(f"--variant {text!r}: {item!r} is not KEY=VALUE")

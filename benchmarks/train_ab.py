@@ -165,7 +165,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--remat", action="store_true")
     p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,...]",
                    help="a variant's config overrides (repeatable), e.g. "
-                        "cond:train.finite_guard=cond")
+                        "cond:train.finite_guard=cond or d6:model.swin.depths=(2,2,6,2) "
+                        "(values are Python literals where they parse as one)")
     p.add_argument("--no-base", action="store_true",
                    help="leave out the 'base' variant (the config with no overrides)")
     p.add_argument("--iters", type=int, default=None,

@@ -494,7 +494,12 @@ def test_train_ab_variants_parse_and_apply() -> None:
     assert parse_variant("cond:train.finite_guard=cond,model.remat=True") == (
         "cond", {"train.finite_guard": "cond", "model.remat": True})
     assert parse_variant("k:model.veg.topk_ratio=0.5") == ("k", {"model.veg.topk_ratio": 0.5})
-    for bad in ("cond", "cond:", ":a=b", "c:a", "c:=1"):
+    # commas inside brackets or quotes belong to the value
+    assert parse_variant("d6:model.swin.depths=(2,2,6,2),model.remat=True") == (
+        "d6", {"model.swin.depths": (2, 2, 6, 2), "model.remat": True})
+    assert parse_variant("s:a=[1,(2,3)],b='x,y',c=--f=1 --g=2") == (
+        "s", {"a": [1, (2, 3)], "b": "x,y", "c": "--f=1 --g=2"})
+    for bad in ("cond", "cond:", ":a=b", "c:a", "c:=1", "c:a=(1,2", "c:a=1)", "c:a='x,b=1"):
         with pytest.raises(ValueError, match="--variant"):
             parse_variant(bad)
     cfg = refcoco.get_config()
