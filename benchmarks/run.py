@@ -727,7 +727,8 @@ def _md_profile(p: dict[str, Any], rows: int = 8) -> list[str]:
     mi = p["machine_info"]
     lines = [
         f"Where the time goes (`python -m benchmarks.profile`, file `benchmarks/results/"
-        f"{p['_file']}`): {p['mode']}, batch {p['batch']}, {p['image_size']}x{p['image_size']}, "
+        f"{p['_file']}`): {p.get('config', 'refcoco')} {p['mode']}, batch {p['batch']}, "
+        f"{p['image_size']}x{p['image_size']}, "
         f"{p['dtype']}, on {p['device_kind']}, commit `{mi['git_commit']}`; wall median "
         f"{p['wall_median_ms']:.1f} ms, traced op time {p['op_time_ms']:.2f} ms per call"
         + (f" (and {p['unattributed_device_ms']:.2f} ms of device time matched to no "
