@@ -367,3 +367,83 @@ def test_compiling_for_another_backend() -> None:
             assert resolve_conv_impl("auto", jnp.float32) == "winograd"
         assert target_backend() == "gpu"
     assert target_backend() == default
+
+
+def _dot_result_types(fn: Callable, *args) -> list:
+    """The `preferred_element_type` of every dot_general in fn's jaxpr (None = the operands')."""
+    jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
+    return [e.params["preferred_element_type"] for e in jaxpr.eqns
+            if e.primitive.name == "dot_general"]
+
+
+def test_dot_results_float32_for_low_precision_products_only() -> None:
+    """Under `dot_results('float32')` a bfloat16 product (Dense, einsum, matmul) asks XLA for
+    float32 results and rounds them back: bfloat16 out, the same values as the bfloat16-result
+    product up to the order of float32 accumulation, and the same gradients. 'native' leaves the
+    product alone, float32 products are untouched either way, 'auto' is float32 on a CPU backend
+    only, and a bad mode names the setting."""
+    from vipa_jax.backend import compiling_for
+    from vipa_jax.models.layers import Dense, dot_results, einsum, float32_dot_results, matmul
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(3, 40, 96)), jnp.bfloat16)
+    w = jnp.asarray(rng.normal(size=(96, 64)), jnp.bfloat16)
+    dense = Dense(64, dtype=jnp.bfloat16)
+    variables = dense.init(jax.random.key(0), x)
+
+    def run(mode: str, fn: Callable, *args):
+        def traced(*a):
+            with dot_results(mode):
+                return fn(*a)
+        return traced(*args), _dot_result_types(traced, *args)
+
+    forms = {
+        "dense": (lambda v, x: dense.apply(v, x), variables, x),
+        "einsum": (lambda x, w: einsum("bld,df->blf", x, w), x, w),
+        "matmul": (lambda x, w: matmul(x, w), x, w),
+    }
+    for name, (fn, *args) in forms.items():
+        native, native_types = run("native", fn, *args)
+        wide, wide_types = run("float32", fn, *args)
+        # (None or bfloat16: the operands' type; jnp.einsum and jnp.matmul name it)
+        assert native_types in ([None], [jnp.bfloat16]) and wide_types == [jnp.float32], name
+        assert wide.dtype == native.dtype == jnp.bfloat16, name
+        ref = np.asarray(jnp.einsum("bld,df->blf", x.astype(jnp.float32), w.astype(jnp.float32)))
+        scale = np.abs(ref).max()
+        if name != "dense":  # (dense has its own kernel)
+            # both are the float32 product rounded once to bfloat16 (≤ half a bf16 ulp, 2^-9)
+            for out in (native, wide):
+                np.testing.assert_allclose(np.asarray(out, np.float32), ref,
+                                           atol=2 ** -8 * scale, rtol=2 ** -8)
+        np.testing.assert_allclose(np.asarray(wide, np.float32), np.asarray(native, np.float32),
+                                   atol=2 ** -7 * np.abs(np.asarray(native, np.float32)).max())
+        # float32 operands: no change
+        if name != "dense":
+            f32_args = [a.astype(jnp.float32) for a in args]
+            assert run("float32", fn, *f32_args)[1] == run("native", fn, *f32_args)[1], name
+    f32_dense = (lambda v, x: Dense(64).apply(v, x), variables, x.astype(jnp.float32))
+    assert run("float32", *f32_dense)[1] == run("native", *f32_dense)[1] == [None]
+
+    # gradients: the same up to bfloat16 rounding
+    def loss(mode: str):
+        def f(x, w):
+            with dot_results(mode):
+                return jnp.sum(matmul(x, w).astype(jnp.float32) ** 2)
+        return jax.grad(f, argnums=(0, 1))(x, w)
+
+    for g_native, g_wide in zip(loss("native"), loss("float32"), strict=True):
+        assert g_wide.dtype == jnp.bfloat16
+        g_native, g_wide = np.asarray(g_native, np.float32), np.asarray(g_wide, np.float32)
+        np.testing.assert_allclose(g_wide, g_native, atol=2 ** -6 * np.abs(g_native).max())
+
+    with compiling_for("gpu"):
+        assert not float32_dot_results()
+        with dot_results("float32"):
+            assert float32_dot_results()
+    with compiling_for("cpu"):
+        assert float32_dot_results()
+        with dot_results("native"):
+            assert not float32_dot_results()
+    with pytest.raises(ValueError, match="model.dot_results must be one of"):
+        with dot_results("bfloat16"):
+            pass

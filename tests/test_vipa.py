@@ -258,3 +258,72 @@ def test_remat_policy_unknown_is_a_clear_error(tiny):
     cfg.model.remat_policy = "everything"
     with pytest.raises(ValueError, match=r"model.remat_policy must be one of .*'dots'.*everything"):
         init_variables(build_model(cfg.model), jax.random.key(0), 32, 8)
+
+
+def _dot_generals(jaxpr):
+    """(operand dtypes, preferred_element_type) of every dot_general in a jaxpr, nested
+    jaxprs (jit, remat, custom_jvp/vjp, scan) included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            found.append((tuple(v.aval.dtype for v in eqn.invars),
+                          eqn.params["preferred_element_type"]))
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    found += _dot_generals(inner)
+    return found
+
+
+def test_bfloat16_products_ask_for_float32_results(tiny, tiny_grads):
+    """`model.dot_results`: with 'float32' (the CPU's 'auto') most bfloat16 × bfloat16 products
+    of the model, forward and backward of the train loss, ask XLA for float32 results (those in
+    the form XLA:CPU's GEMM library takes: it then runs them there, on AMX where the CPU has
+    it), and the program runs; with 'native' none does. The bfloat16 losses, logits and
+    gradients of the two are about as close to the float32 model's as each other."""
+    cfg, _, variables = tiny
+    results, counts = {}, {}
+    for mode in ("float32", "native"):
+        cfg2 = cfg.copy_and_resolve_references()
+        cfg2.model.dtype = "bfloat16"
+        cfg2.model.dot_results = mode
+        model = build_model(cfg2.model)
+        loss_fn = train_loss_fn(cfg2, model, variables)
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        dots = _dot_generals(jax.make_jaxpr(grad_fn)(variables["params"]).jaxpr)
+        low = [pref for types, pref in dots if set(types) == {jnp.dtype(jnp.bfloat16)}]
+        wide = sum(p == jnp.float32 for p in low)
+        assert len(low) > 50, len(low)
+        counts[mode] = wide
+        if mode == "float32":  # all that XLA:CPU's GEMM library takes (layers._library_gemm)
+            assert wide > 0.6 * len(low), (wide, len(low))
+        else:  # (a product that asks for float32 itself still does)
+            assert wide < 0.05 * counts["float32"], (wide, counts)
+        # it runs: XLA:CPU cannot run a bf16 x bf16 -> f32 product outside that library
+        (loss, (_, _, out)), grads = jax.jit(grad_fn)(variables["params"])
+        results[mode] = (float(loss), np.asarray(out["logits"], np.float32), grads)
+    (l32, o32, g32), (lnat, onat, gnat) = results["float32"], results["native"]
+    (lref, (_, _, out_ref)), gref = tiny_grads
+    oref = np.asarray(out_ref["logits"])
+    for loss in (l32, lnat):
+        np.testing.assert_allclose(loss, float(lref), rtol=5e-3)
+    # (bfloat16 may flip a Gumbel top-k choice, which moves a few logits far: mean errors)
+    e32, enat = (float(np.abs(o - oref).mean() / np.abs(oref).mean()) for o in (o32, onat))
+    assert e32 < 1.5 * enat + 0.01 and e32 < 0.05, (e32, enat)
+
+    def errors(grads):
+        """Each leaf's relative gradient error against the float32 model (leaves whose
+        gradient is not ~0 by symmetry, as the attention keys' biases' is)."""
+        out = []
+        for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(gref), strict=True):
+            r = np.asarray(r, np.float32)
+            if np.linalg.norm(r) > 1e-6:
+                out.append(np.linalg.norm(np.asarray(g, np.float32) - r) / np.linalg.norm(r))
+        return np.asarray(out)
+
+    e32, enat = errors(g32), errors(gnat)
+    print(f"median relative gradient error vs float32: {np.median(e32):.4f} (float32 results), "
+          f"{np.median(enat):.4f} (native)")
+    assert np.median(e32) < 1.5 * np.median(enat) + 0.01, (np.median(e32), np.median(enat))
+    assert np.median(e32) < 0.1

@@ -25,6 +25,10 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.model.image_size = 480
     c.model.max_tokens = 21  # including [CLS] and [SEP]
     c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
+    # what bfloat16 matmuls ask XLA for: 'float32' results (rounded back to bfloat16) | 'native'
+    # (bfloat16 results) | 'auto' (float32 on a CPU backend, where XLA:CPU then runs them in its
+    # GEMM library, AMX/AVX512-BF16 included; native elsewhere); the same values up to rounding
+    c.model.dot_results = "auto"
     c.model.remat = False  # recompute Swin/BERT blocks, fusions and decoder blocks in the backward
     # what those blocks keep besides their inputs: 'full' (nothing, least memory) | 'dots' (the
     # projections' and MLPs' matmul outputs; attention scores, convs, norms are recomputed) |

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from vipa_jax.models.layers import (
+    Dense,
     LayerNorm,
     MultiHeadAttention,
     exact_gelu,
@@ -125,7 +126,7 @@ def _init(config: BertConfig) -> nn.initializers.Initializer:
 
 def _dense(config: BertConfig, features: int, dtype: Dtype) -> nn.Dense:
     """Dense named `dense` with BERT's normal(initializer_range) kernel init."""
-    return nn.Dense(features, kernel_init=_init(config), dtype=dtype, name="dense")
+    return Dense(features, kernel_init=_init(config), dtype=dtype, name="dense")
 
 
 class BertEmbeddings(nn.Module):

@@ -22,6 +22,7 @@ from vipa_jax.models.layers import (
     AttentionBlock,
     FeedForwardBlock,
     LayerNorm,
+    einsum,
     maybe_remat,
     resize_bilinear_align_corners,
 )
@@ -73,7 +74,7 @@ def _transform_2d(matrix: np.ndarray, x: Array) -> Array:
     """Y = M X Mᵀ on every (p, p) tile of x (p², ...), tile axis flattened row-major → (q², ...),
     as one GEMM with kron(M, M) (q², p²): (M X Mᵀ)[s, t] = Σ_ij M[s, i] M[t, j] X[i, j]."""
     kron = jnp.asarray(np.kron(matrix, matrix), x.dtype)
-    return jnp.einsum("st,t...->s...", kron, x)
+    return einsum("st,t...->s...", kron, x)
 
 
 def _winograd_matrices(tile: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -122,7 +123,7 @@ def winograd_conv3x3_u(x: Array, u: Array, tile: int) -> Array:
     # one fusion of it; one flat stack of the n taps became n slice copies and a stack (+30%).
     d = jnp.stack([jnp.stack(_tile_taps(row, 2, tile, tw)) for row in _tile_taps(xp, 1, tile, th)])
     v = _transform_2d(bt, d.reshape(n, b * th * tw, c))  # Bᵀ d B: (n, tiles, C)
-    prod = jnp.einsum("tnc,tcf->tnf", v, u)  # n GEMMs
+    prod = einsum("tnc,tcf->tnf", v, u)  # n GEMMs
     y = _transform_2d(at, prod)  # Aᵀ[·]A: (m², tiles, F)
     y = y.reshape(tile, tile, b, th, tw, -1).transpose(2, 3, 0, 4, 1, 5)  # (B, th, m, tw, m, F)
     return y.reshape(b, tile * th, tile * tw, -1)[:, :h, :w]

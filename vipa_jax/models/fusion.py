@@ -33,7 +33,13 @@ from vipa_jax.models.bert import (
     BertModel,
     BertOutput,
 )
-from vipa_jax.models.layers import LayerNorm, MultiHeadAttention, exact_gelu, maybe_remat
+from vipa_jax.models.layers import (
+    Dense,
+    LayerNorm,
+    MultiHeadAttention,
+    exact_gelu,
+    maybe_remat,
+)
 from vipa_jax.models.swin import SwinTransformer
 
 Array = jax.Array
@@ -75,13 +81,13 @@ class GatedFusion(nn.Module):
         if self.op == "add":
             mixed = attn + t
         elif self.op == "mul":
-            mixed = attn * exact_gelu(nn.Dense(c, dtype=self.dtype, name="vis_proj")(t))
+            mixed = attn * exact_gelu(Dense(c, dtype=self.dtype, name="vis_proj")(t))
         else:
             raise ValueError(f"model.fusion_op must be one of {FUSION_OPS}, got {self.op!r}")
-        res = exact_gelu(nn.Dense(c, dtype=self.dtype, name="mm_proj")(mixed))  # x_res
-        gate = nn.relu(nn.Dense(c, use_bias=False, dtype=self.dtype, name="gate_0")(res))
+        res = exact_gelu(Dense(c, dtype=self.dtype, name="mm_proj")(mixed))  # x_res
+        gate = nn.relu(Dense(c, use_bias=False, dtype=self.dtype, name="gate_0")(res))
         gate = jnp.tanh(
-            nn.Dense(c, use_bias=False, kernel_init=nn.initializers.zeros, dtype=self.dtype,
+            Dense(c, use_bias=False, kernel_init=nn.initializers.zeros, dtype=self.dtype,
                      name="gate_1")(gate)
         )
         out = t + gate * res

@@ -14,8 +14,10 @@ Conventions
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -32,6 +34,106 @@ Initializer = Callable[..., Array]
 # Matches HF's additive mask (finfo.min) closely enough for parity, without overflowing when
 # a bias is added to it.
 _MASK_VALUE = -1e9
+
+
+DOT_RESULTS = ("auto", "float32", "native")
+_DOT_RESULTS: list[str] = []
+
+
+@contextlib.contextmanager
+def dot_results(mode: str) -> Iterator[None]:
+    """Within this block the model's matmuls (`dot_general`, `einsum`, `matmul`, `Dense`) on
+    bfloat16/float16 operands ask XLA for `mode`'s results: 'float32' (rounded back to the
+    operands' dtype afterwards), 'native' (results in the operands' dtype, XLA's default) or
+    'auto' (float32 on a CPU backend, native elsewhere). `VIPA.__call__` enters it with
+    `model.dot_results`. The values are the same either way up to the order of the float32
+    accumulation; the speed is not on XLA:CPU (`dot_general`)."""
+    if mode not in DOT_RESULTS:
+        raise ValueError(f"model.dot_results must be one of {DOT_RESULTS}, got {mode!r}")
+    _DOT_RESULTS.append(mode)
+    try:
+        yield
+    finally:
+        _DOT_RESULTS.pop()
+
+
+def float32_dot_results() -> bool:
+    """Whether low-precision matmuls ask for float32 results here (`dot_results`)."""
+    mode = _DOT_RESULTS[-1] if _DOT_RESULTS else "auto"
+    return mode == "float32" or (mode == "auto" and target_backend() == "cpu")
+
+
+def _low_precision(*operands: Any) -> Any:
+    """The operands' common dtype if it is a sub-32-bit float, else None."""
+    dt = jnp.result_type(*operands)
+    return dt if jnp.issubdtype(dt, jnp.floating) and jnp.finfo(dt).bits < 32 else None
+
+
+def _library_gemm(lhs: Array, rhs: Array, dimension_numbers: Any) -> bool:
+    """Whether XLA:CPU's GEMM library (YNNPACK) takes this product: leading batch dims, the
+    lhs contracting its last dims and the rhs its first after the batch ((..., M, K)·(..., K, N)),
+    M, N > 1 and a side of at least 8 (`IsDotSupportedByYnn`). XLA sends a bf16 × bf16 → f32
+    product it rejects to its own dot, which cannot run that type ("Unsupported element type
+    for DotThunk::Execute: BF16 x BF16 = F32", jax 0.10), so only these ask for it."""
+    (lc, rc), (lb, rb) = dimension_numbers
+    lc, rc, lb, rb = (tuple(int(d) for d in t) for t in (lc, rc, lb, rb))
+    nb, nc = len(lb), len(lc)
+    if lb != tuple(range(nb)) or rb != lb:
+        return False
+    if lc != tuple(range(lhs.ndim - nc, lhs.ndim)) or rc != tuple(range(nb, nb + nc)):
+        return False
+    m = math.prod(lhs.shape[nb:lhs.ndim - nc])
+    k = math.prod(lhs.shape[lhs.ndim - nc:])
+    n = math.prod(rhs.shape[nb + nc:])
+    return m > 1 and n > 1 and max(m, k, n) >= 8
+
+
+def dot_general(lhs: Array, rhs: Array, dimension_numbers: Any, precision: Any = None,
+                preferred_element_type: Any = None, **kwargs: Any) -> Array:
+    """`lax.dot_general`; a bfloat16/float16 product under float32 `dot_results` asks for
+    float32 results and rounds them back. XLA:CPU runs bf16 × bf16 → f32 as one GEMM of its
+    GEMM library (AMX or AVX512-BF16 where the CPU has them), while for a bf16 result it
+    converts both operands to float32 first: on a 2-core AMX host (3600×1024)·(1024×1024)
+    takes 4.1 instead of 24.6 ms (benchmarks/README.md, "bfloat16 on a CPU"). Only products
+    that library takes ask for it (`_library_gemm`); others keep their type."""
+    fn = _float32_result_dot if float32_dot_results() else jax.lax.dot_general
+    return fn(lhs, rhs, dimension_numbers, precision=precision,
+              preferred_element_type=preferred_element_type, **kwargs)
+
+
+def _float32_result_dot(lhs: Array, rhs: Array, dimension_numbers: Any, precision: Any = None,
+                        preferred_element_type: Any = None, **kwargs: Any) -> Array:
+    """`dot_general` under float32 `dot_results`."""
+    low = _low_precision(lhs, rhs)
+    if (low and preferred_element_type in (None, low)
+            and _library_gemm(lhs, rhs, dimension_numbers)):
+        return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                                   preferred_element_type=jnp.float32, **kwargs).astype(low)
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                               preferred_element_type=preferred_element_type, **kwargs)
+
+
+def einsum(subscripts: str, *operands: Array) -> Array:
+    """`jnp.einsum` whose products are `dot_general`'s. (jnp.einsum caches its trace by the
+    product function it is given, so each `dot_results` choice passes its own.)"""
+    fn = _float32_result_dot if float32_dot_results() else jax.lax.dot_general
+    return jnp.einsum(subscripts, *operands, _dot_general=fn)
+
+
+def matmul(a: Array, b: Array) -> Array:
+    """`a @ b` as `dot_general`'s product, for a matrix `b` or operands of one batch shape
+    (others broadcast as `jnp.matmul` does)."""
+    if a.ndim >= 1 and b.ndim == 2:
+        return dot_general(a, b, (((a.ndim - 1,), (0,)), ((), ())))
+    if a.ndim < 2 or a.shape[:-2] != b.shape[:-2]:
+        return jnp.matmul(a, b)
+    nb = a.ndim - 2
+    batch = tuple(range(nb))
+    return dot_general(a, b, (((a.ndim - 1,), (nb,)), (batch, batch)))
+
+
+# `nn.Dense` whose product is `dot_general` (the same parameters and names).
+Dense = functools.partial(nn.Dense, dot_general=dot_general)
 
 
 @jax.custom_jvp
@@ -288,11 +390,11 @@ def attend_head_major(
     -> (..., H, Lq, D). `softmax`: see `check_softmax`."""
     dtype = dtype or qh.dtype
     qh = qh / jnp.sqrt(jnp.asarray(qh.shape[-1], dtype=qh.dtype))
-    logits = qh @ jnp.swapaxes(kh, -1, -2)  # (..., H, Lq, Lk)
+    logits = matmul(qh, jnp.swapaxes(kh, -1, -2))  # (..., H, Lq, Lk)
     weights, total = attention_weights(
         logits, bias=bias, mask=mask, dropout_rate=dropout_rate, dropout_rng=dropout_rng,
         deterministic=deterministic, dtype=dtype, softmax=softmax)
-    out = weights @ vh.astype(dtype)  # (..., H, Lq, D)
+    out = matmul(weights, vh.astype(dtype))  # (..., H, Lq, D)
     return out.astype(dtype) if total is None else (out / total).astype(dtype)
 
 
@@ -491,7 +593,7 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"qkv_features {features} not divisible by num_heads {self.num_heads}")
         head_dim = features // self.num_heads
         dense = functools.partial(
-            nn.Dense,
+            Dense,
             features,
             use_bias=self.use_bias,
             dtype=self.dtype,
@@ -545,7 +647,7 @@ class MultiHeadAttention(nn.Module):
         if ungroup is not None:
             out = ungroup(out)
         if self.use_output_proj:
-            out = nn.Dense(
+            out = Dense(
                 self.out_features or inputs_q.shape[-1],
                 use_bias=self.use_bias,
                 dtype=self.dtype,
@@ -569,12 +671,12 @@ class MultiHeadAttention(nn.Module):
         (wk, _), (wv, bv) = (_dense_params(p, x.shape[-1], dtype) for p in (key, value))
         wk, wv = (w.astype(dtype).reshape(-1, heads, depth) for w in (wk, wv))  # (C_kv, H, d)
         q = q.astype(dtype) / jnp.sqrt(jnp.asarray(depth, dtype))
-        qk = jnp.einsum("...qhd,chd->...qhc", q, wk)  # (..., Lq, H, C_kv)
-        logits = jnp.einsum("...qhc,...kc->...hqk", qk, x)  # (..., H, Lq, Lk)
+        qk = einsum("...qhd,chd->...qhc", q, wk)  # (..., Lq, H, C_kv)
+        logits = einsum("...qhc,...kc->...hqk", qk, x)  # (..., H, Lq, Lk)
         weights, total = attention_weights(logits, dtype=dtype, **attention)
-        px = jnp.einsum("...hqk,...kc->...qhc", weights, x)  # (..., Lq, H, C_kv)
+        px = einsum("...hqk,...kc->...qhc", weights, x)  # (..., Lq, H, C_kv)
         total = jnp.swapaxes(total, -2, -3)  # (..., Lq, H, 1)
-        out = jnp.einsum("...qhc,chd->...qhd", (px / total).astype(dtype), wv)
+        out = einsum("...qhc,chd->...qhd", (px / total).astype(dtype), wv)
         if bv is None:
             return out
         bv = bv.astype(dtype).reshape(heads, depth)
@@ -615,7 +717,7 @@ def _fused_projection(projs: Sequence[nn.Dense], x: Array, dtype: Dtype) -> tupl
     kernel = jnp.concatenate([w.astype(dtype) for w, _ in params], axis=-1)  # (C, ΣF)
     bias = jnp.concatenate([jnp.zeros((w.shape[-1],), dtype) if b is None else b.astype(dtype)
                             for w, b in params])  # (ΣF,)
-    y = jax.lax.dot_general(x.astype(dtype), kernel, (((x.ndim - 1,), (0,)), ((), ())))
+    y = dot_general(x.astype(dtype), kernel, (((x.ndim - 1,), (0,)), ((), ())))
     return y + bias, bias
 
 
@@ -638,7 +740,7 @@ class Mlp(nn.Module):
         # forward) than on (B, H, W, C); the result is bit-identical.
         x = x.reshape(-1, x.shape[-1])
         dense = functools.partial(
-            nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=self.kernel_init
+            Dense, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=self.kernel_init
         )
         x = exact_gelu(dense(self.hidden_features, name=self.names[0])(x))
         x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)

@@ -51,6 +51,7 @@ from vipa_jax.models.layers import (
     ATTENTION_IMPLS,
     QKV_PROJECTIONS,
     SOFTMAX_MODES,
+    Dense,
     DropPath,
     LayerNorm,
     Mlp,
@@ -405,7 +406,7 @@ class PatchMerging(nn.Module):
             [x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], axis=-1
         )  # (B, H/2, W/2, 4C)
         x = LayerNorm(self.layer_norm_eps, dtype=self.dtype, name="norm")(x)
-        return nn.Dense(2 * c, use_bias=False, dtype=self.dtype, kernel_init=_dense_init,
+        return Dense(2 * c, use_bias=False, dtype=self.dtype, kernel_init=_dense_init,
                         name="reduction")(x)
 
 

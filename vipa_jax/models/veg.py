@@ -29,7 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vipa_jax.models.layers import AttentionBlock, FeedForwardBlock
+from vipa_jax.models.layers import AttentionBlock, Dense, FeedForwardBlock, einsum
 
 Array = jax.Array
 
@@ -95,13 +95,13 @@ class GlobalCueSelection(nn.Module):
     ) -> dict[str, Array]:
         if self.selection not in SELECTIONS:
             raise ValueError(f"veg.selection must be one of {SELECTIONS}, got {self.selection!r}")
-        x = nn.Dense(self.dim, dtype=self.dtype, name="phi_v")(vis)  # (B, N, D)
-        y = nn.Dense(self.dim, dtype=self.dtype, name="phi_l")(lang)  # (B, L, D)
+        x = Dense(self.dim, dtype=self.dtype, name="phi_v")(vis)  # (B, N, D)
+        y = Dense(self.dim, dtype=self.dtype, name="phi_l")(lang)  # (B, L, D)
         x = x.astype(jnp.float32)
         y = y.astype(jnp.float32)
         x = x / (jnp.linalg.norm(x, axis=-1, keepdims=True) + 1e-6)
         y = y / (jnp.linalg.norm(y, axis=-1, keepdims=True) + 1e-6)
-        sim = jnp.einsum("bld,bnd->bln", y, x)  # S_c (B, L, N), in [-1, 1]
+        sim = einsum("bld,bnd->bln", y, x)  # S_c (B, L, N), in [-1, 1]
         log_tau = self.param("log_tau", nn.initializers.constant(math.log(self.tau_init)), ())
         tau = jnp.exp(log_tau)
         noisy = sim
@@ -185,7 +185,7 @@ class VisualExpressiveGenerator(nn.Module):
             noise_scale=self.noise_scale,
             dtype=self.dtype,
         )
-        self.aggregate = nn.Dense(self.dim, dtype=self.dtype)  # F_a = Linear(·)
+        self.aggregate = Dense(self.dim, dtype=self.dtype)  # F_a = Linear(·)
         if self.step2:
             self.refine_local = LocalCueRefinement(
                 dim=self.dim,
@@ -217,7 +217,7 @@ class VisualExpressiveGenerator(nn.Module):
         step1 = self.select_global_cues(vis, lang, train=train)
         if self.step1:
             m = step1["mask"].astype(vis.dtype)  # (B, L, N)
-            pooled = jnp.einsum("bln,bnc->blc", m, vis)
+            pooled = einsum("bln,bnc->blc", m, vis)
             pooled = pooled / jnp.maximum(m.sum(-1, keepdims=True), 1.0)  # mean of retrieved
             f_a = self.aggregate(pooled)  # (B, L, D)
             select = None if self.selection == "none" else jax.lax.stop_gradient(m) > 0.5

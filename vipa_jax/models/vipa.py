@@ -25,6 +25,7 @@ from vipa_jax.models.fusion import FusionEncoder
 from vipa_jax.models.layers import (
     AttentionBlock,
     FeedForwardBlock,
+    dot_results,
     remat_policy,
     resize_bilinear_align_corners,
 )
@@ -91,6 +92,11 @@ class VIPA(nn.Module):
         *,
         train: bool = False,
     ) -> dict[str, Array]:
+        with dot_results(self.config.get("dot_results", "auto")):
+            return self._forward(images, input_ids, token_mask, train=train)
+
+    def _forward(self, images: Array, input_ids: Array, token_mask: Array, *,
+                 train: bool) -> dict[str, Array]:
         enc = self.encoder(images, input_ids, token_mask, train=train)
         f4 = enc.features[-1]
         b, h4, w4, c4 = f4.shape
