@@ -9,6 +9,7 @@ import pytest
 
 from vipa_jax.models.decoder import (
     ConvNormReLU,
+    conv3x3_taps,
     resolve_conv_impl,
     winograd_conv3x3,
     winograd_kernel,
@@ -98,8 +99,9 @@ def test_winograd_tile_policy():
 
 
 def test_auto_conv_impl_by_backend_and_dtype(monkeypatch):
-    """'auto' (the default) is Winograd's map-size policy for float32 on CPU, XLA's convolution
-    for bfloat16 or on another backend (cuDNN on GPU); explicit choices stay as given."""
+    """'auto' (the default) is Winograd's map-size policy for float32 on CPU and the nine-GEMM
+    convolution for bfloat16 there, XLA's convolution on another backend (cuDNN on GPU);
+    explicit choices stay as given."""
     from vipa_jax.defaults import get_base_config
 
     assert get_base_config().model.decoder.conv_impl == "auto" == ConvNormReLU.conv_impl
@@ -107,6 +109,7 @@ def test_auto_conv_impl_by_backend_and_dtype(monkeypatch):
     assert resolve_conv_impl("auto") == "winograd"
     assert [winograd_tile("auto", s, s) for s in (120, 60, 30)] == [6, 4, None]
     assert winograd_tile("auto", 120, 120, jnp.bfloat16) is None
+    assert resolve_conv_impl("auto", jnp.bfloat16) == "taps"
     assert resolve_conv_impl("winograd4", jnp.bfloat16) == "winograd4"
     assert resolve_conv_impl("xla") == "xla"
 
@@ -116,10 +119,11 @@ def test_auto_conv_impl_by_backend_and_dtype(monkeypatch):
         return "conv_general_dilated" in str(jax.make_jaxpr(
             lambda: m.init_with_output(jax.random.key(0), x))())
 
-    assert not uses_xla_conv(jnp.float32) and uses_xla_conv(jnp.bfloat16)
+    assert not uses_xla_conv(jnp.float32) and not uses_xla_conv(jnp.bfloat16)
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert resolve_conv_impl("auto") == "xla" and winograd_tile("auto", 120, 120) is None
-    assert uses_xla_conv(jnp.float32)
+    assert resolve_conv_impl("auto", jnp.bfloat16) == "xla"
+    assert uses_xla_conv(jnp.float32) and uses_xla_conv(jnp.bfloat16)
 
 
 def test_conv_norm_relu_impls_share_parameters():
@@ -207,3 +211,50 @@ def test_winograd_cache(tiny_model):
         jax.eval_shape(lambda v: logits(build_model(cfg), v), cached)
     cfg.decoder.conv_impl = "xla"
     assert "winograd" not in with_winograd_cache(build_model(cfg), cached, images, ids, mask)
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 8, 5), (1, 7, 10, 3), (1, 1, 3, 4), (3, 13, 5, 16)])
+def test_taps_conv_matches_convolution(shape):
+    """`conv3x3_taps` (nine GEMMs over the flattened padded map) is the convolution: in float32
+    to rounding, with the same gradients; in bfloat16 (float32 results on this CPU: every GEMM
+    asks for them) as close to the float32 convolution as XLA's bfloat16 convolution is."""
+    from vipa_jax.models.layers import dot_results
+
+    rng = np.random.default_rng(sum(shape))
+    x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((3, 3, shape[-1], 6)), jnp.float32)
+    ref = np.asarray(_conv(x, kernel))
+    scale = np.abs(ref).max()
+    out = np.asarray(conv3x3_taps(x, kernel))
+    assert out.shape == ref.shape
+    assert np.abs(out - ref).max() <= 2e-6 * scale
+    probe = jnp.asarray(rng.standard_normal(ref.shape), jnp.float32)
+
+    def grads(conv):
+        return jax.grad(lambda a, k: jnp.sum(conv(a, k) * probe), argnums=(0, 1))(x, kernel)
+
+    for got, want in zip(grads(conv3x3_taps), grads(_conv), strict=True):
+        assert float(jnp.abs(got - want).max()) <= 2e-5 * float(jnp.abs(want).max())
+
+    xb, kb = x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16)
+    with dot_results("float32"):
+        jaxpr = jax.make_jaxpr(conv3x3_taps)(xb, kb)
+        low = np.asarray(conv3x3_taps(xb, kb), np.float32)
+    types = [e.params["preferred_element_type"] for e in jaxpr.eqns
+             if e.primitive.name == "dot_general"]
+    # all nine, except where XLA:CPU's GEMM library would not take them (every side < 8)
+    gemm = (shape[0] * shape[1] * (shape[2] + 2), shape[3], 6)
+    assert types == [jnp.float32 if max(gemm) >= 8 else None] * 9, (types, gemm)
+    xla_low = np.asarray(_conv(xb, kb), np.float32)
+    assert np.abs(low - ref).max() <= 2 * np.abs(xla_low - ref).max() + 1e-3 * scale
+
+
+def test_taps_conv_shares_parameters():
+    """'taps' has nn.Conv's parameter tree (Conv_0/kernel) and its output."""
+    x = jax.random.normal(jax.random.key(0), (2, 12, 12, 8))
+    xla = ConvNormReLU(16, norm="group", conv_impl="xla")
+    taps = ConvNormReLU(16, norm="group", conv_impl="taps")
+    variables = xla.init(jax.random.key(1), x)
+    assert jax.tree.structure(taps.init(jax.random.key(1), x)) == jax.tree.structure(variables)
+    np.testing.assert_allclose(np.asarray(taps.apply(variables, x)),
+                               np.asarray(xla.apply(variables, x)), rtol=1e-4, atol=1e-4)

@@ -87,7 +87,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     )
     c.model.decoder = ml_collections.ConfigDict(
         dict(hidden_dim=512, head_dim=64, mlp_ratio=4.0, norm="batch", dropout=0.0,
-             # 3×3 convs: auto (winograd for float32 on CPU, else xla) | xla (cuDNN on GPU) |
+             # 3×3 convs: auto (on CPU winograd for float32, taps for bfloat16; else xla) |
+             # xla (cuDNN on GPU) | taps (nine GEMMs summed in float32: bf16 GEMMs on CPU) |
              # winograd (Winograd F(6×6) from 96 px, F(4×4) from 48, XLA below; with the
              # inference cache F(4×4)/F(6×6) from 24 px: same parameters, fewer multiply-adds;
              # faster CPU inference at 480, see benchmarks/README.md) | winograd2 | winograd4

@@ -22,6 +22,7 @@ from vipa_jax.models.layers import (
     AttentionBlock,
     FeedForwardBlock,
     LayerNorm,
+    asks_float32_results,
     einsum,
     maybe_remat,
     resize_bilinear_align_corners,
@@ -29,7 +30,7 @@ from vipa_jax.models.layers import (
 
 Array = jax.Array
 NORMS = ("batch", "group", "layer")
-CONV_IMPLS = ("auto", "xla", "winograd", "winograd2", "winograd4", "winograd6")
+CONV_IMPLS = ("auto", "xla", "taps", "winograd", "winograd2", "winograd4", "winograd6")
 # The variable collection that holds inference's transformed Winograd kernels (`WinogradConv`,
 # `vipa.with_winograd_cache`).
 WINOGRAD_CACHE = "winograd"
@@ -130,13 +131,44 @@ def winograd_conv3x3_u(x: Array, u: Array, tile: int) -> Array:
 
 
 def resolve_conv_impl(conv_impl: str, dtype: Any = jnp.float32) -> str:
-    """'auto' → 'winograd' for float32 compute on a CPU default backend (the paper config's CPU
-    forward −18 to −23%, benchmarks/README.md), 'xla' elsewhere (cuDNN on GPU; F(4×4)'s
-    transforms lose too much in bfloat16); any other `conv_impl` as given."""
+    """'auto' → on a CPU backend 'winograd' for float32 compute (the paper config's CPU forward
+    −18 to −23%, benchmarks/README.md) and 'taps' for lower precision (F(4×4)'s transforms lose
+    too much in bfloat16; XLA:CPU computes a bf16 convolution in float32); 'xla' elsewhere
+    (cuDNN on GPU); any other `conv_impl` as given."""
     if conv_impl != "auto":
         return conv_impl
-    cpu = target_backend() == "cpu"
-    return "winograd" if cpu and jnp.dtype(dtype) == jnp.float32 else "xla"
+    if target_backend() != "cpu":
+        return "xla"
+    return "winograd" if jnp.dtype(dtype) == jnp.float32 else "taps"
+
+
+def conv3x3_taps(x: Array, kernel: Array) -> Array:
+    """`lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)))` (NHWC, HWIO) as nine
+    GEMMs, one per kernel tap, summed in float32 (with float32 results where
+    `layers.asks_float32_results`).
+    The zero-padded map is flattened to rows of width W + 2, so each tap's input is one
+    contiguous slice of it, shifted by dy·(W + 2) + dx; the two extra columns of every output
+    row are dropped at the end. XLA:CPU runs a bf16 convolution by converting it to float32,
+    while these bf16 × bf16 → f32 GEMMs run in its GEMM library (AMX where the CPU has it):
+    on a 2-core AMX host, 120×120, 640 → 512, 176 against 319 ms (benchmarks/README.md).
+    x (B, H, W, C), kernel (3, 3, C, F) -> (B, H, W, F) in x's dtype."""
+    b, h, w, c = x.shape
+    wp = w + 2
+    flat = jnp.pad(x, ((0, 0), (1, 2), (1, 1), (0, 0))).reshape(b, (h + 3) * wp, c)
+    n = h * wp
+    kernel = kernel.astype(x.dtype)
+    dims = (((2,), (0,)), ((), ()))
+    tap_in = jax.ShapeDtypeStruct((b, n, c), flat.dtype)
+    wide = jnp.float32 if asks_float32_results(tap_in, kernel[0, 0], dims) else None
+    acc = None
+    for dy in range(3):
+        for dx in range(3):
+            off = dy * wp + dx
+            tap = jax.lax.dot_general(flat[:, off:off + n], kernel[dy, dx], dims,
+                                      preferred_element_type=wide)  # (B, H·(W+2), F)
+            tap = tap.astype(jnp.promote_types(tap.dtype, jnp.float32))
+            acc = tap if acc is None else acc + tap
+    return acc.reshape(b, h, wp, -1)[:, :, :w].astype(x.dtype)
 
 
 def _winograd_macs(tile: int, height: int, width: int) -> float:
@@ -166,7 +198,7 @@ def winograd_tile(conv_impl: str, height: int, width: int,
     'winograd2' / 'winograd4' / 'winograd6' use one tile everywhere.
     """
     conv_impl = resolve_conv_impl(conv_impl, dtype)
-    if conv_impl == "xla":
+    if conv_impl in ("xla", "taps"):
         return None
     if conv_impl == "winograd":
         side = min(height, width)
@@ -178,6 +210,21 @@ def winograd_tile(conv_impl: str, height: int, width: int,
     if conv_impl in ("winograd2", "winograd4", "winograd6"):
         return int(conv_impl[-1])
     raise ValueError(f"decoder.conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}")
+
+
+class TapsConv(nn.Module):
+    """`nn.Conv(features, (3, 3), padding=1, use_bias=False)` computed by `conv3x3_taps`, with
+    the same parameter (`kernel`, (3, 3, C, F), lecun-normal init)."""
+
+    features: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                            (3, 3, x.shape[-1], self.features), self.param_dtype)
+        return conv3x3_taps(x.astype(self.dtype), kernel.astype(self.dtype))
 
 
 class WinogradConv(nn.Module):
@@ -230,8 +277,9 @@ class WinogradConv(nn.Module):
 class ConvNormReLU(nn.Module):
     """3×3 conv (no bias) → norm → ReLU, LAVT's decoder unit (BatchNorm = SyncBN under jit).
 
-    `conv_impl`: 'auto' (`resolve_conv_impl`: 'winograd' for float32 on CPU, else 'xla'),
-    'xla' (XLA's convolution; cuDNN on GPU) or 'winograd' / 'winograd2' / 'winograd4' /
+    `conv_impl`: 'auto' (`resolve_conv_impl`: on CPU 'winograd' for float32 and 'taps' for
+    bfloat16, else 'xla'), 'xla' (XLA's convolution; cuDNN on GPU), 'taps' (`conv3x3_taps`:
+    nine GEMMs) or 'winograd' / 'winograd2' / 'winograd4' /
     'winograd6' (`winograd_conv3x3` with the tile `winograd_tile` picks; the same parameters,
     2.25×, 4× or 5.06× fewer multiply-adds: faster on CPU for the large maps).
     """
@@ -248,7 +296,9 @@ class ConvNormReLU(nn.Module):
             self.is_mutable_collection(WINOGRAD_CACHE)
             or self.has_variable(WINOGRAD_CACHE, "Conv_0"))
         tile = winograd_tile(self.conv_impl, x.shape[1], x.shape[2], self.dtype, cached)
-        if tile is None:
+        if resolve_conv_impl(self.conv_impl, self.dtype) == "taps":
+            x = TapsConv(self.features, dtype=self.dtype, name="Conv_0")(x)
+        elif tile is None:
             x = nn.Conv(self.features, (3, 3), padding=1, use_bias=False, dtype=self.dtype)(x)
         else:
             x = WinogradConv(self.features, tile, dtype=self.dtype, cached=cached,

@@ -101,6 +101,13 @@ def dot_general(lhs: Array, rhs: Array, dimension_numbers: Any, precision: Any =
               preferred_element_type=preferred_element_type, **kwargs)
 
 
+def asks_float32_results(lhs: Array, rhs: Array, dimension_numbers: Any) -> bool:
+    """Whether `dot_general` asks for float32 results for this product here: low-precision
+    operands, float32 `dot_results`, a product XLA:CPU's GEMM library takes."""
+    return bool(_low_precision(lhs, rhs) and float32_dot_results()
+                and _library_gemm(lhs, rhs, dimension_numbers))
+
+
 def _float32_result_dot(lhs: Array, rhs: Array, dimension_numbers: Any, precision: Any = None,
                         preferred_element_type: Any = None, **kwargs: Any) -> Array:
     """`dot_general` under float32 `dot_results`."""
