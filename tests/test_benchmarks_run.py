@@ -557,3 +557,22 @@ def test_train_ab_quick(tmp_path: Path, quick_run: tuple[dict, Path], jax_cache:
         assert e["step_median_ms"] > 0 and e["n"] == 2 and e["images_per_s"] > 0
         assert e["flop_utilization"] is None  # no peak FLOP/s on a CPU
     assert cond["first_loss"] == base["first_loss"] and cond["speedup_vs_first"] > 0
+
+
+def test_lowp_gemm_quick(tmp_path: Path) -> None:
+    """`benchmarks.lowp_gemm --quick`: every GEMM and convolution form runs, is timed and is the
+    float32 form's product to bfloat16 rounding; the JSON lands in the results folder."""
+    from benchmarks import lowp_gemm
+
+    res = lowp_gemm.run(quick=True, out_dir=str(tmp_path))
+    rows = res["rows"]
+    forms = {(r["kind"], r["form"]) for r in rows}
+    assert forms == {("gemm", "float32"), ("gemm", "bf16 native"), ("gemm", "bf16 float32 results"),
+                     ("conv", "float32 xla"), ("conv", "bf16 xla"), ("conv", "bf16 taps")}
+    for r in rows:
+        assert r["median_ms"] > 0 and r["gflops_per_s"] > 0, r
+        if r["form"].startswith("float32"):
+            assert r["max_rel_err"] == 0.0
+        else:  # bfloat16 operands: about 2^-8 of the largest output
+            assert 0 < r["max_rel_err"] < 2e-2, r
+    assert json.loads(Path(res["path"]).read_text())["rows"] == rows

@@ -150,7 +150,7 @@ def conv3x3_taps(x: Array, kernel: Array) -> Array:
     contiguous slice of it, shifted by dy·(W + 2) + dx; the two extra columns of every output
     row are dropped at the end. XLA:CPU runs a bf16 convolution by converting it to float32,
     while these bf16 × bf16 → f32 GEMMs run in its GEMM library (AMX where the CPU has it):
-    on a 2-core AMX host, 120×120, 640 → 512, 176 against 319 ms (benchmarks/README.md).
+    on a 2-core AMX host, 120×120, 640 → 512, 175 against 315 ms (benchmarks/README.md).
     x (B, H, W, C), kernel (3, 3, C, F) -> (B, H, W, F) in x's dtype."""
     b, h, w, c = x.shape
     wp = w + 2

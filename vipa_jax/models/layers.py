@@ -94,7 +94,7 @@ def dot_general(lhs: Array, rhs: Array, dimension_numbers: Any, precision: Any =
     float32 results and rounds them back. XLA:CPU runs bf16 × bf16 → f32 as one GEMM of its
     GEMM library (AMX or AVX512-BF16 where the CPU has them), while for a bf16 result it
     converts both operands to float32 first: on a 2-core AMX host (3600×1024)·(1024×1024)
-    takes 4.1 instead of 24.6 ms (benchmarks/README.md, "bfloat16 on a CPU"). Only products
+    takes 5.2 instead of 25.4 ms (benchmarks/README.md, "bfloat16 on a CPU"). Only products
     that library takes ask for it (`_library_gemm`); others keep their type."""
     fn = _float32_result_dot if float32_dot_results() else jax.lax.dot_general
     return fn(lhs, rhs, dimension_numbers, precision=precision,
