@@ -165,12 +165,7 @@ def main() -> None:
     p.add_argument("--train", action="store_true", help="time forward + backward")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     a = p.parse_args()
-    if a.device == "cpu":
-        os.environ["JAX_PLATFORMS"] = "cpu"  # before jax is imported
-    import jax
-
-    if a.device == "gpu" and jax.default_backend() != "gpu":
-        raise SystemExit(f"--device gpu but JAX's backend is {jax.default_backend()!r}")
+    common.use_device(a.device)
     variants = [common.parse_variant(v) for v in a.variant]
     run(quick=a.quick, batch=a.batch, dtype=a.dtype, iters=a.iters, train=a.train,
         impls=a.impls if a.impls or not variants else [], variants=variants,

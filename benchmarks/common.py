@@ -129,6 +129,17 @@ def pin_cpus(n: int) -> list[int]:
     return cpus
 
 
+def use_device(device: str) -> None:
+    """A script's `--device auto|cpu|gpu`: 'cpu' hides accelerators (call it before JAX starts
+    its backends); 'gpu' without JAX's GPU backend is a SystemExit that says so."""
+    if device == "cpu":
+        os.environ["JAX_PLATFORMS"] = "cpu"
+    import jax
+
+    if device == "gpu" and jax.default_backend() != "gpu":
+        raise SystemExit(f"--device gpu but JAX's backend is {jax.default_backend()!r}")
+
+
 def machine_info(devices: bool = True) -> dict[str, Any]:
     """Where a number was measured: host, CPU, versions, git commit, load at the time.
     `devices=False`: JAX's version only, without starting its backend (a process that only

@@ -20,7 +20,6 @@ same random operands:
 from __future__ import annotations
 
 import argparse
-import os
 from typing import Any
 
 import numpy as np
@@ -129,12 +128,7 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     a = p.parse_args()
-    if a.device == "cpu":
-        os.environ["JAX_PLATFORMS"] = "cpu"  # before jax is imported
-    import jax
-
-    if a.device == "gpu" and jax.default_backend() != "gpu":
-        raise SystemExit(f"--device gpu but JAX's backend is {jax.default_backend()!r}")
+    common.use_device(a.device)
     run(quick=a.quick, iters=a.iters, out_dir=a.out)
 
 

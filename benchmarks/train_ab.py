@@ -179,13 +179,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         variants = cli_variants(a.no_base, a.variant)
     except ValueError as err:
         p.error(str(err))
-    if a.device == "cpu":
-        os.environ["JAX_PLATFORMS"] = "cpu"  # before jax is imported
     os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
-    import jax
-
-    if a.device == "gpu" and jax.default_backend() != "gpu":
-        raise SystemExit(f"--device gpu but JAX's backend is {jax.default_backend()!r}")
+    common.use_device(a.device)
     return run(variants, config=a.config, quick=a.quick, dtype=a.dtype, batch=a.batch,
                remat=a.remat, iters=a.iters, rounds=a.rounds, out_dir=a.out)
 
