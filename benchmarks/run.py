@@ -36,7 +36,7 @@ Sections (every figure carries dtype, batch, image size and device kind, and the
   about remat. Next to it, JAX's own count of the bytes saved for the backward pass (one image,
   × batch; `common.saved_residual_bytes`), which is backend-independent. Both count the decoder
   convolution a GPU runs (`decoder.conv_impl='auto'` → XLA's, not the CPU's Winograd, whose
-  tiles add ~0.25 GiB per image: `_as_on_gpu`). `--no-memory` skips
+  tiles add ~0.25 GiB per image) and its bfloat16 matmul results (`_as_on_gpu`). `--no-memory` skips
   it (on CPU it costs ~1 min of compile per row). The GPU run sets
   `XLA_PYTHON_CLIENT_MEM_FRACTION=0.95` unless set.
 - cpu_vs_torch (CPU, needs torch): `benchmarks.backbones.run` (our Swin-B and BERT-base vs
@@ -175,13 +175,20 @@ def _with_remat(cfg: Any, dtype: str, remat: bool | str) -> Any:
 
 
 def _as_on_gpu(cfg: Any) -> Any:
-    """`cfg` with the decoder convolution a GPU runs: 'auto' resolves to Winograd on a CPU
-    backend (float32), whose transformed tiles the backward keeps (+253 MiB per image for the
-    paper config in float32), but to XLA's convolution on a GPU, which the memory rows are about."""
-    if cfg.model.decoder.conv_impl != "auto":
+    """`cfg` with the forms a GPU runs where the config says 'auto', which the memory rows are
+    about: on a CPU backend the decoder convolution resolves to Winograd (float32; the backward
+    keeps its transformed tiles: +253 MiB per image for the paper config) or to nine GEMMs
+    (bfloat16), and bfloat16 matmuls to float32 results (`model.dot_results`); on a GPU to
+    XLA's convolution and bfloat16 results."""
+    conv_auto = cfg.model.decoder.conv_impl == "auto"
+    dots_auto = cfg.model.get("dot_results", "auto") == "auto"
+    if not (conv_auto or dots_auto):
         return cfg
     out = copy.deepcopy(cfg)
-    out.model.decoder.conv_impl = "xla"
+    if conv_auto:
+        out.model.decoder.conv_impl = "xla"
+    if dots_auto:
+        out.model.dot_results = "native"
     return out
 
 
@@ -376,6 +383,7 @@ def memory_section(
                 "xla_memory": None, "estimate_bytes": None,
                 "saved_for_backward_per_image_bytes": saved[dtype, remat],
                 "conv_impl": row_cfg.model.decoder.conv_impl,
+                "dot_results": row_cfg.model.dot_results,
             }
             try:  # on a GPU, running out of memory (compile, transfer or step) is a result
                 if time_iters is not None:

@@ -92,32 +92,30 @@ class VIPA(nn.Module):
         *,
         train: bool = False,
     ) -> dict[str, Array]:
+        # the matmuls' result type (`layers.dot_results`); a `with` block, not a method, so that
+        # the modules' names (profiles, HLO metadata) stay those of `__call__`
         with dot_results(self.config.get("dot_results", "auto")):
-            return self._forward(images, input_ids, token_mask, train=train)
-
-    def _forward(self, images: Array, input_ids: Array, token_mask: Array, *,
-                 train: bool) -> dict[str, Array]:
-        enc = self.encoder(images, input_ids, token_mask, train=train)
-        f4 = enc.features[-1]
-        b, h4, w4, c4 = f4.shape
-        vis = f4.reshape(b, h4 * w4, c4)  # (B, N, C_4)
-        lang_adv = self.advanced_lang(enc.lang, vis, train=train)  # Ê_L (B, L, C_l)
-        veg = self.veg(vis, lang_adv, token_mask, train=train)
-        kv_source = self.config.veg.kv
-        if kv_source == "vision":
-            kv, kv_mask = veg["tokens"], veg["token_mask"]
-        else:
-            kv = enc.lang if kv_source == "vanilla_lang" else lang_adv
-            kv_mask = token_mask.astype(bool)
-        low = self.decoder(enc.features, kv, kv_mask, train=train)  # (B, H/4, W/4)
-        logits = resize_bilinear_align_corners(low, images.shape[1:3])
-        return {
-            "logits": logits,  # (B, H, W) mask logits
-            "cls_relevance": veg["cls_relevance"].reshape(b, h4, w4),  # contrastive-loss logits
-            "tau": veg["tau"],
-            "relevance": veg["similarity"].reshape(b, -1, h4, w4),  # S_c per token (heatmaps)
-            "selection": veg["mask"].reshape(b, -1, h4, w4),  # M per token
-        }
+            enc = self.encoder(images, input_ids, token_mask, train=train)
+            f4 = enc.features[-1]
+            b, h4, w4, c4 = f4.shape
+            vis = f4.reshape(b, h4 * w4, c4)  # (B, N, C_4)
+            lang_adv = self.advanced_lang(enc.lang, vis, train=train)  # Ê_L (B, L, C_l)
+            veg = self.veg(vis, lang_adv, token_mask, train=train)
+            kv_source = self.config.veg.kv
+            if kv_source == "vision":
+                kv, kv_mask = veg["tokens"], veg["token_mask"]
+            else:
+                kv = enc.lang if kv_source == "vanilla_lang" else lang_adv
+                kv_mask = token_mask.astype(bool)
+            low = self.decoder(enc.features, kv, kv_mask, train=train)  # (B, H/4, W/4)
+            logits = resize_bilinear_align_corners(low, images.shape[1:3])
+            return {
+                "logits": logits,  # (B, H, W) mask logits
+                "cls_relevance": veg["cls_relevance"].reshape(b, h4, w4),  # contrastive-loss logits
+                "tau": veg["tau"],
+                "relevance": veg["similarity"].reshape(b, -1, h4, w4),  # S_c per token (heatmaps)
+                "selection": veg["mask"].reshape(b, -1, h4, w4),  # M per token
+            }
 
 
 def build_model(model_config: ml_collections.ConfigDict | ml_collections.FrozenConfigDict) -> VIPA:
