@@ -146,8 +146,11 @@ def run(
         "load": common.load_snapshot(),
     }
     if write and not compile_only:
-        where = "cpu" if not gpu else "".join(ch if ch.isalnum() else "_"
-                                               for ch in device_kind.lower())
+        # a CPU's vector ISA tells VMs of one name apart (their timings differ by it)
+        where = f"cpu-{common.cpu_isa()}" if not gpu else "".join(
+            ch if ch.isalnum() else "_" for ch in device_kind.lower())
+        if config != "refcoco" and not quick:
+            where += f"-{config}"
         tag = f"{where}-{dtype}-b{batch}{'-remat' if remat else ''}"
         result["path"] = common.write_result("train_ab", result, out_dir, tag=tag)
         print("wrote", result["path"])

@@ -555,7 +555,7 @@ def test_train_ab_quick(tmp_path: Path, quick_run: tuple[dict, Path], jax_cache:
          "--out", str(tmp_path)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    (path,) = tmp_path.glob("train_ab-*-cpu-bfloat16-b2-remat.json")
+    (path,) = tmp_path.glob("train_ab-*-cpu-*-bfloat16-b2-remat.json")
     res = json.loads(path.read_text())
     base, cond = res["variants"]["base"], res["variants"]["cond"]
     assert cond["overrides"] == {"train.finite_guard": "cond"}
