@@ -145,13 +145,12 @@ def resolve_conv_impl(conv_impl: str, dtype: Any = jnp.float32) -> str:
 def conv3x3_taps(x: Array, kernel: Array) -> Array:
     """`lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)))` (NHWC, HWIO) as nine
     GEMMs, one per kernel tap, summed in float32 (with float32 results where
-    `layers.asks_float32_results`).
-    The zero-padded map is flattened to rows of width W + 2, so each tap's input is one
-    contiguous slice of it, shifted by dy·(W + 2) + dx; the two extra columns of every output
-    row are dropped at the end. XLA:CPU runs a bf16 convolution by converting it to float32,
-    while these bf16 × bf16 → f32 GEMMs run in its GEMM library (AMX where the CPU has it):
-    on a 2-core AMX host, 120×120, 640 → 512, 175 against 315 ms (benchmarks/README.md).
-    x (B, H, W, C), kernel (3, 3, C, F) -> (B, H, W, F) in x's dtype."""
+    `layers.asks_float32_results`). The zero-padded map is flattened to rows of width W + 2,
+    so each tap's input is one contiguous slice of it, shifted by dy·(W + 2) + dx; the two
+    extra columns of every output row are dropped at the end. XLA:CPU runs a bf16 convolution
+    by converting it to float32, while these bf16 × bf16 → f32 GEMMs run in its GEMM library
+    (AMX where the CPU has it): on a 2-core AMX host, 120×120, 640 → 512, 175 against 315 ms
+    (benchmarks/README.md). x (B, H, W, C), kernel (3, 3, C, F) -> (B, H, W, F) in x's dtype."""
     b, h, w, c = x.shape
     wp = w + 2
     flat = jnp.pad(x, ((0, 0), (1, 2), (1, 1), (0, 0))).reshape(b, (h + 3) * wp, c)

@@ -88,7 +88,7 @@ class GatedFusion(nn.Module):
         gate = nn.relu(Dense(c, use_bias=False, dtype=self.dtype, name="gate_0")(res))
         gate = jnp.tanh(
             Dense(c, use_bias=False, kernel_init=nn.initializers.zeros, dtype=self.dtype,
-                     name="gate_1")(gate)
+                  name="gate_1")(gate)
         )
         out = t + gate * res
         return out.reshape(b, h, w, c), res.reshape(b, h, w, c)
