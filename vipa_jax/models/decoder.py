@@ -223,7 +223,7 @@ class TapsConv(nn.Module):
     def __call__(self, x: Array) -> Array:
         kernel = self.param("kernel", nn.initializers.lecun_normal(),
                             (3, 3, x.shape[-1], self.features), self.param_dtype)
-        return conv3x3_taps(x.astype(self.dtype), kernel.astype(self.dtype))
+        return conv3x3_taps(x.astype(self.dtype), kernel)  # (kernel cast to x's dtype there)
 
 
 class WinogradConv(nn.Module):
@@ -294,8 +294,9 @@ class ConvNormReLU(nn.Module):
         cached = not train and not self.is_initializing() and (
             self.is_mutable_collection(WINOGRAD_CACHE)
             or self.has_variable(WINOGRAD_CACHE, "Conv_0"))
-        tile = winograd_tile(self.conv_impl, x.shape[1], x.shape[2], self.dtype, cached)
-        if resolve_conv_impl(self.conv_impl, self.dtype) == "taps":
+        impl = resolve_conv_impl(self.conv_impl, self.dtype)
+        tile = winograd_tile(impl, x.shape[1], x.shape[2], self.dtype, cached)
+        if impl == "taps":
             x = TapsConv(self.features, dtype=self.dtype, name="Conv_0")(x)
         elif tile is None:
             x = nn.Conv(self.features, (3, 3), padding=1, use_bias=False, dtype=self.dtype)(x)

@@ -96,24 +96,33 @@ def dot_general(lhs: Array, rhs: Array, dimension_numbers: Any, precision: Any =
     converts both operands to float32 first: on a 2-core AMX host (3600×1024)·(1024×1024)
     takes 5.2 instead of 25.4 ms (benchmarks/README.md, "bfloat16 on a CPU"). Only products
     that library takes ask for it (`_library_gemm`); others keep their type."""
-    fn = _float32_result_dot if float32_dot_results() else jax.lax.dot_general
-    return fn(lhs, rhs, dimension_numbers, precision=precision,
-              preferred_element_type=preferred_element_type, **kwargs)
+    return _product_fn()(lhs, rhs, dimension_numbers, precision=precision,
+                         preferred_element_type=preferred_element_type, **kwargs)
+
+
+def _product_fn() -> Callable[..., Array]:
+    """The `lax.dot_general` stand-in for the current `dot_results`."""
+    return _float32_result_dot if float32_dot_results() else jax.lax.dot_general
+
+
+def _widened_dtype(lhs: Any, rhs: Any, dimension_numbers: Any) -> Any:
+    """The low-precision dtype of a product XLA:CPU's GEMM library takes (which may then ask
+    for float32 results), else None."""
+    low = _low_precision(lhs, rhs)
+    return low if low and _library_gemm(lhs, rhs, dimension_numbers) else None
 
 
 def asks_float32_results(lhs: Array, rhs: Array, dimension_numbers: Any) -> bool:
     """Whether `dot_general` asks for float32 results for this product here: low-precision
     operands, float32 `dot_results`, a product XLA:CPU's GEMM library takes."""
-    return bool(_low_precision(lhs, rhs) and float32_dot_results()
-                and _library_gemm(lhs, rhs, dimension_numbers))
+    return float32_dot_results() and _widened_dtype(lhs, rhs, dimension_numbers) is not None
 
 
 def _float32_result_dot(lhs: Array, rhs: Array, dimension_numbers: Any, precision: Any = None,
                         preferred_element_type: Any = None, **kwargs: Any) -> Array:
     """`dot_general` under float32 `dot_results`."""
-    low = _low_precision(lhs, rhs)
-    if (low and preferred_element_type in (None, low)
-            and _library_gemm(lhs, rhs, dimension_numbers)):
+    low = _widened_dtype(lhs, rhs, dimension_numbers)
+    if low and preferred_element_type in (None, low):
         return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                                    preferred_element_type=jnp.float32, **kwargs).astype(low)
     return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
@@ -123,8 +132,7 @@ def _float32_result_dot(lhs: Array, rhs: Array, dimension_numbers: Any, precisio
 def einsum(subscripts: str, *operands: Array) -> Array:
     """`jnp.einsum` whose products are `dot_general`'s. (jnp.einsum caches its trace by the
     product function it is given, so each `dot_results` choice passes its own.)"""
-    fn = _float32_result_dot if float32_dot_results() else jax.lax.dot_general
-    return jnp.einsum(subscripts, *operands, _dot_general=fn)
+    return jnp.einsum(subscripts, *operands, _dot_general=_product_fn())
 
 
 def matmul(a: Array, b: Array) -> Array:
