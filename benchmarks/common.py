@@ -129,6 +129,14 @@ def pin_cpus(n: int) -> list[int]:
     return cpus
 
 
+def device_tag(backend: str, device_kind: str) -> str:
+    """A result file's device part: the CPU's vector ISA (VMs of one machine name differ in it,
+    `cpu_isa`), else the device kind, lower case, non-word runs as '_' ('nvidia_h200')."""
+    if backend == "cpu":
+        return cpu_isa()
+    return re.sub(r"\W+", "_", device_kind.lower()).strip("_")
+
+
 def use_device(device: str) -> None:
     """A script's `--device auto|cpu|gpu`: 'cpu' hides accelerators (call it before JAX starts
     its backends); 'gpu' without JAX's GPU backend is a SystemExit that says so."""

@@ -113,9 +113,8 @@ def run(quick: bool = False, iters: int | None = None, out_dir: str | None = Non
     result: dict[str, Any] = {"quick": quick, "iters": iters, "backend": jax.default_backend(),
                               "device_kind": jax.devices()[0].device_kind, "rows": rows}
     if write:
-        where = (common.cpu_isa() if jax.default_backend() == "cpu"
-                 else jax.devices()[0].device_kind.replace(" ", "_"))
-        tag = where + ("-quick" if quick else "")
+        tag = common.device_tag(result["backend"], result["device_kind"]) + (
+            "-quick" if quick else "")
         result["path"] = common.write_result("lowp_gemm", result, out_dir, tag=tag)
         print("wrote", result["path"])
     return result

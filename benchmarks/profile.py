@@ -340,9 +340,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
              device_kind=jax.devices()[0].device_kind, total_s=time.perf_counter() - t0,
              load=common.load_snapshot())
     print_profile(r, a.top)
-    # The GPU's name, or the CPU's vector ISA (an AVX2 and an AVX-512 VM share a machine name).
-    where = (common.cpu_isa() if r["backend"] == "cpu"
-             else re.sub(r"\W+", "_", r["device_kind"].lower()))
+    where = common.device_tag(r["backend"], r["device_kind"])
     part = "" if a.part == "total" else f"-{a.part}"
     tag = f"{r['config'].replace(':', '_')}{part}-{'train' if a.train else 'infer'}-{a.dtype}"
     r["path"] = common.write_result("profile", r, a.out, tag=f"{where}-{tag}")

@@ -926,7 +926,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     }
     date = time.strftime("%Y-%m-%d", time.gmtime())
     # CPU results carry the vector ISA in their name: an AVX2 and an AVX-512 VM share a name.
-    tag = f"{common.cpu_isa()}-{date}" if not gpu else f"{_slug(device_kind)}-{date}"
+    tag = f"{common.device_tag(backend, device_kind)}-{date}"
 
     earlier = earlier_result(common.result_path("run", a.out, tag), result)
 
@@ -1039,10 +1039,6 @@ def merge_earlier(result: dict[str, Any], earlier: dict[str, Any] | None,
         notes.append(f"{', '.join(taken)}: from the earlier run of the same commit at "
                      f"{earlier['machine_info'].get('time_utc')} ({earlier.get('command')}).")
     return out
-
-
-def _slug(text: str) -> str:
-    return "".join(ch if ch.isalnum() else "_" for ch in text.lower()).strip("_")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -146,9 +146,7 @@ def run(
         "load": common.load_snapshot(),
     }
     if write and not compile_only:
-        # a CPU's vector ISA tells VMs of one name apart (their timings differ by it)
-        where = f"cpu-{common.cpu_isa()}" if not gpu else "".join(
-            ch if ch.isalnum() else "_" for ch in device_kind.lower())
+        where = ("cpu-" if not gpu else "") + common.device_tag(result["backend"], device_kind)
         if config != "refcoco" and not quick:
             where += f"-{config}"
         tag = f"{where}-{dtype}-b{batch}{'-remat' if remat else ''}"
