@@ -85,9 +85,10 @@ def _section(kind: str, shapes: dict[str, tuple[int, ...]], iters: int) -> list[
             args[name] = ops
         times = common.time_calls({n: (lambda c=c, o=args[n]: c(*o)) for n, c in compiled.items()},
                                   iters=iters, warmup=1)
-        ref = np.asarray(compiled[next(iter(compiled))](*args[next(iter(compiled))]), np.float32)
+        outs = {n: np.asarray(c(*args[n]), np.float32) for n, c in compiled.items()}
+        ref = next(iter(outs.values()))  # the float32 form's
         for name, t in times.items():
-            out = np.asarray(compiled[name](*args[name]), np.float32)
+            out = outs[name]
             rows.append({
                 "kind": kind, "shape": label, "dims": list(shape), "form": name,
                 "median_ms": t["median_s"] * 1e3, "p90_ms": t["p90_s"] * 1e3, "n": t["n"],
