@@ -57,26 +57,27 @@ def random_batch(batch: int, image_size: int, length: int, seed: int = 0) -> dic
 
 
 def forward_setup(
-    cfg: Any, batch: int, variables: Any = None, winograd_cache: bool = True,
+    cfg: Any, batch: int, variables: Any = None, inference_cache: bool = True,
 ) -> tuple[Callable[..., Any], tuple[Any, ...]]:
     """The VIPA inference forward for a full config -> (fn, args): `fn(*args)` gives the
     (B, H, W) logits. `args` = (variables, image, input_ids, attention_mask), the inputs already
     on the device (no transfer in timings); `variables` default to random ones of this config
-    (abstract ones stay abstract). `winograd_cache`: the variables carry the Winograd decoder
-    convs' transformed kernels, as inference does (`vipa.with_winograd_cache`).
+    (abstract ones stay abstract). `inference_cache`: the variables carry what inference
+    precomputes once (the Winograd decoder convs' transformed kernels, the transposed kernels of
+    the language-side projections: `vipa.with_inference_cache`).
     """
     import jax
 
     from benchmarks.model import random_model_variables
-    from vipa_jax.models.vipa import build_model, with_winograd_cache
+    from vipa_jax.models.vipa import build_model, with_inference_cache
 
     m = cfg.model
     model = build_model(m)
     if variables is None:
         variables = random_model_variables(model, m)
     data = random_batch(batch, m.image_size, m.max_tokens)
-    if winograd_cache:
-        variables = with_winograd_cache(model, variables, *(
+    if inference_cache:
+        variables = with_inference_cache(model, variables, *(
             data[k] for k in ("image", "input_ids", "attention_mask")))
 
     def fwd(v: Any, im: Any, ids: Any, mask: Any) -> Any:

@@ -189,7 +189,7 @@ def part_setup(cfg: Any, part: str, variables: Any = None) -> tuple[Callable[...
     import jax
     import jax.numpy as jnp
 
-    from vipa_jax.models.vipa import build_model, with_winograd_cache
+    from vipa_jax.models.vipa import build_model, with_inference_cache
 
     model = build_model(cfg)
     fns = part_functions(model, cfg)
@@ -204,8 +204,8 @@ def part_setup(cfg: Any, part: str, variables: Any = None) -> tuple[Callable[...
         lambda s: (rng.standard_normal(s.shape).astype(s.dtype)
                    if jnp.issubdtype(s.dtype, jnp.floating) else np.ones(s.shape, s.dtype)),
         abstract[which])
-    if part in ("total", "decoder"):  # as inference runs them: Winograd kernels precomputed
-        variables = with_winograd_cache(model, variables, *abstract["full"])
+    # as inference runs them: Winograd kernels and transposed kernels precomputed
+    variables = with_inference_cache(model, variables, *abstract["full"])
     return fn, (variables, *jax.device_put(inputs))
 
 
@@ -249,9 +249,10 @@ def run(
 ) -> dict[str, Any]:
     import jax
 
+    from vipa_jax.backend import target_backend
     from vipa_jax.models.decoder import resolve_conv_impl
     from vipa_jax.models.swin import SwinTransformer
-    from vipa_jax.models.vipa import build_model, init_variables, with_winograd_cache
+    from vipa_jax.models.vipa import build_model, init_variables, with_inference_cache
 
     if quick:  # smoke test: the parts' XLA flops from the unoptimized HLO (no compiles)
         iters, compile_parts = 2, False
@@ -281,11 +282,13 @@ def run(
     result["note"] = convention_note(result)
     if time_model:
         conv_impl = resolve_conv_impl(cfg.decoder.conv_impl)
-        if conv_impl != "xla":  # time the configured model, with its inference Winograd cache
+        if conv_impl != "xla" or target_backend() == "cpu":
+            # time the configured model with its inference caches (Winograd kernels, transposed
+            # kernels: `with_inference_cache`)
             timed = build_model(cfg)
             fn, which = part_functions(timed, cfg)["total"]
             inputs = abstract_inputs(model, shapes, cfg)[which]
-            compiled = common.compile_jax(fn, with_winograd_cache(timed, shapes, *inputs),
+            compiled = common.compile_jax(fn, with_inference_cache(timed, shapes, *inputs),
                                           *inputs)[0]
         result["timing"] = time_forward(compiled, shapes, cfg, iters, torch_baseline, quick)
         result["timing"]["conv_impl"] = conv_impl
@@ -297,10 +300,10 @@ def run(
 
 
 def inference_variables(cfg: Any, variables: Any, *inputs: Any) -> Any:
-    """`variables` + the Winograd cache the model config `cfg` uses at inference on `inputs`."""
-    from vipa_jax.models.vipa import build_model, with_winograd_cache
+    """`variables` + the caches the model config `cfg` uses at inference on `inputs`."""
+    from vipa_jax.models.vipa import build_model, with_inference_cache
 
-    return with_winograd_cache(build_model(cfg), variables, *inputs)
+    return with_inference_cache(build_model(cfg), variables, *inputs)
 
 
 def time_forward(

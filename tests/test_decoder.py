@@ -15,7 +15,7 @@ from vipa_jax.models.decoder import (
     winograd_kernel,
     winograd_tile,
 )
-from vipa_jax.models.vipa import build_model, init_variables, with_winograd_cache
+from vipa_jax.models.vipa import build_model, init_variables, with_inference_cache
 
 
 def _conv(x, kernel):
@@ -160,7 +160,7 @@ def test_model_conv_impl_switch(tiny_model):
 
 
 def test_winograd_cache(tiny_model):
-    """`with_winograd_cache` stores U = G g Gᵀ of every Winograd conv once; inference with it
+    """`with_inference_cache` stores U = G g Gᵀ of every Winograd conv once; inference with it
     gives the logits of the uncached forward (which at these map sizes uses XLA's conv: the cache
     lets F(6×6) run on the 24 px maps); init never creates the collection; a cache of another
     tile is an error that names the conv; without Winograd convs nothing is added."""
@@ -173,7 +173,7 @@ def test_winograd_cache(tiny_model):
     images = jax.random.normal(jax.random.key(1), (1, 96, 96, 3))
     ids = jnp.asarray(np.array([[101, 7, 9, 102] + [0] * (n - 4)], np.int32))
     mask = (ids > 0).astype(jnp.int32)
-    cached = with_winograd_cache(model, variables, images, ids, mask)
+    cached = with_inference_cache(model, variables, images, ids, mask)
     cache = cached["winograd"]["decoder"]
     assert sorted(cache) == ["up1_0", "up1_1"]  # only the 1/4 maps reach 24 px
     kernel = variables["params"]["decoder"]["up1_0"]["Conv_0"]["kernel"]
@@ -210,7 +210,7 @@ def test_winograd_cache(tiny_model):
     with pytest.raises(ValueError, match="up1_0/Conv_0: cached Winograd kernel"):
         jax.eval_shape(lambda v: logits(build_model(cfg), v), cached)
     cfg.decoder.conv_impl = "xla"
-    assert "winograd" not in with_winograd_cache(build_model(cfg), cached, images, ids, mask)
+    assert "winograd" not in with_inference_cache(build_model(cfg), cached, images, ids, mask)
 
 
 @pytest.mark.parametrize("shape", [(2, 8, 8, 5), (1, 7, 10, 3), (1, 1, 3, 4), (3, 13, 5, 16)])

@@ -447,3 +447,64 @@ def test_dot_results_float32_for_low_precision_products_only() -> None:
     with pytest.raises(ValueError, match="model.dot_results must be one of"):
         with dot_results("bfloat16"):
             pass
+
+
+def test_dense_transposed_kernel_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`Dense` stores its kernel transposed in 'transposed_kernels' when that collection is
+    mutable and `prefers_transposed_kernel` (few rows, enough weights, a CPU backend), never at
+    init; applied with the cache it multiplies by the (F, C) kernel (the cache is what runs),
+    with the uncached outputs, in float32 and in bfloat16 under float32 `dot_results` (that form
+    also asks for float32 results, which XLA:CPU's GEMM library runs); a cache of another shape
+    is an error naming the layer."""
+    from vipa_jax.backend import compiling_for
+    from vipa_jax.models import layers as L
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(1, 5, 256)), jnp.float32)
+    dense = L.Dense(512)
+    variables = dense.init(jax.random.key(0), x)
+    assert set(variables) == {"params"}  # init stores no cache
+    kernel = variables["params"]["kernel"]
+    out, cache = dense.apply(variables, x, mutable=[L.TRANSPOSED_KERNELS])
+    np.testing.assert_array_equal(np.asarray(cache[L.TRANSPOSED_KERNELS]["kernel"]),
+                                  np.asarray(kernel).T)
+    cached = {**variables, **cache}
+
+    def contracting(v, x):  # the rhs contracting dims of the jaxpr's one dot_general
+        (eqn,) = [e for e in jax.make_jaxpr(lambda v, x: dense.apply(v, x))(v, x).jaxpr.eqns
+                  if e.primitive.name == "dot_general"]
+        return tuple(eqn.params["dimension_numbers"][0][1])
+
+    assert (contracting(variables, x), contracting(cached, x)) == ((0,), (1,))
+    want = dense.apply(variables, x)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(jax.jit(dense.apply)(cached, x)), np.asarray(want),
+                               rtol=1e-5, atol=1e-5)
+    zeros = {**variables, L.TRANSPOSED_KERNELS: {"kernel": jnp.zeros((512, 256))}}
+    np.testing.assert_array_equal(np.asarray(dense.apply(zeros, x)),
+                                  np.broadcast_to(np.asarray(variables["params"]["bias"]),
+                                                  (1, 5, 512)))
+    # bfloat16: the (M, K)·(N, K)ᵀ form asks for float32 results, and XLA:CPU runs it
+    low = L.Dense(512, dtype=jnp.bfloat16)
+    xb = x.astype(jnp.bfloat16)
+    with L.dot_results("float32"):
+        assert L.asks_float32_results(xb, kernel.T.astype(jnp.bfloat16), (((2,), (1,)), ((), ())))
+        got = jax.jit(low.apply)(cached, xb)
+        types = _dot_result_types(lambda v, x: low.apply(v, x), cached, xb)
+    assert got.dtype == jnp.bfloat16 and types == [jnp.float32]
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want),
+                               atol=2 ** -6 * float(jnp.abs(want).max()))
+    stale = {**variables, L.TRANSPOSED_KERNELS: {"kernel": jnp.zeros((256, 512))}}
+    with pytest.raises(ValueError, match=r"transposed_kernels/kernel has shape \(256, 512\)"):
+        dense.apply(stale, x)
+    # what is picked: rows, weights, backend
+    assert L.prefers_transposed_kernel(512, 256, 256)
+    assert not L.prefers_transposed_kernel(513, 768, 768)
+    assert not L.prefers_transposed_kernel(21, 128, 256)
+    with compiling_for("gpu"):
+        assert not L.prefers_transposed_kernel(21, 768, 768)
+        assert not dense.apply(variables, x, mutable=[L.TRANSPOSED_KERNELS])[1]
+    many = jnp.zeros((2, 300, 256))  # 600 rows
+    assert not dense.apply(variables, many, mutable=[L.TRANSPOSED_KERNELS])[1]
+    monkeypatch.setattr(L, "TRANSPOSED_KERNEL_MAX_ROWS", 600)
+    assert dense.apply(variables, many, mutable=[L.TRANSPOSED_KERNELS])[1]

@@ -327,3 +327,38 @@ def test_bfloat16_products_ask_for_float32_results(tiny, tiny_grads):
           f"{np.median(enat):.4f} (native)")
     assert np.median(e32) < 1.5 * np.median(enat) + 0.01, (np.median(e32), np.median(enat))
     assert np.median(e32) < 0.1
+
+
+def test_inference_cache_transposed_kernels(tiny, monkeypatch):
+    """`with_inference_cache` on a CPU stores the (F, C) kernel of each `Dense` with few input
+    rows (here every one: the test model's layers are below the weight threshold, lowered to 0),
+    the uncached logits come out of it, and a GPU's model caches none."""
+    from flax import traverse_util
+
+    from vipa_jax.backend import compiling_for
+    from vipa_jax.models import layers
+    from vipa_jax.models.vipa import with_inference_cache
+
+    cfg, model, variables = tiny
+    monkeypatch.setattr(layers, "TRANSPOSED_KERNEL_MIN_WEIGHTS", 0)
+    images, ids, mask, _ = _batch(cfg)
+    cached = with_inference_cache(model, variables, images, ids, mask)
+    flat = traverse_util.flatten_dict(cached[layers.TRANSPOSED_KERNELS])
+    params = traverse_util.flatten_dict(variables["params"])
+    names = {"/".join(p[:2]) for p in flat}
+    # BERT, the language stages, the advanced language tokens, the VEG and the decoder's
+    # keys/values (word rows), the decoder's 1/32 stage (B·2·2 pixel rows: a 64 px image)
+    assert {"encoder/text_encoder", "advanced_lang/cross_attn", "veg/refine_local"} <= names, names
+    assert len(flat) > 40, len(flat)
+    for path, kt in flat.items():
+        np.testing.assert_array_equal(np.asarray(kt), np.asarray(params[path]).T)
+
+    def logits(v):
+        return model.apply(v, images, ids, mask, train=False)["logits"]
+
+    want = jax.jit(logits)(variables)
+    np.testing.assert_allclose(np.asarray(jax.jit(logits)(cached)), np.asarray(want),
+                               rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()))
+    with compiling_for("gpu"):
+        assert layers.TRANSPOSED_KERNELS not in with_inference_cache(
+            model, variables, jax.ShapeDtypeStruct(images.shape, images.dtype), ids, mask)

@@ -99,14 +99,15 @@ class Evaluator:
             return variables
         return jax.device_put(variables, shd.replicated(self.mesh))
 
-    def with_winograd_cache(self, variables: Any, batch: Mapping[str, np.ndarray]) -> Any:
-        """`variables` + the transformed Winograd kernels for inputs shaped like ``batch``
-        (`vipa.with_winograd_cache`): each eval step then skips recomputing them."""
-        from vipa_jax.models.vipa import with_winograd_cache
+    def with_inference_cache(self, variables: Any, batch: Mapping[str, np.ndarray]) -> Any:
+        """`variables` + what inference precomputes from the params for inputs shaped like
+        ``batch`` (`vipa.with_inference_cache`: transformed Winograd kernels, transposed
+        kernels): each eval step then skips recomputing them."""
+        from vipa_jax.models.vipa import with_inference_cache
 
         spec = [jax.ShapeDtypeStruct(np.shape(batch[k]), np.asarray(batch[k]).dtype)
                 for k in ("image", "input_ids", "attention_mask")]
-        return with_winograd_cache(self.model, variables, *spec)
+        return with_inference_cache(self.model, variables, *spec)
 
     def step(self, variables: Any, batch: Mapping[str, np.ndarray]) -> dict[str, Any]:
         """Run the jitted step on one host-local batch (dict of NumPy arrays)."""
@@ -163,7 +164,7 @@ class Evaluator:
             for i in range(n_batches):
                 batch = next(batches)
                 if i == 0:  # inference: the Winograd decoder convs' kernel transforms, once
-                    variables = self.with_winograd_cache(variables, batch)
+                    variables = self.with_inference_cache(variables, batch)
                 out = self.step(variables, batch)
                 if "lavt" in acc:
                     ids = np.asarray(jax.device_get(out["index"])).tolist()

@@ -76,14 +76,14 @@ class Predictor:
     """A model + variables + tokenizer with a jitted single-example forward pass."""
 
     def __init__(self, model: Any, variables: Any, tokenizer: Any, image_size: int) -> None:
-        from vipa_jax.models.vipa import with_winograd_cache
+        from vipa_jax.models.vipa import with_inference_cache
 
         self.model = model
         self.tokenizer = tokenizer
         self.image_size = int(image_size)
         n = int(model.config.max_tokens)
-        # inference: the Winograd decoder convs' kernel transforms once, not per call
-        self.variables = with_winograd_cache(
+        # inference: Winograd kernel transforms and transposed kernels once, not per call
+        self.variables = with_inference_cache(
             model, variables, jax.ShapeDtypeStruct((1, self.image_size, self.image_size, 3),
                                                    np.float32),
             *[jax.ShapeDtypeStruct((1, n), np.int32)] * 2)

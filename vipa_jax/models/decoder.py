@@ -32,7 +32,7 @@ Array = jax.Array
 NORMS = ("batch", "group", "layer")
 CONV_IMPLS = ("auto", "xla", "taps", "winograd", "winograd2", "winograd4", "winograd6")
 # The variable collection that holds inference's transformed Winograd kernels (`WinogradConv`,
-# `vipa.with_winograd_cache`).
+# `vipa.with_inference_cache`).
 WINOGRAD_CACHE = "winograd"
 
 # Winograd F(m×m, 3×3) transforms (Lavin & Gray, CVPR 2016): Bᵀ (input), G (kernel), Aᵀ (output).
@@ -180,7 +180,7 @@ def winograd_tile(conv_impl: str, height: int, width: int,
                   dtype: Any = jnp.float32, cached: bool = False) -> int | None:
     """The Winograd tile a `conv_impl` uses on a (height, width) map in `dtype`; None = XLA's
     convolution. `cached`: the transformed kernel comes precomputed (inference with
-    `vipa.with_winograd_cache`), so only the input and output transforms cost time.
+    `vipa.with_inference_cache`), so only the input and output transforms cost time.
 
     'auto': see `resolve_conv_impl`. 'winograd' picks by map size, from single-convolution
     timings on a 2-core AVX-512 VM (benchmarks/README.md), by the shorter side s:
@@ -232,7 +232,7 @@ class WinogradConv(nn.Module):
     way.
 
     With `cached` (inference), the transformed kernel U = G g Gᵀ may be precomputed once
-    (`vipa.with_winograd_cache`): it is then read from the `WINOGRAD_CACHE` collection
+    (`vipa.with_inference_cache`): it is then read from the `WINOGRAD_CACHE` collection
     ('winograd', variable 'u') instead of being recomputed from `kernel` on every call; applying
     with that collection mutable (outside `init`) stores it. The cache is not tied to `kernel`:
     rebuild it whenever the params change. Without `cached` (training) U always comes from
@@ -265,7 +265,7 @@ class WinogradConv(nn.Module):
                     f"{'/'.join(self.path)}: cached Winograd kernel {WINOGRAD_CACHE}/u has shape "
                     f"{tuple(u.shape)}, expected {shape} for F({self.tile}×{self.tile}) on this "
                     "conv: it was built for another decoder config; rebuild it with "
-                    "vipa.with_winograd_cache")
+                    "vipa.with_inference_cache")
             return u
         u = winograd_kernel(kernel, self.tile)
         if self.is_mutable_collection(WINOGRAD_CACHE) and not self.is_initializing():

@@ -71,20 +71,24 @@ def _low_precision(*operands: Any) -> Any:
 
 def _library_gemm(lhs: Array, rhs: Array, dimension_numbers: Any) -> bool:
     """Whether XLA:CPU's GEMM library (YNNPACK) takes this product: leading batch dims, the
-    lhs contracting its last dims and the rhs its first after the batch ((..., M, K)·(..., K, N)),
-    M, N > 1 and a side of at least 8 (`IsDotSupportedByYnn`). XLA sends a bf16 × bf16 → f32
-    product it rejects to its own dot, which cannot run that type ("Unsupported element type
-    for DotThunk::Execute: BF16 x BF16 = F32", jax 0.10), so only these ask for it."""
+    lhs contracting its last dims and the rhs its first after the batch ((..., M, K)·(..., K, N))
+    or its last ((..., M, K)·(..., N, K)ᵀ, `Dense`'s transposed kernels), M, N > 1 and a side of
+    at least 8 (`IsDotSupportedByYnn`). XLA sends a bf16 × bf16 → f32 product it rejects to its
+    own dot, which cannot run that type ("Unsupported element type for DotThunk::Execute: BF16
+    x BF16 = F32", jax 0.10), so only these ask for it."""
     (lc, rc), (lb, rb) = dimension_numbers
     lc, rc, lb, rb = (tuple(int(d) for d in t) for t in (lc, rc, lb, rb))
     nb, nc = len(lb), len(lc)
-    if lb != tuple(range(nb)) or rb != lb:
+    if lb != tuple(range(nb)) or rb != lb or lc != tuple(range(lhs.ndim - nc, lhs.ndim)):
         return False
-    if lc != tuple(range(lhs.ndim - nc, lhs.ndim)) or rc != tuple(range(nb, nb + nc)):
+    if rc == tuple(range(nb, nb + nc)):  # (..., K, N)
+        n = math.prod(rhs.shape[nb + nc:])
+    elif rc == tuple(range(rhs.ndim - nc, rhs.ndim)):  # (..., N, K)
+        n = math.prod(rhs.shape[nb:rhs.ndim - nc])
+    else:
         return False
     m = math.prod(lhs.shape[nb:lhs.ndim - nc])
     k = math.prod(lhs.shape[lhs.ndim - nc:])
-    n = math.prod(rhs.shape[nb + nc:])
     return m > 1 and n > 1 and max(m, k, n) >= 8
 
 
@@ -147,8 +151,70 @@ def matmul(a: Array, b: Array) -> Array:
     return dot_general(a, b, (((a.ndim - 1,), (nb,)), (batch, batch)))
 
 
-# `nn.Dense` whose product is `dot_general` (the same parameters and names).
-Dense = functools.partial(nn.Dense, dot_general=dot_general)
+TRANSPOSED_KERNELS = "transposed_kernels"  # `Dense`'s inference cache collection
+# `prefers_transposed_kernel`: at most this many input rows, at least this many weights.
+TRANSPOSED_KERNEL_MAX_ROWS = 512
+TRANSPOSED_KERNEL_MIN_WEIGHTS = 1 << 16
+
+
+def prefers_transposed_kernel(rows: int, in_features: int, features: int) -> bool:
+    """Whether a `Dense` on `rows` input rows runs faster from its kernel stored transposed,
+    (F, C): on a CPU backend, at most 512 rows and at least 2^16 weights. XLA:CPU's GEMM library
+    (YNNPACK) repacks a (C, F) right-hand side on every call, which for few rows costs more
+    than the product; PyTorch's Linear keeps (out, in) weights. BERT-base at 21 tokens took 35
+    instead of 53 ms on a 2-core Intel AMX VM (benchmarks/README.md, "Transposed kernels for
+    few rows")."""
+    return (target_backend() == "cpu" and rows <= TRANSPOSED_KERNEL_MAX_ROWS
+            and in_features * features >= TRANSPOSED_KERNEL_MIN_WEIGHTS)
+
+
+class Dense(nn.Dense):
+    """`nn.Dense` (the same parameters and names) whose product is `dot_general`.
+
+    For inference it may multiply by its kernel stored transposed, (F, C), in the
+    `TRANSPOSED_KERNELS` collection ('transposed_kernels', variable 'kernel'), which
+    `vipa.with_inference_cache` builds for the layers `prefers_transposed_kernel` picks (the
+    collection mutable, outside `init`, stores it); the same products in another GEMM form.
+    The cache is not tied to `kernel`: rebuild it whenever the params change, and never
+    differentiate through it (training variables do not hold it).
+    """
+
+    @nn.compact
+    def __call__(self, inputs: Array) -> Array:  # (..., C) -> (..., F)
+        kernel = self.param("kernel", self.kernel_init, (jnp.shape(inputs)[-1], self.features),
+                            self.param_dtype)
+        bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+                if self.use_bias else None)
+        kernel_t = self._transposed_kernel(kernel, math.prod(jnp.shape(inputs)[:-1]))
+        inputs, kernel, kernel_t, bias = self.promote_dtype(inputs, kernel, kernel_t, bias,
+                                                            dtype=self.dtype)
+        last = inputs.ndim - 1
+        if kernel_t is None:
+            y = dot_general(inputs, kernel, (((last,), (0,)), ((), ())), precision=self.precision)
+        else:  # (..., C)·(F, C)ᵀ
+            y = dot_general(inputs, kernel_t, (((last,), (1,)), ((), ())),
+                            precision=self.precision)
+        if bias is not None:
+            y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+        return y
+
+    def _transposed_kernel(self, kernel: Array, rows: int) -> Array | None:
+        """The cached (F, C) kernel, if any (stored now when the cache collection is mutable
+        and `prefers_transposed_kernel`), else None."""
+        if self.has_variable(TRANSPOSED_KERNELS, "kernel"):
+            kernel_t = self.get_variable(TRANSPOSED_KERNELS, "kernel")
+            if tuple(kernel_t.shape) != tuple(kernel.shape[::-1]):
+                raise ValueError(
+                    f"{'/'.join(self.path)}: cached {TRANSPOSED_KERNELS}/kernel has shape "
+                    f"{tuple(kernel_t.shape)}, expected {tuple(kernel.shape[::-1])} (the kernel "
+                    "transposed): it was built for other params; rebuild it with "
+                    "vipa.with_inference_cache")
+            return kernel_t
+        if (self.is_mutable_collection(TRANSPOSED_KERNELS) and not self.is_initializing()
+                and prefers_transposed_kernel(rows, *kernel.shape)):
+            self.put_variable(TRANSPOSED_KERNELS, "kernel", kernel.T)
+            return kernel.T
+        return None
 
 
 @jax.custom_jvp

@@ -23,6 +23,7 @@ from vipa_jax.models.bert import BertConfig
 from vipa_jax.models.decoder import WINOGRAD, WINOGRAD_CACHE, Decoder, winograd_kernel
 from vipa_jax.models.fusion import FusionEncoder
 from vipa_jax.models.layers import (
+    TRANSPOSED_KERNELS,
     AttentionBlock,
     FeedForwardBlock,
     dot_results,
@@ -132,38 +133,57 @@ def init_variables(model: VIPA, rng: Array, image_size: int, max_tokens: int) ->
     return model.init({"params": k1, "gumbel": k2, "dropout": k3}, images, ids, mask, train=False)
 
 
-def with_winograd_cache(model: VIPA, variables: Any, images: Any, input_ids: Any,
-                        attention_mask: Any) -> Any:
-    """`variables` + the 'winograd' collection: the transformed kernel U = G g Gᵀ of every
-    Winograd decoder conv, computed once so that inference stops recomputing it per call (and may
-    use Winograd on smaller maps, `decoder.winograd_tile`). For inference only: the cache is not
-    tied to the params, so rebuild it whenever they change.
+INFERENCE_CACHES = (WINOGRAD_CACHE, TRANSPOSED_KERNELS)
 
-    The inputs (arrays or `jax.ShapeDtypeStruct`s, any batch size) give the map sizes, which pick
-    the convs that run Winograd; U itself does not depend on them, and at another image size a
-    conv without a cached U computes its own. With no Winograd conv (a GPU backend,
-    `decoder.conv_impl=xla`, bfloat16 under 'auto'), `variables` come back without the
-    collection. Any stale 'winograd' collection in `variables` is replaced. Abstract variables
-    (`jax.ShapeDtypeStruct` leaves, for ahead-of-time compiles) get an abstract cache.
+
+def with_inference_cache(model: nn.Module, variables: Any, *inputs: Any, **kwargs: Any) -> Any:
+    """`variables` + what inference can precompute from the params once instead of per call:
+    - 'winograd': the transformed kernel U = G g Gᵀ of every Winograd decoder conv (which may
+      then use Winograd on smaller maps, `decoder.winograd_tile`);
+    - 'transposed_kernels': the (F, C) kernel of every `layers.Dense` that
+      `layers.prefers_transposed_kernel` picks for its input rows (on a CPU: BERT's and the
+      other language-side projections, whose rows are words).
+    For inference only: the caches are not tied to the params, so rebuild them whenever those
+    change, and never differentiate through them.
+
+    `model(*inputs, **kwargs)` is the inference call (`VIPA`: images, input_ids,
+    attention_mask; `train=False` is added; a part such as `BertModel` works the same way). The
+    inputs (arrays or `jax.ShapeDtypeStruct`s) give the map sizes and row counts that pick
+    the layers; the cached values do not depend on them, and at another input size a layer
+    without a cached value computes from its params. A model with nothing to cache (a GPU
+    backend) gets `variables` back without the collections. Stale cache collections in
+    `variables` are replaced. Abstract variables (`jax.ShapeDtypeStruct` leaves, for
+    ahead-of-time compiles) get an abstract cache.
     """
-    base = {k: v for k, v in variables.items() if k != WINOGRAD_CACHE}
+    base = {k: v for k, v in variables.items() if k not in INFERENCE_CACHES}
+    if isinstance(model, VIPA):
+        kwargs.setdefault("train", False)
 
-    def trace(v: Any, im: Any, ids: Any, mask: Any) -> Any:
-        return model.apply(v, im, ids, mask, train=False, mutable=[WINOGRAD_CACHE])[1]
+    def trace(v: Any, *args: Any) -> Any:
+        return model.apply(v, *args, **kwargs, mutable=list(INFERENCE_CACHES))[1]
 
-    shapes = jax.eval_shape(trace, base, images, input_ids, attention_mask)
-    flat = traverse_util.flatten_dict(shapes.get(WINOGRAD_CACHE, {}))
-    if not flat:
+    shapes = jax.eval_shape(trace, base, *inputs)
+    flat = {name: traverse_util.flatten_dict(shapes.get(name, {})) for name in INFERENCE_CACHES}
+    if not any(flat.values()):
         return base
     params = traverse_util.flatten_dict(base["params"])
     tiles = {(t + 2) ** 2: t for t in WINOGRAD}
 
-    @jax.jit
-    def build(kernels: dict[tuple[str, ...], Array]) -> dict[tuple[str, ...], Array]:
-        return {path: winograd_kernel(kernels[path], tiles[flat[path].shape[0]]).astype(
-            flat[path].dtype) for path in kernels}
+    def value(name: str, path: tuple[str, ...], kernel: Array) -> Array:
+        if name == WINOGRAD_CACHE:
+            kernel = winograd_kernel(kernel, tiles[flat[name][path].shape[0]])
+        else:
+            kernel = kernel.T
+        return kernel.astype(flat[name][path].dtype)
 
-    kernels = {path: params[(*path[:-1], "kernel")] for path in flat}
-    abstract = any(isinstance(k, jax.ShapeDtypeStruct) for k in kernels.values())
+    @jax.jit
+    def build(kernels: dict[str, dict[tuple[str, ...], Array]]) -> dict[str, Any]:
+        return {name: {path: value(name, path, k) for path, k in by_path.items()}
+                for name, by_path in kernels.items()}
+
+    kernels = {name: {path: params[(*path[:-1], "kernel")] for path in paths}
+               for name, paths in flat.items() if paths}
+    abstract = any(isinstance(k, jax.ShapeDtypeStruct)
+                   for by_path in kernels.values() for k in by_path.values())
     cache = jax.eval_shape(build, kernels) if abstract else build(kernels)
-    return {**base, WINOGRAD_CACHE: traverse_util.unflatten_dict(cache)}
+    return {**base, **{name: traverse_util.unflatten_dict(c) for name, c in cache.items()}}
