@@ -498,8 +498,8 @@ def test_dense_transposed_kernel_cache(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ValueError, match=r"transposed_kernels/kernel has shape \(256, 512\)"):
         dense.apply(stale, x)
     # what is picked: rows, weights, backend
-    assert L.prefers_transposed_kernel(512, 256, 256)
-    assert not L.prefers_transposed_kernel(513, 768, 768)
+    assert L.prefers_transposed_kernel(128, 256, 256)
+    assert not L.prefers_transposed_kernel(129, 768, 768)
     assert not L.prefers_transposed_kernel(21, 128, 256)
     with compiling_for("gpu"):
         assert not L.prefers_transposed_kernel(21, 768, 768)

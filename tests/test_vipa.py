@@ -1,5 +1,7 @@
 """The full VIPA model: paper-config shapes, tiny forward/backward, padding invariance, switches."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -332,7 +334,8 @@ def test_bfloat16_products_ask_for_float32_results(tiny, tiny_grads):
 def test_inference_cache_transposed_kernels(tiny, monkeypatch):
     """`with_inference_cache` on a CPU stores the (F, C) kernel of each `Dense` with few input
     rows (here every one: the test model's layers are below the weight threshold, lowered to 0),
-    the uncached logits come out of it, and a GPU's model caches none."""
+    the uncached logits come out of it, and a GPU's model caches none, nor one whose
+    `model.transposed_kernels` is 'off'."""
     from flax import traverse_util
 
     from vipa_jax.backend import compiling_for
@@ -362,3 +365,14 @@ def test_inference_cache_transposed_kernels(tiny, monkeypatch):
     with compiling_for("gpu"):
         assert layers.TRANSPOSED_KERNELS not in with_inference_cache(
             model, variables, jax.ShapeDtypeStruct(images.shape, images.dtype), ids, mask)
+    # `model.transposed_kernels`: 'off' caches none; a bad value names the setting
+    for setting in ("off", "on"):
+        cfg2 = cfg.copy_and_resolve_references()
+        cfg2.model.transposed_kernels = setting
+        build = functools.partial(with_inference_cache, build_model(cfg2.model), variables,
+                                  images, ids, mask)
+        if setting == "off":
+            assert layers.TRANSPOSED_KERNELS not in build()
+        else:
+            with pytest.raises(ValueError, match="model.transposed_kernels must be one of"):
+                build()

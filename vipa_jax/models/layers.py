@@ -153,17 +153,17 @@ def matmul(a: Array, b: Array) -> Array:
 
 TRANSPOSED_KERNELS = "transposed_kernels"  # `Dense`'s inference cache collection
 # `prefers_transposed_kernel`: at most this many input rows, at least this many weights.
-TRANSPOSED_KERNEL_MAX_ROWS = 512
+TRANSPOSED_KERNEL_MAX_ROWS = 128
 TRANSPOSED_KERNEL_MIN_WEIGHTS = 1 << 16
 
 
 def prefers_transposed_kernel(rows: int, in_features: int, features: int) -> bool:
     """Whether a `Dense` on `rows` input rows runs faster from its kernel stored transposed,
-    (F, C): on a CPU backend, at most 512 rows and at least 2^16 weights. XLA:CPU's GEMM library
+    (F, C): on a CPU backend, at most 128 rows and at least 2^16 weights. XLA:CPU's GEMM library
     (YNNPACK) repacks a (C, F) right-hand side on every call, which for few rows costs more
     than the product; PyTorch's Linear keeps (out, in) weights. BERT-base at 21 tokens took 35
-    instead of 53 ms on a 2-core Intel AMX VM (benchmarks/README.md, "Transposed kernels for
-    few rows")."""
+    instead of 53 ms on a 2-core Intel AMX VM; the gain shrinks with the rows (5% at 336) while
+    the cache costs memory (benchmarks/README.md, "Transposed kernels for few rows")."""
     return (target_backend() == "cpu" and rows <= TRANSPOSED_KERNEL_MAX_ROWS
             and in_features * features >= TRANSPOSED_KERNEL_MIN_WEIGHTS)
 

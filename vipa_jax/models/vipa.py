@@ -134,6 +134,7 @@ def init_variables(model: VIPA, rng: Array, image_size: int, max_tokens: int) ->
 
 
 INFERENCE_CACHES = (WINOGRAD_CACHE, TRANSPOSED_KERNELS)
+TRANSPOSED_KERNEL_SETTINGS = ("auto", "off")  # model.transposed_kernels
 
 
 def with_inference_cache(model: nn.Module, variables: Any, *inputs: Any, **kwargs: Any) -> Any:
@@ -142,7 +143,8 @@ def with_inference_cache(model: nn.Module, variables: Any, *inputs: Any, **kwarg
       then use Winograd on smaller maps, `decoder.winograd_tile`);
     - 'transposed_kernels': the (F, C) kernel of every `layers.Dense` that
       `layers.prefers_transposed_kernel` picks for its input rows (on a CPU: BERT's and the
-      other language-side projections, whose rows are words).
+      other language-side projections, whose rows are words), unless the VIPA config's
+      `transposed_kernels` is 'off'.
     For inference only: the caches are not tied to the params, so rebuild them whenever those
     change, and never differentiate through them.
 
@@ -156,11 +158,18 @@ def with_inference_cache(model: nn.Module, variables: Any, *inputs: Any, **kwarg
     ahead-of-time compiles) get an abstract cache.
     """
     base = {k: v for k, v in variables.items() if k not in INFERENCE_CACHES}
+    caches = list(INFERENCE_CACHES)
     if isinstance(model, VIPA):
         kwargs.setdefault("train", False)
+        setting = model.config.get("transposed_kernels", "auto")
+        if setting not in TRANSPOSED_KERNEL_SETTINGS:
+            raise ValueError(f"model.transposed_kernels must be one of "
+                             f"{TRANSPOSED_KERNEL_SETTINGS}, got {setting!r}")
+        if setting == "off":
+            caches.remove(TRANSPOSED_KERNELS)
 
     def trace(v: Any, *args: Any) -> Any:
-        return model.apply(v, *args, **kwargs, mutable=list(INFERENCE_CACHES))[1]
+        return model.apply(v, *args, **kwargs, mutable=caches)[1]
 
     shapes = jax.eval_shape(trace, base, *inputs)
     flat = {name: traverse_util.flatten_dict(shapes.get(name, {})) for name in INFERENCE_CACHES}
