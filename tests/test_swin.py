@@ -729,3 +729,41 @@ def test_ape_table_of_another_grid_loads(tmp_path: Any) -> None:
                            ape=True)
     with pytest.raises(ValueError, match="absolute_pos_embed/table: expected shape"):
         load_swin_params(path, wide)
+
+
+def test_relative_position_bias_inference_cache() -> None:
+    """`vipa.with_inference_cache` on a Swin stores each block's gathered relative-position
+    bias (heads, T, T) on a CPU, never at init; the uncached features come out of it and the
+    cache is what runs; a cache of another window is an error naming the block; a GPU's model
+    caches none."""
+    from vipa_jax.backend import compiling_for
+    from vipa_jax.models.swin import RELATIVE_POSITION_BIAS
+    from vipa_jax.models.vipa import with_inference_cache
+
+    images = jnp.asarray(_images(1, 64, 64))
+    model = SwinTransformer(**SMALL, window_size=4)
+    variables = model.init(jax.random.key(0), images)
+    assert set(variables) == {"params"}
+    cached = with_inference_cache(model, variables, images)
+    cache = cached[RELATIVE_POSITION_BIAS]
+    assert sorted(cache) == [f"layers_{i}" for i in range(4)]
+    for i, heads in enumerate(SMALL["num_heads"]):
+        for j in range(2):
+            table = variables["params"][f"layers_{i}"][f"blocks_{j}"][
+                "relative_position_bias_table"]
+            want = np.transpose(np.asarray(table)[relative_position_index(4)], (2, 0, 1))
+            got = np.asarray(cache[f"layers_{i}"][f"blocks_{j}"]["bias"])
+            assert got.shape == (heads, 16, 16)
+            np.testing.assert_array_equal(got, want)
+    fwd = jax.jit(model.apply)
+    for a, b in zip(fwd(cached, images), fwd(variables, images), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+    other = {**cached, RELATIVE_POSITION_BIAS: jax.tree.map(lambda b: -3 * b, cache)}
+    diff = [float(jnp.abs(a - b).max())
+            for a, b in zip(fwd(other, images), fwd(cached, images), strict=True)]
+    assert max(diff) > 1e-3, diff
+    stale = {**cached, RELATIVE_POSITION_BIAS: jax.tree.map(lambda b: b[:, :9, :9], cache)}
+    with pytest.raises(ValueError, match=r"layers_0/blocks_0: cached relative_position_bias"):
+        model.apply(stale, images)
+    with compiling_for("gpu"):
+        assert RELATIVE_POSITION_BIAS not in with_inference_cache(model, variables, images)

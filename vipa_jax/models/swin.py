@@ -81,6 +81,9 @@ _SHIFT_MASK_VALUE = -100.0  # the official / HF additive value for cross-region 
 _dense_init = nn.initializers.truncated_normal(0.02)
 
 
+RELATIVE_POSITION_BIAS = "relative_position_bias"  # `SwinBlock`'s inference cache collection
+
+
 def relative_position_index(window: int, table_window: int | None = None) -> np.ndarray:
     """(T, T) index into a ((2·tw−1)², heads) table for a window×window window, T = window²."""
     tw = window if table_window is None else table_window
@@ -268,8 +271,7 @@ class SwinBlock(nn.Module):
                 t = jnp.roll(t, (shift, shift), axis=(1, 2))
             return t[:, :h, :w, :]
 
-        index = relative_position_index(window, self.window_size).astype(np.int32)  # (T, T)
-        bias = jnp.transpose(table[index], (2, 0, 1))  # (heads, T, T)
+        bias = self.relative_position_bias(table, window)  # (heads, T, T)
         if target_backend() != "cpu":
             # Its gradient: the score gradients summed over batch and windows, then scattered
             # into the table through a (T·T, heads) transpose. XLA:GPU fused that sum into the
@@ -300,6 +302,29 @@ class SwinBlock(nn.Module):
         y = Mlp(int(c * self.mlp_ratio), dtype=self.dtype, kernel_init=_dense_init,
                 name="mlp")(ln(name="norm2")(x), deterministic=deterministic)
         return x + DropPath(self.drop_path)(y, deterministic=deterministic, rate=drop_path)
+
+    def relative_position_bias(self, table: Array, window: int) -> Array:
+        """B of Eq. (softmax(QKᵀ/√d + B)V): the table gathered to (heads, T, T). For inference
+        on a CPU it may be precomputed once (`vipa.with_inference_cache`) into the
+        `RELATIVE_POSITION_BIAS` collection (variable 'bias'), which is then read instead (the
+        collection mutable, outside `init`, stores it): the gather and transpose took 18 ms of
+        Swin-B's op time per forward at 480 on the 2-core AMX VM. Not tied to the table:
+        rebuild it whenever the params change, and never differentiate through it."""
+        shape = (self.num_heads, window * window, window * window)
+        if self.has_variable(RELATIVE_POSITION_BIAS, "bias"):
+            bias = self.get_variable(RELATIVE_POSITION_BIAS, "bias")
+            if tuple(bias.shape) != shape:
+                raise ValueError(
+                    f"{'/'.join(self.path)}: cached {RELATIVE_POSITION_BIAS}/bias has shape "
+                    f"{tuple(bias.shape)}, expected {shape} for window {window}: rebuild it "
+                    "with vipa.with_inference_cache")
+            return bias
+        index = relative_position_index(window, self.window_size).astype(np.int32)  # (T, T)
+        bias = jnp.transpose(table[index], (2, 0, 1))  # (heads, T, T)
+        if (target_backend() == "cpu" and self.is_mutable_collection(RELATIVE_POSITION_BIAS)
+                and not self.is_initializing()):
+            self.put_variable(RELATIVE_POSITION_BIAS, "bias", bias)
+        return bias
 
 
 class SwinStage(nn.Module):

@@ -17,10 +17,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-from flax import traverse_util
+import numpy as np
 
 from vipa_jax.models.bert import BertConfig
-from vipa_jax.models.decoder import WINOGRAD, WINOGRAD_CACHE, Decoder, winograd_kernel
+from vipa_jax.models.decoder import WINOGRAD_CACHE, Decoder
 from vipa_jax.models.fusion import FusionEncoder
 from vipa_jax.models.layers import (
     TRANSPOSED_KERNELS,
@@ -30,6 +30,7 @@ from vipa_jax.models.layers import (
     remat_policy,
     resize_bilinear_align_corners,
 )
+from vipa_jax.models.swin import RELATIVE_POSITION_BIAS
 from vipa_jax.models.veg import build_veg
 
 Array = jax.Array
@@ -133,7 +134,9 @@ def init_variables(model: VIPA, rng: Array, image_size: int, max_tokens: int) ->
     return model.init({"params": k1, "gumbel": k2, "dropout": k3}, images, ids, mask, train=False)
 
 
-INFERENCE_CACHES = (WINOGRAD_CACHE, TRANSPOSED_KERNELS)
+# What inference precomputes from the params (`with_inference_cache`): each collection's
+# module stores its value when the collection is mutable and reads it when present.
+INFERENCE_CACHES = (WINOGRAD_CACHE, TRANSPOSED_KERNELS, RELATIVE_POSITION_BIAS)
 TRANSPOSED_KERNEL_SETTINGS = ("auto", "off")  # model.transposed_kernels
 
 
@@ -144,7 +147,8 @@ def with_inference_cache(model: nn.Module, variables: Any, *inputs: Any, **kwarg
     - 'transposed_kernels': the (F, C) kernel of every `layers.Dense` that
       `layers.prefers_transposed_kernel` picks for its input rows (on a CPU: BERT's and the
       other language-side projections, whose rows are words), unless the VIPA config's
-      `transposed_kernels` is 'off'.
+      `transposed_kernels` is 'off';
+    - 'relative_position_bias': each Swin block's gathered bias (on a CPU).
     For inference only: the caches are not tied to the params, so rebuild them whenever those
     change, and never differentiate through them.
 
@@ -152,10 +156,11 @@ def with_inference_cache(model: nn.Module, variables: Any, *inputs: Any, **kwarg
     attention_mask; `train=False` is added; a part such as `BertModel` works the same way). The
     inputs (arrays or `jax.ShapeDtypeStruct`s) give the map sizes and row counts that pick
     the layers; the cached values do not depend on them, and at another input size a layer
-    without a cached value computes from its params. A model with nothing to cache (a GPU
-    backend) gets `variables` back without the collections. Stale cache collections in
-    `variables` are replaced. Abstract variables (`jax.ShapeDtypeStruct` leaves, for
-    ahead-of-time compiles) get an abstract cache.
+    without a cached value computes from its params. The modules store the values during one
+    jitted call whose only outputs are the caches, so XLA drops the rest of the forward. A
+    model with nothing to cache (a GPU backend) gets `variables` back without the collections.
+    Stale cache collections in `variables` are replaced. Abstract variables
+    (`jax.ShapeDtypeStruct` leaves, for ahead-of-time compiles) get an abstract cache.
     """
     base = {k: v for k, v in variables.items() if k not in INFERENCE_CACHES}
     caches = list(INFERENCE_CACHES)
@@ -168,31 +173,15 @@ def with_inference_cache(model: nn.Module, variables: Any, *inputs: Any, **kwarg
         if setting == "off":
             caches.remove(TRANSPOSED_KERNELS)
 
-    def trace(v: Any, *args: Any) -> Any:
-        return model.apply(v, *args, **kwargs, mutable=caches)[1]
+    def build(v: Any, *args: Any) -> dict[str, Any]:
+        stored = model.apply(v, *args, **kwargs, mutable=caches)[1]
+        return {name: stored[name] for name in caches if stored.get(name)}
 
-    shapes = jax.eval_shape(trace, base, *inputs)
-    flat = {name: traverse_util.flatten_dict(shapes.get(name, {})) for name in INFERENCE_CACHES}
-    if not any(flat.values()):
+    shapes = jax.eval_shape(build, base, *inputs)
+    if not shapes:
         return base
-    params = traverse_util.flatten_dict(base["params"])
-    tiles = {(t + 2) ** 2: t for t in WINOGRAD}
-
-    def value(name: str, path: tuple[str, ...], kernel: Array) -> Array:
-        if name == WINOGRAD_CACHE:
-            kernel = winograd_kernel(kernel, tiles[flat[name][path].shape[0]])
-        else:
-            kernel = kernel.T
-        return kernel.astype(flat[name][path].dtype)
-
-    @jax.jit
-    def build(kernels: dict[str, dict[tuple[str, ...], Array]]) -> dict[str, Any]:
-        return {name: {path: value(name, path, k) for path, k in by_path.items()}
-                for name, by_path in kernels.items()}
-
-    kernels = {name: {path: params[(*path[:-1], "kernel")] for path in paths}
-               for name, paths in flat.items() if paths}
-    abstract = any(isinstance(k, jax.ShapeDtypeStruct)
-                   for by_path in kernels.values() for k in by_path.values())
-    cache = jax.eval_shape(build, kernels) if abstract else build(kernels)
-    return {**base, **{name: traverse_util.unflatten_dict(c) for name, c in cache.items()}}
+    if any(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(base)):
+        return {**base, **shapes}
+    dummies = [np.zeros(x.shape, x.dtype) if isinstance(x, jax.ShapeDtypeStruct) else x
+               for x in inputs]  # (only their shapes matter: the forward itself is dropped)
+    return {**base, **jax.jit(build)(base, *dummies)}
