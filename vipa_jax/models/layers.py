@@ -163,7 +163,7 @@ def prefers_transposed_kernel(rows: int, in_features: int, features: int) -> boo
     (YNNPACK) repacks a (C, F) right-hand side on every call, which for few rows costs more
     than the product; PyTorch's Linear keeps (out, in) weights. BERT-base at 21 tokens took 35
     instead of 53 ms on a 2-core Intel AMX VM; the gain shrinks with the rows (5% at 336) while
-    the cache costs memory (benchmarks/README.md, "Transposed kernels for few rows")."""
+    the cache costs memory (benchmarks/README.md, "Inference caches")."""
     return (target_backend() == "cpu" and rows <= TRANSPOSED_KERNEL_MAX_ROWS
             and in_features * features >= TRANSPOSED_KERNEL_MIN_WEIGHTS)
 
