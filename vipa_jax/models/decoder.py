@@ -24,6 +24,7 @@ from vipa_jax.models.layers import (
     LayerNorm,
     asks_float32_results,
     einsum,
+    inference_cached,
     maybe_remat,
     resize_bilinear_align_corners,
 )
@@ -258,19 +259,9 @@ class WinogradConv(nn.Module):
         if not self.cached:
             return winograd_kernel(kernel, self.tile)
         shape = ((self.tile + 2) ** 2, *kernel.shape[2:])
-        if self.has_variable(WINOGRAD_CACHE, "u"):
-            u = self.get_variable(WINOGRAD_CACHE, "u")
-            if tuple(u.shape) != shape:
-                raise ValueError(
-                    f"{'/'.join(self.path)}: cached Winograd kernel {WINOGRAD_CACHE}/u has shape "
-                    f"{tuple(u.shape)}, expected {shape} for F({self.tile}×{self.tile}) on this "
-                    "conv: it was built for another decoder config; rebuild it with "
-                    "vipa.with_inference_cache")
-            return u
-        u = winograd_kernel(kernel, self.tile)
-        if self.is_mutable_collection(WINOGRAD_CACHE) and not self.is_initializing():
-            self.put_variable(WINOGRAD_CACHE, "u", u)
-        return u
+        return inference_cached(self, WINOGRAD_CACHE, "u", shape,
+                                lambda: winograd_kernel(kernel, self.tile),
+                                what=f" for F({self.tile}×{self.tile}) on this conv")
 
 
 class ConvNormReLU(nn.Module):

@@ -201,20 +201,32 @@ class Dense(nn.Dense):
     def _transposed_kernel(self, kernel: Array, rows: int) -> Array | None:
         """The cached (F, C) kernel, if any (stored now when the cache collection is mutable
         and `prefers_transposed_kernel`), else None."""
-        if self.has_variable(TRANSPOSED_KERNELS, "kernel"):
-            kernel_t = self.get_variable(TRANSPOSED_KERNELS, "kernel")
-            if tuple(kernel_t.shape) != tuple(kernel.shape[::-1]):
-                raise ValueError(
-                    f"{'/'.join(self.path)}: cached {TRANSPOSED_KERNELS}/kernel has shape "
-                    f"{tuple(kernel_t.shape)}, expected {tuple(kernel.shape[::-1])} (the kernel "
-                    "transposed): it was built for other params; rebuild it with "
-                    "vipa.with_inference_cache")
-            return kernel_t
-        if (self.is_mutable_collection(TRANSPOSED_KERNELS) and not self.is_initializing()
-                and prefers_transposed_kernel(rows, *kernel.shape)):
-            self.put_variable(TRANSPOSED_KERNELS, "kernel", kernel.T)
-            return kernel.T
-        return None
+        storing = (self.is_mutable_collection(TRANSPOSED_KERNELS) and not self.is_initializing()
+                   and prefers_transposed_kernel(rows, *kernel.shape))
+        if not (storing or self.has_variable(TRANSPOSED_KERNELS, "kernel")):
+            return None
+        return inference_cached(self, TRANSPOSED_KERNELS, "kernel", kernel.shape[::-1],
+                                lambda: kernel.T, store=storing, what=" (the kernel transposed)")
+
+
+def inference_cached(module: nn.Module, collection: str, name: str, shape: Sequence[int],
+                     compute: Callable[[], Array], *, store: bool = True, what: str = "") -> Array:
+    """A value inference may precompute from the params (`vipa.with_inference_cache`): the
+    module's variable `collection`/`name` when present (its shape checked against `shape`; a
+    mismatch names the module and says `what` was expected), else `compute()`, stored when
+    `store` and the collection is mutable outside `init`."""
+    if module.has_variable(collection, name):
+        value = module.get_variable(collection, name)
+        if tuple(value.shape) != tuple(shape):
+            raise ValueError(
+                f"{'/'.join(module.path)}: cached {collection}/{name} has shape "
+                f"{tuple(value.shape)}, expected {tuple(shape)}{what}: it was built for other "
+                "params or another config; rebuild it with vipa.with_inference_cache")
+        return value
+    value = compute()
+    if store and module.is_mutable_collection(collection) and not module.is_initializing():
+        module.put_variable(collection, name, value)
+    return value
 
 
 @jax.custom_jvp

@@ -56,6 +56,7 @@ from vipa_jax.models.layers import (
     LayerNorm,
     Mlp,
     MultiHeadAttention,
+    inference_cached,
     materialize_cotangent,
     maybe_remat,
     resize_bilinear_align_corners,
@@ -310,21 +311,13 @@ class SwinBlock(nn.Module):
         collection mutable, outside `init`, stores it): the gather and transpose took 18 ms of
         Swin-B's op time per forward at 480 on the 2-core AMX VM. Not tied to the table:
         rebuild it whenever the params change, and never differentiate through it."""
-        shape = (self.num_heads, window * window, window * window)
-        if self.has_variable(RELATIVE_POSITION_BIAS, "bias"):
-            bias = self.get_variable(RELATIVE_POSITION_BIAS, "bias")
-            if tuple(bias.shape) != shape:
-                raise ValueError(
-                    f"{'/'.join(self.path)}: cached {RELATIVE_POSITION_BIAS}/bias has shape "
-                    f"{tuple(bias.shape)}, expected {shape} for window {window}: rebuild it "
-                    "with vipa.with_inference_cache")
-            return bias
-        index = relative_position_index(window, self.window_size).astype(np.int32)  # (T, T)
-        bias = jnp.transpose(table[index], (2, 0, 1))  # (heads, T, T)
-        if (target_backend() == "cpu" and self.is_mutable_collection(RELATIVE_POSITION_BIAS)
-                and not self.is_initializing()):
-            self.put_variable(RELATIVE_POSITION_BIAS, "bias", bias)
-        return bias
+        def gather() -> Array:
+            index = relative_position_index(window, self.window_size).astype(np.int32)  # (T, T)
+            return jnp.transpose(table[index], (2, 0, 1))  # (heads, T, T)
+
+        return inference_cached(self, RELATIVE_POSITION_BIAS, "bias",
+                                (self.num_heads, window * window, window * window), gather,
+                                store=target_backend() == "cpu", what=f" for window {window}")
 
 
 class SwinStage(nn.Module):
