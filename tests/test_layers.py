@@ -508,3 +508,5 @@ def test_dense_transposed_kernel_cache(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not dense.apply(variables, many, mutable=[L.TRANSPOSED_KERNELS])[1]
     monkeypatch.setattr(L, "TRANSPOSED_KERNEL_MAX_ROWS", 600)
     assert dense.apply(variables, many, mutable=[L.TRANSPOSED_KERNELS])[1]
+    with pytest.raises(ValueError, match="layers.Dense computes its product"):
+        L.Dense(512, dot_general=jax.lax.dot_general).init(jax.random.key(0), x)

@@ -181,6 +181,9 @@ class Dense(nn.Dense):
 
     @nn.compact
     def __call__(self, inputs: Array) -> Array:  # (..., C) -> (..., F)
+        if self.dot_general is not None or self.dot_general_cls is not None:
+            raise ValueError(f"{'/'.join(self.path)}: layers.Dense computes its product with "
+                             "layers.dot_general; use nn.Dense for another dot_general")
         kernel = self.param("kernel", self.kernel_init, (jnp.shape(inputs)[-1], self.features),
                             self.param_dtype)
         bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
