@@ -7,6 +7,11 @@ STAMP  := $(VENV)/.installed-stamp
 # worker per core; a test file runs on one worker, longest files first: tests/conftest.py)
 TEST_WORKERS ?= 2
 PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+# glibc >= 2.35: back large allocations with transparent huge pages. XLA:CPU maps its per-call
+# buffers afresh on every call, and faulting them in 4 KiB at a time cost the demo's train step
+# ~10% (530 -> 478 ms on a 2-core VM; benchmarks/README.md, "Page faults"). Ignored elsewhere;
+# a GLIBC_TUNABLES already set is kept.
+export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 
 .PHONY: venv test test-slow lint demo bench clean gpu-aot-deps gpu-aot-cudnn
 
