@@ -9,7 +9,7 @@ TEST_WORKERS ?= 2
 PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 # glibc >= 2.35: back large allocations with transparent huge pages. XLA:CPU maps its per-call
 # buffers afresh on every call, and faulting them in 4 KiB at a time cost the demo's train step
-# ~10% (530 -> 478 ms on a 2-core VM; benchmarks/README.md, "Page faults"). Ignored elsewhere;
+# 7-11% (~525 -> 465-491 ms on a 2-core VM; benchmarks/README.md, "Page faults"). Ignored elsewhere;
 # a GLIBC_TUNABLES already set is kept.
 export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 
