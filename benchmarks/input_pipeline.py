@@ -63,8 +63,7 @@ def forward_setup(
     (B, H, W) logits. `args` = (variables, image, input_ids, attention_mask), the inputs already
     on the device (no transfer in timings); `variables` default to random ones of this config
     (abstract ones stay abstract). `inference_cache`: the variables carry what inference
-    precomputes once (the Winograd decoder convs' transformed kernels, the transposed kernels of
-    the language-side projections: `vipa.with_inference_cache`).
+    precomputes from the params once (`vipa.with_inference_cache`).
     """
     import jax
 

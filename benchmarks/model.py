@@ -204,7 +204,7 @@ def part_setup(cfg: Any, part: str, variables: Any = None) -> tuple[Callable[...
         lambda s: (rng.standard_normal(s.shape).astype(s.dtype)
                    if jnp.issubdtype(s.dtype, jnp.floating) else np.ones(s.shape, s.dtype)),
         abstract[which])
-    # as inference runs them: Winograd kernels and transposed kernels precomputed
+    # as inference runs them, with what it precomputes from the params (`with_inference_cache`)
     variables = with_inference_cache(model, variables, *abstract["full"])
     return fn, (variables, *jax.device_put(inputs))
 
@@ -283,8 +283,7 @@ def run(
     if time_model:
         conv_impl = resolve_conv_impl(cfg.decoder.conv_impl)
         if conv_impl != "xla" or target_backend() == "cpu":
-            # time the configured model with its inference caches (Winograd kernels, transposed
-            # kernels: `with_inference_cache`)
+            # time the configured model with its inference caches (`with_inference_cache`)
             timed = build_model(cfg)
             fn, which = part_functions(timed, cfg)["total"]
             inputs = abstract_inputs(model, shapes, cfg)[which]

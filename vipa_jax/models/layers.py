@@ -189,14 +189,11 @@ class Dense(nn.Dense):
         bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
                 if self.use_bias else None)
         kernel_t = self._transposed_kernel(kernel, math.prod(jnp.shape(inputs)[:-1]))
-        inputs, kernel, kernel_t, bias = self.promote_dtype(inputs, kernel, kernel_t, bias,
-                                                            dtype=self.dtype)
-        last = inputs.ndim - 1
-        if kernel_t is None:
-            y = dot_general(inputs, kernel, (((last,), (0,)), ((), ())), precision=self.precision)
-        else:  # (..., C)·(F, C)ᵀ
-            y = dot_general(inputs, kernel_t, (((last,), (1,)), ((), ())),
-                            precision=self.precision)
+        # (..., C)·(C, F), or (..., C)·(F, C)ᵀ from the cache
+        w, w_in = (kernel, 0) if kernel_t is None else (kernel_t, 1)
+        inputs, w, bias = self.promote_dtype(inputs, w, bias, dtype=self.dtype)
+        y = dot_general(inputs, w, (((inputs.ndim - 1,), (w_in,)), ((), ())),
+                        precision=self.precision)
         if bias is not None:
             y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
         return y

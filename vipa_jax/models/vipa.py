@@ -177,11 +177,11 @@ def with_inference_cache(model: nn.Module, variables: Any, *inputs: Any, **kwarg
         stored = model.apply(v, *args, **kwargs, mutable=caches)[1]
         return {name: stored[name] for name in caches if stored.get(name)}
 
-    shapes = jax.eval_shape(build, base, *inputs)
-    if not shapes:
+    traced = jax.jit(build).trace(base, *inputs)  # one trace gives the shapes and the program
+    if not traced.out_info:
         return base
     if any(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(base)):
-        return {**base, **shapes}
+        return {**base, **traced.out_info}
     dummies = [np.zeros(x.shape, x.dtype) if isinstance(x, jax.ShapeDtypeStruct) else x
                for x in inputs]  # (only their shapes matter: the forward itself is dropped)
-    return {**base, **jax.jit(build)(base, *dummies)}
+    return {**base, **traced.lower().compile()(base, *dummies)}
