@@ -101,8 +101,7 @@ class Evaluator:
 
     def with_inference_cache(self, variables: Any, batch: Mapping[str, np.ndarray]) -> Any:
         """`variables` + what inference precomputes from the params for inputs shaped like
-        ``batch`` (`vipa.with_inference_cache`: transformed Winograd kernels, transposed
-        kernels): each eval step then skips recomputing them."""
+        ``batch`` (`vipa.with_inference_cache`): each eval step then skips recomputing it."""
         from vipa_jax.models.vipa import with_inference_cache
 
         spec = [jax.ShapeDtypeStruct(np.shape(batch[k]), np.asarray(batch[k]).dtype)
@@ -163,7 +162,7 @@ class Evaluator:
         try:
             for i in range(n_batches):
                 batch = next(batches)
-                if i == 0:  # inference: the Winograd decoder convs' kernel transforms, once
+                if i == 0:  # inference: what depends on the params alone, computed once
                     variables = self.with_inference_cache(variables, batch)
                 out = self.step(variables, batch)
                 if "lavt" in acc:

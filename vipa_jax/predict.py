@@ -82,7 +82,7 @@ class Predictor:
         self.tokenizer = tokenizer
         self.image_size = int(image_size)
         n = int(model.config.max_tokens)
-        # inference: Winograd kernel transforms and transposed kernels once, not per call
+        # inference: what depends on the params alone (`with_inference_cache`) once, not per call
         self.variables = with_inference_cache(
             model, variables, jax.ShapeDtypeStruct((1, self.image_size, self.image_size, 3),
                                                    np.float32),
