@@ -83,6 +83,14 @@ def test_xla_options_parse_and_reject_clearly() -> None:
                    "xla_dump_to": "/tmp/x", "xla_gpu_autotune_gemm_rtol": 0.25,
                    "xla_cpu_enable_fast_math": True}
     assert type(got["xla_gpu_autotune_level"]) is int
+    # ';' separates too: one `--variant` / AB_VARIANTS item cannot hold a space
+    assert parse_xla_options("--xla_gpu_enable_triton_gemm=false;xla_gpu_autotune_level=1;") == {
+        "xla_gpu_enable_triton_gemm": False, "xla_gpu_autotune_level": 1}
+    from benchmarks.common import parse_variant
+    name, overrides = parse_variant(
+        "fast:train.xla_options=--xla_gpu_autotune_level=1;--xla_gpu_enable_triton_gemm=false")
+    assert name == "fast" and parse_xla_options(overrides["train.xla_options"]) == {
+        "xla_gpu_autotune_level": 1, "xla_gpu_enable_triton_gemm": False}
     for bad in ("xla_gpu_enable_triton_gemm", "--xla_gpu_enable_triton_gemm=",
                 "gpu_enable_triton_gemm=false", "--XLA_FOO=1", "-xla_foo=1"):
         with pytest.raises(ValueError, match=r"train\.xla_options: .* is not an XLA option"):

@@ -72,15 +72,16 @@ def parse_xla_options(text: str, field: str = "train.xla_options") -> dict[str, 
     """XLA options for one program, written as in `XLA_FLAGS`, -> `jax.jit(compiler_options=)`.
 
     ``"--xla_gpu_enable_triton_gemm=false --xla_gpu_autotune_level=0"`` ->
-    ``{"xla_gpu_enable_triton_gemm": False, "xla_gpu_autotune_level": 0}``: whitespace-separated
-    ``[--]name=value`` items; true/false become bools, numbers ints or floats, anything else
-    stays a string. Unlike `XLA_FLAGS`, which holds for every program of the process, these
-    hold for the one program compiled with them, and they are part of its compilation-cache
-    key. A malformed item is a ValueError naming `field`; XLA rejects an unknown option name
-    when it compiles.
+    ``{"xla_gpu_enable_triton_gemm": False, "xla_gpu_autotune_level": 0}``: ``[--]name=value``
+    items separated by whitespace or ``;`` (for places that cannot hold a space, such as one of
+    `device_suite.sh`'s space-separated ``AB_VARIANTS``: ``...xla_options=--a=1;--b=2``);
+    true/false become bools, numbers ints or floats, anything else stays a string. Unlike
+    `XLA_FLAGS`, which holds for every program of the process, these hold for the one program
+    compiled with them, and they are part of its compilation-cache key. A malformed item is a
+    ValueError naming `field`; XLA rejects an unknown option name when it compiles.
     """
     out: dict[str, XlaOptionValue] = {}
-    for item in str(text or "").split():
+    for item in str(text or "").replace(";", " ").split():
         name, eq, value = item.removeprefix("--").partition("=")
         if not eq or not _XLA_OPTION.fullmatch(name) or not value:
             raise ValueError(f"{field}: {item!r} is not an XLA option `[--]xla_name=value`, "
