@@ -157,7 +157,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     # How the gradient norm is summed: auto | per_leaf | grouped (`train.optim.global_norm`;
     # auto = per leaf on CPU, one reduction per distinct leaf shape elsewhere).
     c.train.grad_norm = "auto"
-    # XLA options for the train step alone, written as in XLA_FLAGS, e.g.
+    # XLA options for the train step alone, written as in XLA_FLAGS (or separated by ';'), e.g.
     # "--xla_gpu_enable_triton_gemm=false" (cuBLAS for every GEMM); "" = XLA's defaults
     # (`backend.parse_xla_options`; part of the step's compilation-cache key).
     c.train.xla_options = ""
