@@ -27,6 +27,9 @@ every `auto` switch picks the GPU's form. Reported per variant:
 - `top_io_kernels`: the `TOP_KERNELS` kernels that move the most bytes, each with its JAX
   source op (`op_name`), to find what a large kind is made of (`--dump-hlo DIR` also writes
   the optimized HLO);
+- `kernels_by_scope`: kernel launches and I/O by forward / backward pass and model scope
+  (`by_scope`; e.g. Swin's stage 3 or BERT's layers): what a compile spends its time on, as
+  XLA's compile time grows with the kernel count (benchmarks/README.md, "Compile time");
 - compile time and the HLO FLOP count.
 What it cannot say is time: there is no device to run on, and XLA skips autotuning (GEMM tile
 configurations come from its heuristics), so the GEMM kernels' split between cuBLAS and Triton
@@ -237,6 +240,39 @@ def by_kind(
     return counts, io
 
 
+SCOPE_DEPTH = 3  # named scopes kept by `source_scope`: 'encoder/backbone.run_stage/layers_2'
+
+
+def source_scope(op_name: str, depth: int = SCOPE_DEPTH) -> tuple[str, str]:
+    """A kernel's JAX source op -> (pass, scope): pass 'forward' (`jvp(...)`), 'backward'
+    (`transpose(jvp(...))`) or '' (neither: the optimizer, the loss's outer ops); scope the
+    first `depth` named scopes of the model under it, without `jit(...)` wrappers, or
+    '(step) <op>' for an op outside the model ('(none)' for a kernel without metadata)."""
+    parts = op_name.split("/")
+    if not op_name or not parts[0].startswith("jit("):
+        return "", "(none)"  # a parameter's name or no metadata
+    parts, direction = parts[1:], ""
+    if parts and parts[0].startswith("transpose(jvp("):
+        parts, direction = parts[1:], "backward"
+    elif parts and parts[0].startswith("jvp("):
+        parts, direction = parts[1:], "forward"
+    named = [q for q in parts[:-1] if "(" not in q]
+    return direction, "/".join(named[:depth]) if named else f"(step) {parts[-1] if parts else ''}"
+
+
+def by_scope(kernels: list[dict[str, Any]], depth: int = SCOPE_DEPTH) -> list[dict[str, Any]]:
+    """A `kernel_list` summed by (`source_scope`) pass and scope over one step's launches,
+    most launches first: where the program's kernels, and so its compile time, come from."""
+    counts: collections.Counter[tuple[str, str]] = collections.Counter()
+    io: collections.Counter[tuple[str, str]] = collections.Counter()
+    for k in kernels:
+        key = source_scope(k["op_name"], depth)
+        counts[key] += k["launches"]
+        io[key] += k["io_bytes"] * k["launches"]
+    return [{"pass": d, "scope": sc, "kernels": n, "io_bytes": io[(d, sc)]}
+            for (d, sc), n in counts.most_common()]
+
+
 def kernel_stats(hlo_text: str) -> tuple[collections.Counter[str], collections.Counter[str]]:
     """The program's kernels summed by kind: (kernel counts, I/O bytes)."""
     return by_kind(kernel_list(hlo_text))
@@ -323,6 +359,7 @@ def gpu_device(target: str) -> Any:
 
 
 TOP_KERNELS = 25  # the kernels with the most I/O, listed per variant
+TOP_SCOPES = 40  # the source scopes with the most kernel launches, listed per variant
 
 
 def compile_variant(cfg: Any, batch: int, device: Any, bandwidth: float | None = None,
@@ -371,6 +408,7 @@ def compile_variant(cfg: Any, batch: int, device: Any, bandwidth: float | None =
         "io_bytes": io_bytes, "io_ms": io_ms(io_bytes),
         "io_bytes_by_kind": dict(io.most_common()),
         "top_io_kernels": [{**k, "io_ms": io_ms(k["io_bytes"])} for k in top],
+        "kernels_by_scope": by_scope(kernels)[:TOP_SCOPES],
         "memory": memory,
         "memory_gib": memory["estimate_bytes"] / 2**30 if memory else None,
     }

@@ -14,12 +14,14 @@ import pytest
 
 from benchmarks.gpu_aot import (
     PLUGIN_SITE,
+    by_scope,
     group_counts,
     kernel_counts,
     kernel_list,
     kernel_stats,
     plugin_importable,
     shape_bytes,
+    source_scope,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -191,6 +193,34 @@ def test_kernel_list_in_launch_order_with_source_ops() -> None:
     assert sum(k["launches"] for k in ks) == sum(counts.values())
 
 
+def test_kernels_by_source_scope() -> None:
+    """Kernels summed by pass (forward / backward / neither) and the model's first named scopes,
+    over a step's launches: a loop body's kernel counts its trip count."""
+    fwd = "jit(train_step)/jvp(VIPA)/encoder/backbone.run_stage/layers_2/blocks_1/attn/dot_general"
+    bwd = ("jit(train_step)/transpose(jvp(VIPA))/encoder/backbone.run_stage/layers_2/blocks_9/"
+           "norm1/jit(_var)/reduce_sum")
+    assert source_scope(fwd) == ("forward", "encoder/backbone.run_stage/layers_2")
+    assert source_scope(bwd) == ("backward", "encoder/backbone.run_stage/layers_2")
+    assert source_scope(bwd, depth=5) == (
+        "backward", "encoder/backbone.run_stage/layers_2/blocks_9/norm1")
+    assert source_scope("jit(train_step)/jit(_where)/select_n") == ("", "(step) select_n")
+    assert source_scope("state.params['encoder']['kernel']") == ("", "(none)")
+    assert source_scope("") == ("", "(none)")
+    kernels = [{"op_name": fwd, "launches": 9, "io_bytes": 10},
+               {"op_name": fwd.replace("blocks_1", "blocks_3"), "launches": 1, "io_bytes": 5},
+               {"op_name": bwd, "launches": 2, "io_bytes": 7},
+               {"op_name": "", "launches": 1, "io_bytes": 1}]
+    assert by_scope(kernels) == [
+        {"pass": "forward", "scope": "encoder/backbone.run_stage/layers_2", "kernels": 10,
+         "io_bytes": 95},
+        {"pass": "backward", "scope": "encoder/backbone.run_stage/layers_2", "kernels": 2,
+         "io_bytes": 14},
+        {"pass": "", "scope": "(none)", "kernels": 1, "io_bytes": 1}]
+    ks = kernel_list(HLO)  # the fixture: one source op, in a loop run 4 times
+    assert {(r["pass"], r["scope"]): r["kernels"] for r in by_scope(ks)} == {
+        ("", "(none)"): 9, ("forward", "(step) add"): 4}
+
+
 def _plugin_env() -> dict[str, str] | None:
     if plugin_importable() or os.path.isdir(PLUGIN_SITE):
         return dict(os.environ)  # gpu_aot restarts itself with it
@@ -227,6 +257,10 @@ def test_deviceless_gpu_compile_quick(tmp_path: Path) -> None:
         top = v[name]["top_io_kernels"]  # the heaviest kernels, heaviest first, with sources
         assert len(top) == 25 and top[0]["io_bytes"] >= top[-1]["io_bytes"] > 0
         assert any(k["op_name"].startswith("jit(") for k in top)
+        scopes = v[name]["kernels_by_scope"]  # most launches first, a part of all of them
+        assert scopes[0]["kernels"] >= scopes[-1]["kernels"] > 0
+        assert sum(r["kernels"] for r in scopes) <= v[name]["kernels"]
+        assert {r["pass"] for r in scopes} >= {"forward", "backward"}
         hlo = (tmp_path / f"{name}.hlo.txt").read_text()  # --dump-hlo
         assert sum(k["io_bytes"] for k in kernel_list(hlo)) == v[name]["io_bytes"]
     assert v["base"]["kernels"] == v["fused"]["kernels"]  # auto = the GPU's form
