@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 from pathlib import Path
 
@@ -342,48 +341,3 @@ def test_remat_same_outputs_and_grads(tiny) -> None:
         a, b = a[key], b[key]
     assert float(jnp.abs(a).max()) > 1e-3
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize("remat", [False, True])
-def test_scan_layers_same_params_outputs_and_grads(tiny, remat: bool) -> None:
-    """scan_layers=True runs a range of at least two layers as one lax.scan over their stacked
-    parameters: the same parameter tree, hidden states and gradients as unrolled; in train mode
-    dropout still draws per 'dropout' rng; a one-layer range and `output_hidden_states` run
-    unrolled."""
-    config, params, ref = tiny
-    ids, mask = ref["input_ids"], ref["attention_mask"]
-    plain = BertModel(config, remat=remat)
-    scan = BertModel(config, remat=remat, scan_layers=True)
-    v = {"params": params}
-    shapes = jax.eval_shape(scan.init, jax.random.key(0), ids)["params"]
-    assert jax.tree.structure(shapes) == jax.tree.structure(params)
-    assert str(jax.make_jaxpr(lambda p: scan.apply({"params": p}, ids, mask))(params)).count(
-        "scan[") == 1
-
-    def loss(p: dict, m: BertModel) -> jax.Array:
-        return jnp.sum(m.apply({"params": p}, ids, mask).last_hidden_state ** 2)
-
-    grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
-    (l_plain, g_plain), (l_scan, g_scan) = grad(params, plain), grad(params, scan)
-    np.testing.assert_allclose(l_scan, l_plain, rtol=1e-6)
-    for path, a in jax.tree_util.tree_leaves_with_path(g_plain):
-        b = functools.reduce(lambda t, k: t[k.key], path, g_scan)
-        if path[0].key == "encoder":
-            assert float(jnp.abs(a).max()) > 0, path  # every layer gets its gradient
-        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6, err_msg=str(path))
-    out = scan.apply(v, ids, mask).last_hidden_state
-    np.testing.assert_allclose(out, plain.apply(v, ids, mask).last_hidden_state, atol=1e-5)
-
-    h0 = plain.apply(v, ids, method=BertModel.embed)
-    one = jax.make_jaxpr(lambda p: scan.apply({"params": p}, h0, mask, 1, 2,
-                                              method=BertModel.run_layers))(params)
-    assert "scan[" not in str(one)
-    states = scan.apply(v, ids, mask, output_hidden_states=True).hidden_states
-    assert len(states) == 3
-    np.testing.assert_array_equal(states[-1], plain.apply(v, ids, mask).last_hidden_state)
-
-    train = jax.jit(lambda key: scan.apply(v, ids, mask, deterministic=False,
-                                           rngs={"dropout": key}).last_hidden_state)
-    t1, t1b, t2 = train(jax.random.key(1)), train(jax.random.key(1)), train(jax.random.key(2))
-    np.testing.assert_array_equal(t1, t1b)
-    assert _max_diff(t1, t2) > 1e-2 and _max_diff(t1, out) > 1e-2

@@ -376,23 +376,3 @@ def test_inference_cache_transposed_kernels(tiny, monkeypatch):
         else:
             with pytest.raises(ValueError, match="model.transposed_kernels must be one of"):
                 build()
-
-
-def test_bert_scan_layers_reaches_the_text_encoder(tiny):
-    """model.bert_scan_layers runs language stage 1's BERT layers (two in the test config) as one
-    lax.scan, with the same parameter tree and the same outputs (BertModel's scan test checks
-    gradients and dropout)."""
-    cfg, model, variables = tiny
-    assert cfg.model.lang_stage_layers[0] >= 2
-    cfg_scan = cfg.copy_and_resolve_references()
-    cfg_scan.model.bert_scan_layers = True
-    scan = build_model(cfg_scan.model)
-    images, ids, mask, _ = _batch(cfg)
-    shapes = jax.eval_shape(lambda k: init_variables(scan, k, cfg.model.image_size,
-                                                     cfg.model.max_tokens), jax.random.key(0))
-    assert jax.tree.structure(shapes) == jax.tree.structure(variables)
-    jaxprs = [str(jax.make_jaxpr(lambda v, m=m: m.apply(v, images, ids, mask))(variables))
-              for m in (model, scan)]
-    assert jaxprs[1].count("scan[") == jaxprs[0].count("scan[") + 1
-    a, b = (jax.jit(m.apply)(variables, images, ids, mask) for m in (model, scan))
-    np.testing.assert_allclose(b["logits"], a["logits"], atol=1e-4, rtol=1e-4)

@@ -76,10 +76,6 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.model.fusion_op = "add"  # inside each fusion: add (CrossVLT) | mul (LAVT's PWAM)
     c.model.lang_stage_layers = (6, 1, 1, 1)
     c.model.lang_later_from_pretrained = False
-    # run language stage 1's BERT layers (lang_stage_layers[0] of them) as one lax.scan over
-    # their parameters, stacked at call time; the same parameters and function, a faster
-    # compile (as model.swin.scan_blocks)
-    c.model.bert_scan_layers = False
     c.model.fusion_head_dim = 64
     c.model.fusion_min_dim = 256
     # Visual Expressive Generator (paper Tables V-VIII, Fig. 4).

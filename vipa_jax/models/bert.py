@@ -270,23 +270,16 @@ class BertLayer(nn.Module):
 
 
 class BertLayerCollection(nn.Module):
-    """Layers named "0", "1", ... (HF's `encoder/layer/<i>` paths); runs any range [start, stop).
-
-    `scan_layers`: run a range of at least two layers as one `lax.scan` over their parameters,
-    stacked at call time (`scan_range`, as Swin's `scan_blocks`): the same parameter tree,
-    function and gradients, one layer for XLA to compile instead of stop − start. Dropout draws
-    other random numbers than unrolled.
-    """
+    """Layers named "0", "1", ... (HF's `encoder/layer/<i>` paths); runs any range [start, stop)."""
 
     config: BertConfig
     dtype: Dtype = jnp.float32
     remat: bool | str = False  # False, True ('full') or a name of layers.REMAT_POLICIES
-    scan_layers: bool = False
 
     def setup(self) -> None:
-        self.layer_cls = maybe_remat(BertLayer, self.remat, static_argnums=(3,))
+        layer_cls = maybe_remat(BertLayer, self.remat, static_argnums=(3,))
         self.layers = [
-            self.layer_cls(self.config, dtype=self.dtype, name=str(i))
+            layer_cls(self.config, dtype=self.dtype, name=str(i))
             for i in range(self.config.num_hidden_layers)
         ]
 
@@ -305,9 +298,6 @@ class BertLayerCollection(nn.Module):
         if not 0 <= start <= stop <= n:
             raise ValueError(f"BERT layer range [{start}, {stop}) is outside [0, {n})")
         mask = to_attention_mask(attention_mask)
-        if (self.scan_layers and stop - start >= 2 and not output_hidden_states
-                and not self.is_initializing()):  # init runs unrolled: it makes the layers
-            return self.scan_range(hidden, mask, start, stop, deterministic), ()
         states = []
         for layer in self.layers[start:stop]:
             hidden = layer(hidden, mask, deterministic)
@@ -316,39 +306,15 @@ class BertLayerCollection(nn.Module):
         return hidden, tuple(states)
 
 
-    def scan_range(self, hidden: Array, mask: Array | None, start: int, stop: int,
-                   deterministic: bool) -> Array:
-        """Layers [start, stop) as a `lax.scan` over their stacked parameters:
-        (B, L, C) -> (B, L, C)."""
-        params = self.variables["params"]
-        stacked = jax.tree.map(lambda *p: jnp.stack(p),  # leaves (stop - start, ...)
-                               *[params[str(i)] for i in range(start, stop)])
-        keys = None
-        if not deterministic and (self.config.hidden_dropout_prob > 0
-                                  or self.config.attention_probs_dropout_prob > 0):
-            keys = jax.random.split(self.make_rng("dropout"), stop - start)
-        layer = self.layer_cls(self.config, dtype=self.dtype, parent=None)
-
-        def body(h: Array, xs: tuple[Any, Array | None]) -> tuple[Array, None]:
-            p, key = xs
-            rngs = {"dropout": key} if key is not None else {}
-            return layer.apply({"params": p}, h, mask, deterministic, rngs=rngs), None
-
-        hidden, _ = jax.lax.scan(body, hidden, (stacked, keys))
-        return hidden
-
-
 class BertEncoder(nn.Module):
     """Stack of `BertLayer`s under `layer/<i>`."""
 
     config: BertConfig
     dtype: Dtype = jnp.float32
     remat: bool | str = False  # False, True ('full') or a name of layers.REMAT_POLICIES
-    scan_layers: bool = False  # see BertLayerCollection
 
     def setup(self) -> None:
-        self.layer = BertLayerCollection(self.config, dtype=self.dtype, remat=self.remat,
-                                         scan_layers=self.scan_layers)
+        self.layer = BertLayerCollection(self.config, dtype=self.dtype, remat=self.remat)
 
     def __call__(
         self,
@@ -393,13 +359,10 @@ class BertModel(nn.Module):
     dtype: Dtype = jnp.float32
     add_pooling_layer: bool = True
     remat: bool | str = False  # False, True ('full') or a name of layers.REMAT_POLICIES
-    # run a range of >= 2 layers as one lax.scan (BertLayerCollection); the same parameters
-    scan_layers: bool = False
 
     def setup(self) -> None:
         self.embeddings = BertEmbeddings(self.config, dtype=self.dtype)
-        self.encoder = BertEncoder(self.config, dtype=self.dtype, remat=self.remat,
-                                   scan_layers=self.scan_layers)
+        self.encoder = BertEncoder(self.config, dtype=self.dtype, remat=self.remat)
         if self.add_pooling_layer:
             self.pooler = BertPooler(self.config, dtype=self.dtype)
 

@@ -125,8 +125,6 @@ class FusionEncoder(nn.Module):
     fusion_head_dim: int = 64
     fusion_min_dim: int = 256
     remat: bool | str = False  # False, True ('full') or a name of layers.REMAT_POLICIES
-    # run language stage 1's BERT layers as one lax.scan (`BertModel.scan_layers`)
-    scan_text_layers: bool = False
     dtype: Any = jnp.float32
 
     def setup(self) -> None:
@@ -139,7 +137,7 @@ class FusionEncoder(nn.Module):
         self.backbone = SwinTransformer.from_config(self.swin, remat=self.remat, dtype=self.dtype)
         first = dataclasses.replace(self.bert, num_hidden_layers=self.stage_layers[0])
         self.text_encoder = BertModel(first, dtype=self.dtype, add_pooling_layer=False,
-                                      remat=self.remat, scan_layers=self.scan_text_layers)
+                                      remat=self.remat)
         dims = self.backbone.num_features  # (C, 2C, 4C, 8C)
         # remat: every fusion, cross layer and BERT layer keeps only its inputs for the backward
         # pass (static_argnums counts `self` as 0: 3 is `deterministic`).

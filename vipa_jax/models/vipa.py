@@ -76,7 +76,6 @@ class VIPA(nn.Module):
             fusion_head_dim=cfg.fusion_head_dim,
             fusion_min_dim=cfg.fusion_min_dim,
             remat=remat,
-            scan_text_layers=cfg.get("bert_scan_layers", False),
             dtype=dtype,
         )
         self.advanced_lang = AdvancedLanguageTokens(bert.num_attention_heads, dtype=dtype)
