@@ -35,7 +35,11 @@
 #   attention_impl=cudnn": cuDNN's fused window attention, which a deviceless compile gives
 #   30% less kernel I/O and 7 GiB less memory; "before:model.swin.qkv_projection=separate,
 #   train.grad_norm=per_leaf" is the program the 2026-12-04 profile measured), beside the
-#   base config, whose program is memory+train's row of that batch.
+#   base config, whose program is memory+train's row of that batch;
+# - `input`: the training input pipeline's batches/s (`benchmarks.input_pipeline`: generated
+#   640-px JPEGs decoded, resized to 480 and batched by 16) with each of INPUT_WORKERS grain
+#   worker processes (default "0 4 8 12"), to set beside the train step's images/s: no GPU,
+#   no compile, about a minute (one `input_pipeline-*.json`).
 # `COMPILE_PHASES=1` runs each step under `benchmarks.compile_phases`: XLA's compile time per
 # pass, pipeline and phase (autotuning included) of every program named like
 # COMPILE_PHASES_MODULE (default jit_train_step), one `compile_phases-*-<step>.json` per step.
@@ -68,6 +72,7 @@ if [[ ${SUITE_QUICK:-0} == 1 ]]; then
   F32_XLA_FLAGS_GPU=
   PROFILE_DEV=(--device cpu --quick)
   ATTN_DEV=(--device cpu --quick)
+  INPUT_ARGS=(--batch 2 --steps 2 --images 12 --source-size 96 --image-size 64 --workers 0)
   TRAIN_BATCH=2
   INFER_BATCHES=(1)
   MEM_TARGETS=(2:on)
@@ -77,6 +82,7 @@ else
   DEV=(--device gpu)
   PROFILE_DEV=(--device gpu)
   ATTN_DEV=(--device gpu)
+  read -r -a INPUT_ARGS <<<"--steps 30 --workers ${INPUT_WORKERS:-0 4 8 12}"
   TRAIN_BATCH=16
   INFER_BATCHES=(1 8)
   read -r -a MEM_TARGETS <<<"${MEMORY_TARGETS:-16:off 64:on}"
@@ -130,6 +136,7 @@ cmd() {
     train-float32) XLA_FLAGS="${XLA_FLAGS:-} ${F32_XLA_FLAGS-$F32_XLA_FLAGS_GPU}" \
       exec "${py[@]}" -m benchmarks.run "${DEV[@]}" --no-infer --no-memory \
       --train-configs float32:off --no-search --train-batch 16 --out "$OUT" "$@" ;;
+    input) exec $PY -m benchmarks.input_pipeline "${INPUT_ARGS[@]}" --out "$OUT" "$@" ;;
     train-ab) exec "${py[@]}" -m benchmarks.train_ab "${PROFILE_DEV[@]}" --dtype bfloat16 \
       "${AB_ARGS[@]}" --out "$OUT" "$@" ;;
     *) echo "unknown command $name" >&2; exit 2 ;;
@@ -214,9 +221,9 @@ step() {
 for name in $STEPS; do  # check the names before anything runs
   case $name in
     precompile | inference | memory+train | memory-remat | attention | profile | \
-      profile-train | train-float32 | train-ab) ;;
+      profile-train | train-float32 | train-ab | input) ;;
     *) echo "== $name: unknown step (precompile inference memory+train memory-remat" \
-         "attention profile profile-train train-float32 train-ab)"; exit 2 ;;
+         "attention profile profile-train train-float32 train-ab input)"; exit 2 ;;
   esac
 done
 
@@ -258,6 +265,7 @@ done
       memory-remat) step memory-remat 400 70 bash "$SELF" __cmd memory-remat ;;
       attention) step attention 400 5 bash "$SELF" __cmd attention ;;  # 4 Swin-B programs
       profile) step profile 90 5 bash "$SELF" __cmd profile ;;
+      input) step input 150 5 bash "$SELF" __cmd input ;;
       profile-train) step profile-train 240 5 bash "$SELF" __cmd profile-train ;;
       # the base and each variant: 172 s per train-step compile on the H200 (2026-12-04)
       train-ab) step train-ab 540 5 bash "$SELF" __cmd train-ab \

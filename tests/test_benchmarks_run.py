@@ -448,11 +448,28 @@ def test_device_suite_gpu_command_lines(tmp_path: Path) -> None:
     ab = suite("train-ab")["ARGS"]
     assert "-m benchmarks.train_ab --device gpu --dtype bfloat16 --batch 16 --out" in ab
     assert "--remat" not in ab
+    inp = suite("input", INPUT_WORKERS="0 6")["ARGS"]  # no compile: never under compile_phases
+    assert inp == f"[-m benchmarks.input_pipeline --steps 30 --workers 0 6 --out {tmp_path}]"
+    assert "--workers 0 4 8 12 " in suite("input", COMPILE_PHASES="1")["ARGS"]
     # COMPILE_PHASES=1: each step runs under benchmarks.compile_phases
     ab = suite("train-ab", COMPILE_PHASES="1")["ARGS"]
     assert ab.startswith(f"[-m benchmarks.compile_phases --module jit_train_step --out {tmp_path}"
                          " --tag train-ab --log-out /tmp/compile_phases-train-ab.log -- ")
     assert f" -- {stub} -m benchmarks.train_ab --device gpu" in ab
+
+
+def test_device_suite_input_step_quick(tmp_path: Path) -> None:
+    """The suite's `input` step (`benchmarks.input_pipeline` in its smallest configuration on
+    the CPU) runs inside its budget and writes its result."""
+    env = quick_env(SUITE_QUICK="1", OUT=str(tmp_path), PYTHON=sys.executable,
+                    SUITE_STEPS="input")
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "device_suite.sh")], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
+    log = (tmp_path / "device_suite.log").read_text()
+    assert proc.returncode == 0 and "== input: exit 0 after" in log, log[-3000:]
+    (path,) = tmp_path.glob("input_pipeline-*.json")
+    res = json.loads(path.read_text())
+    assert res["batch"] == 2 and res["batches_per_s"]["0"] > 0
 
 
 def test_device_suite_attention_step_quick(tmp_path: Path, jax_cache: str) -> None:
