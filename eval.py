@@ -66,7 +66,8 @@ def main(argv: list[str]) -> None:
         batch_size=batch, image_size=config.model.image_size, protocol=protocol,
         out_dir=_OUT.value, mesh=mesh, per_sample_csv=_PER_SAMPLE.value,
         checkpoint=loaded.path, step=loaded.step,
-        num_workers=int(config.data.get("num_workers", 0)))
+        num_workers=int(config.data.get("num_workers", 0)),
+        num_threads=int(config.data.get("num_threads", 2)))
     if jax.process_index() == 0:  # every process holds the same all-reduced results
         print(results_markdown(results, loaded.path, loaded.step))
 

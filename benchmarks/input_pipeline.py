@@ -207,8 +207,10 @@ def train_step_rate(batch: int, image_size: int, config: str = "refcoco", steps:
     return steps / (time.perf_counter() - t0)
 
 
-def measure(root: str, batch: int, steps: int, workers: int, image_size: int) -> float:
-    """Batches/s of the training iterator over the refer-layout dataset at `root`, after 3
+def measure(root: str, batch: int, steps: int, workers: int, image_size: int,
+            threads: int = 2) -> float:
+    """Batches/s of the training iterator over the refer-layout dataset at `root` with
+    `workers` processes of `threads` read threads each (`make_train_iterator`), after 3
     warm-up batches (which also start the workers)."""
     from vipa_jax.data.pipeline import make_train_iterator
     from vipa_jax.data.refer import ReferDataset
@@ -216,7 +218,7 @@ def measure(root: str, batch: int, steps: int, workers: int, image_size: int) ->
     ds = ReferDataset(root, "synthetic", "unc", "train")
     it = make_train_iterator(ds, _tokenizer(ds, root), global_batch_size=batch,
                              image_size=image_size, seed=0, shard_index=0, shard_count=1,
-                             num_workers=workers)
+                             num_workers=workers, num_threads=threads)
     for _ in range(3):
         next(it)
     t0 = time.perf_counter()
@@ -238,6 +240,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--images", type=int, default=300, help="synthetic images generated")
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2],
                    help="grain worker processes, one measurement each (0: in this process)")
+    p.add_argument("--threads", type=int, nargs="+", default=[2],
+                   help="grain read threads per process (`data.num_threads`), measured with "
+                        "each --workers")
     p.add_argument("--train-step", action="store_true", help="also time the model's train step")
     p.add_argument("--train-config", choices=("refcoco", "synthetic"), default="refcoco",
                    help="model for --train-step: the paper's or the demo's")
@@ -248,19 +253,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from vipa_jax.data import synthetic
 
     started = common.machine_info(devices=False)  # the commit measured, not a later one
-    rows, rates = [], {}
+    rows, results = [], []
     with tempfile.TemporaryDirectory() as root:
         t0 = time.perf_counter()
         synthetic.generate(root, num_images=a.images, image_size=a.source_size, seed=0)
         print(f"{a.images} synthetic {a.source_size}x{a.source_size} JPEGs in "
               f"{time.perf_counter() - t0:.1f} s", flush=True)
         for w in a.workers:
-            rate = measure(root, a.batch, a.steps, w, a.image_size)
-            rates[str(w)] = rate
-            rows.append([w, rate, rate * a.batch])
-            print(f"  {w} workers: {rate:.2f} batches/s", flush=True)
+            for t in a.threads:
+                rate = measure(root, a.batch, a.steps, w, a.image_size, t)
+                results.append({"workers": w, "threads": t, "batches_per_s": rate,
+                                "images_per_s": rate * a.batch})
+                rows.append([w, t, rate, rate * a.batch])
+                print(f"  {w} workers, {t} threads: {rate:.2f} batches/s", flush=True)
     step = train_step_rate(a.batch, a.image_size, a.train_config) if a.train_step else None
-    common.print_table(rows, ["workers", "batches/s", "images/s"],
+    common.print_table(rows, ["workers", "threads", "batches/s", "images/s"],
                        title=f"input pipeline: batch {a.batch}, {a.source_size}-px JPEGs -> "
                              f"{a.image_size}x{a.image_size}, {os.cpu_count()} CPUs")
     if step is not None:
@@ -268,8 +275,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"{step * a.batch:.1f} images/s")
     result = {"machine_info": started, "batch": a.batch, "image_size": a.image_size,
               "source_size": a.source_size, "images": a.images, "steps": a.steps,
-              "batches_per_s": rates,
-              "images_per_s": {w: r * a.batch for w, r in rates.items()},
+              "results": results,
               "train_config": a.train_config if a.train_step else None,
               "train_steps_per_s": step}
     result["path"] = common.write_result("input_pipeline", result, a.out, tag=a.tag)

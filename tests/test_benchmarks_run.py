@@ -469,7 +469,7 @@ def test_device_suite_input_step_quick(tmp_path: Path) -> None:
     assert proc.returncode == 0 and "== input: exit 0 after" in log, log[-3000:]
     (path,) = tmp_path.glob("input_pipeline-*.json")
     res = json.loads(path.read_text())
-    assert res["batch"] == 2 and res["batches_per_s"]["0"] > 0
+    assert res["batch"] == 2 and res["results"][0]["batches_per_s"] > 0
 
 
 def test_device_suite_attention_step_quick(tmp_path: Path, jax_cache: str) -> None:

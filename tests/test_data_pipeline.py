@@ -195,3 +195,32 @@ def test_worker_processes_give_the_same_stream(refer_root, wordpiece):
     for x, y in zip(ref, got, strict=True):
         np.testing.assert_array_equal(x["index"], y["index"])
         np.testing.assert_array_equal(x["image"], y["image"])
+
+
+def test_read_threads_give_the_same_stream(refer_root, wordpiece):
+    """`num_threads` (`data.num_threads`) changes how many examples are prepared at once, not
+    which or in what order."""
+    ds = ReferDataset(refer_root, "refcoco", "unc", "train")
+    ref = _take(_train(ds, wordpiece, seed=2, num_threads=1), 3)
+    got = _take(_train(ds, wordpiece, seed=2, num_threads=4), 3)
+    for x, y in zip(ref, got, strict=True):
+        np.testing.assert_array_equal(x["index"], y["index"])
+        np.testing.assert_array_equal(x["image"], y["image"])
+
+
+def test_train_data_takes_workers_and_threads_from_the_config(monkeypatch, refer_root):
+    """`data.num_workers` and `data.num_threads` reach the training iterator."""
+    from vipa_jax import defaults
+    from vipa_jax.data import tokenizer
+    from vipa_jax.train import loop
+
+    seen = {}
+    monkeypatch.setattr(pipeline, "make_train_iterator", lambda *a, **kw: seen.update(kw))
+    monkeypatch.setattr(tokenizer, "vocab_for", lambda cfg: str(refer_root / "vocab.txt"))
+    monkeypatch.setattr(tokenizer, "Tokenizer", lambda *a, **kw: None)
+    cfg = defaults.get_base_config()
+    cfg.data.root, cfg.data.dataset = str(refer_root), "refcoco"
+    cfg.data.num_workers, cfg.data.num_threads = 3, 5
+    cfg.train.batch_size = 2
+    loop.build_train_data(cfg, 0, 1, 2)
+    assert seen["num_workers"] == 3 and seen["num_threads"] == 5

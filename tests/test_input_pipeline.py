@@ -17,14 +17,16 @@ from benchmarks import input_pipeline
 def test_input_pipeline_smallest_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     res = input_pipeline.main(["--batch", "2", "--steps", "2", "--images", "12",
                                "--source-size", "96", "--image-size", "64", "--workers", "0",
-                               "--out", str(tmp_path), "--tag", "t"])
+                               "--threads", "1", "2", "--out", str(tmp_path), "--tag", "t"])
     path = Path(res["path"])
     assert path.parent == tmp_path and path.name.endswith("-t.json")
     saved = json.loads(path.read_text())
     assert saved["benchmark"] == "input_pipeline" and saved["machine_info"]["git_commit"]
     assert saved["batch"] == 2 and saved["source_size"] == 96 and saved["image_size"] == 64
-    rate = saved["batches_per_s"]["0"]
-    assert rate > 0 and saved["images_per_s"]["0"] == pytest.approx(2 * rate)
+    rows = saved["results"]
+    assert [(r["workers"], r["threads"]) for r in rows] == [(0, 1), (0, 2)]
+    assert all(r["batches_per_s"] > 0 and r["images_per_s"] == pytest.approx(
+        2 * r["batches_per_s"]) for r in rows)
     assert saved["train_steps_per_s"] is None  # no --train-step
     out = capsys.readouterr().out
     assert "12 synthetic 96x96 JPEGs" in out and "images/s" in out

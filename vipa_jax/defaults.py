@@ -111,7 +111,11 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.data.train_split = "train"
     c.data.eval_splits = ("val",)
     c.data.vocab = ""  # path to vocab.txt ("" = the BERT init folder's vocab.txt)
+    # grain worker processes, and read threads in each (the main process when 0 workers), that
+    # decode, resize and batch the examples; threads scale the pipeline on a GPU host's cores
+    # without extra processes (benchmarks/README.md, "Input pipeline")
     c.data.num_workers = 0
+    c.data.num_threads = 2
     c.data.on_error = "raise"  # raise | skip (skip counts and warns)
     c.data.tfds_builder = "ref_coco_bv"  # source=tfds: a builder whose examples carry masks
     c.data.synthetic_num_images = 1000  # source=synthetic: generated into data.root if absent

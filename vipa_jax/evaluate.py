@@ -136,6 +136,7 @@ class Evaluator:
         protocol: str = "lavt",
         per_sample: bool = False,
         num_workers: int = 0,
+        num_threads: int = 2,
         progress: bool = True,
         desc: str = "eval",
     ) -> dict[str, RISMetrics]:
@@ -151,7 +152,7 @@ class Evaluator:
         batches = pipeline.make_eval_batches(
             dataset, tokenizer, global_batch_size=int(batch_size), image_size=image_size,
             shard_index=jax.process_index(), shard_count=jax.process_count(),
-            num_workers=num_workers)
+            num_workers=num_workers, num_threads=num_threads)
         n_batches = pipeline.num_eval_batches(len(dataset), int(batch_size))
         bar = None
         if progress and jax.process_index() == 0:
@@ -233,6 +234,7 @@ def evaluate(
     mesh: Mesh | None = None,
     per_sample: bool = False,
     num_workers: int = 0,
+    num_threads: int = 2,
     progress: bool = True,
     evaluator: Evaluator | None = None,
 ) -> dict[str, dict[str, Any]]:
@@ -244,7 +246,8 @@ def evaluate(
     ev = evaluator if evaluator is not None else Evaluator(model, mesh)
     accs = ev.run(variables, dataset, tokenizer, batch_size=batch_size, image_size=image_size,
                   protocol=protocol, per_sample=per_sample, num_workers=num_workers,
-                  progress=progress, desc=f"eval {getattr(dataset, 'split', '')}".strip())
+                  num_threads=num_threads, progress=progress,
+                  desc=f"eval {getattr(dataset, 'split', '')}".strip())
     results: dict[str, dict[str, Any]] = {}
     for p, acc in accs.items():
         r = acc.result()
@@ -301,6 +304,7 @@ def evaluate_splits(
     checkpoint: str | None = None,
     step: int | None = None,
     num_workers: int = 0,
+    num_threads: int = 2,
     progress: bool = True,
     datasets: Mapping[str, Any] | None = None,
 ) -> dict[str, dict[str, dict[str, Any]]]:
@@ -323,7 +327,8 @@ def evaluate_splits(
             ds = pipeline.load_dataset(data_config, split)
         res = evaluate(model, variables, ds, tokenizer, batch_size=batch_size,
                        image_size=image_size, protocol=protocol, per_sample=per_sample_csv,
-                       num_workers=num_workers, progress=progress, evaluator=ev)
+                       num_workers=num_workers, num_threads=num_threads, progress=progress,
+                       evaluator=ev)
         for p, r in res.items():
             per = r.pop("per_sample", None)
             r["step"] = step
@@ -383,7 +388,8 @@ def make_train_evaluator(config: Any) -> Callable[[Any], dict[str, float]]:
                 model, variables, datasets[split], tokenizer,
                 batch_size=int(config.eval.batch_size), image_size=config.model.image_size,
                 protocol=protocol, num_workers=int(config.data.get("num_workers", 0)),
-                progress=False, evaluator=ev)
+                num_threads=int(config.data.get("num_threads", 2)), progress=False,
+                evaluator=ev)
         return train_metrics(results)
 
     return fn
