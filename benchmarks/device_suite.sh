@@ -38,8 +38,9 @@
 #   base config, whose program is memory+train's row of that batch;
 # - `input`: the training input pipeline's batches/s (`benchmarks.input_pipeline`: generated
 #   640-px JPEGs decoded, resized to 480 and batched by 16) with each of INPUT_WORKERS grain
-#   worker processes (default "0 4 8 12"), to set beside the train step's images/s: no GPU,
-#   no compile, about a minute (one `input_pipeline-*.json`).
+#   worker processes (default "0 8") and INPUT_THREADS read threads (default "2 8 16"), to set
+#   beside the train step's images/s: no GPU, no compile, about a minute (one
+#   `input_pipeline-*.json`).
 # `COMPILE_PHASES=1` runs each step under `benchmarks.compile_phases`: XLA's compile time per
 # pass, pipeline and phase (autotuning included) of every program named like
 # COMPILE_PHASES_MODULE (default jit_train_step), one `compile_phases-*-<step>.json` per step.
@@ -82,7 +83,7 @@ else
   DEV=(--device gpu)
   PROFILE_DEV=(--device gpu)
   ATTN_DEV=(--device gpu)
-  read -r -a INPUT_ARGS <<<"--steps 30 --workers ${INPUT_WORKERS:-0 4 8 12}"
+  read -r -a INPUT_ARGS <<<"--steps 30 --workers ${INPUT_WORKERS:-0 8} --threads ${INPUT_THREADS:-2 8 16}"
   TRAIN_BATCH=16
   INFER_BATCHES=(1 8)
   read -r -a MEM_TARGETS <<<"${MEMORY_TARGETS:-16:off 64:on}"

@@ -449,8 +449,10 @@ def test_device_suite_gpu_command_lines(tmp_path: Path) -> None:
     assert "-m benchmarks.train_ab --device gpu --dtype bfloat16 --batch 16 --out" in ab
     assert "--remat" not in ab
     inp = suite("input", INPUT_WORKERS="0 6")["ARGS"]  # no compile: never under compile_phases
-    assert inp == f"[-m benchmarks.input_pipeline --steps 30 --workers 0 6 --out {tmp_path}]"
-    assert "--workers 0 4 8 12 " in suite("input", COMPILE_PHASES="1")["ARGS"]
+    assert inp == (f"[-m benchmarks.input_pipeline --steps 30 --workers 0 6 --threads 2 8 16 "
+                   f"--out {tmp_path}]")
+    assert "--workers 0 8 --threads 4 " in suite("input", COMPILE_PHASES="1",
+                                                 INPUT_THREADS="4")["ARGS"]
     # COMPILE_PHASES=1: each step runs under benchmarks.compile_phases
     ab = suite("train-ab", COMPILE_PHASES="1")["ARGS"]
     assert ab.startswith(f"[-m benchmarks.compile_phases --module jit_train_step --out {tmp_path}"
