@@ -460,17 +460,24 @@ def test_device_suite_gpu_command_lines(tmp_path: Path) -> None:
     assert f" -- {stub} -m benchmarks.train_ab --device gpu" in ab
 
 
+def _quick_suite_step(tmp_path: Path, step: str, pattern: str, timeout: int,
+                      **env: str) -> dict:
+    """`benchmarks/device_suite.sh` with SUITE_STEPS=`step` alone, quick, on the CPU: it exits
+    0 inside its budget; the one result file matching `pattern`, loaded."""
+    env = quick_env(SUITE_QUICK="1", OUT=str(tmp_path), PYTHON=sys.executable,
+                    SUITE_STEPS=step, **env)
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "device_suite.sh")], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=timeout)
+    log = (tmp_path / "device_suite.log").read_text()
+    assert proc.returncode == 0 and f"== {step}: exit 0 after" in log, log[-3000:]
+    (path,) = tmp_path.glob(pattern)
+    return json.loads(path.read_text())
+
+
 def test_device_suite_input_step_quick(tmp_path: Path) -> None:
     """The suite's `input` step (`benchmarks.input_pipeline` in its smallest configuration on
     the CPU) runs inside its budget and writes its result."""
-    env = quick_env(SUITE_QUICK="1", OUT=str(tmp_path), PYTHON=sys.executable,
-                    SUITE_STEPS="input")
-    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "device_suite.sh")], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=300)
-    log = (tmp_path / "device_suite.log").read_text()
-    assert proc.returncode == 0 and "== input: exit 0 after" in log, log[-3000:]
-    (path,) = tmp_path.glob("input_pipeline-*.json")
-    res = json.loads(path.read_text())
+    res = _quick_suite_step(tmp_path, "input", "input_pipeline-*.json", 300)
     assert res["batch"] == 2 and res["results"][0]["batches_per_s"] > 0
 
 
@@ -478,15 +485,9 @@ def test_device_suite_attention_step_quick(tmp_path: Path, jax_cache: str) -> No
     """The suite's `attention` step (`benchmarks.attention --train` on the tiny Swin on the CPU)
     with the variants ATTN_IMPLS names (einsum, xla): each compiles and is timed, both give the
     first one's gradients, and the JSON says so."""
-    env = quick_env(SUITE_QUICK="1", OUT=str(tmp_path), PYTHON=sys.executable,
-                    SUITE_STEPS="attention", SUITE_TIME_SCALE="2", ATTN_IMPLS="einsum xla",
-                    JAX_COMPILATION_CACHE_DIR=jax_cache)
-    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "device_suite.sh")], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=600)
-    log = (tmp_path / "device_suite.log").read_text()
-    assert proc.returncode == 0 and "== attention: exit 0 after" in log, log[-3000:]
-    (path,) = tmp_path.glob("attention-*-train-float32.json")
-    res = json.loads(path.read_text())
+    res = _quick_suite_step(tmp_path, "attention", "attention-*-train-float32.json", 600,
+                            SUITE_TIME_SCALE="2", ATTN_IMPLS="einsum xla",
+                            JAX_COMPILATION_CACHE_DIR=jax_cache)
     variants = res["variants"]
     assert res["mode"] == "train" and res["quick"] and res["reference"] == "einsum"
     assert list(variants) == ["einsum", "xla"]
