@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -215,6 +216,31 @@ def test_loop_skips_nan_when_configured(tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 6 and rows[-1]["train/skipped_steps"] == 1.0
     assert np.isfinite(rows[-1]["train/loss"])
+
+
+def test_loop_logs_the_time_spent_waiting_for_input(tmp_path, monkeypatch):
+    """`train/input_wait_frac`: the part of the wall time the loop waited for the next batch
+    (reading it and putting it on the devices): nearly all of it when that takes 50 ms per
+    batch against a step of milliseconds. (Without the delay the stand-in's sub-millisecond
+    step still leaves most of the loop's time to the input, so the two are not compared.)"""
+    host_to_global = loop.shd.host_to_global
+    fracs = []
+    for delay in (0.05, 0.0):
+        def slow(*args, delay=delay):
+            time.sleep(delay)
+            return host_to_global(*args)
+
+        monkeypatch.setattr(loop.shd, "host_to_global", slow)
+        cfg = _tiny_cfg()
+        cfg.train.log_every = 3
+        loop.train_and_evaluate(cfg, tmp_path / f"d{delay}")
+        rows = [json.loads(x) for x in (tmp_path / f"d{delay}" / "metrics.jsonl").read_text()
+                .splitlines() if "train/input_wait_frac" in x]
+        assert [r["step"] for r in rows] == [3, 6]
+        assert all(0.0 <= r["train/input_wait_frac"] <= 1.0 for r in rows)
+        fracs.append(rows[-1]["train/input_wait_frac"])
+    print("input_wait_frac with and without the delay:", fracs)
+    assert fracs[0] > 0.8, fracs
 
 
 def test_loop_compiles_the_step_with_train_xla_options(tmp_path):

@@ -381,10 +381,11 @@ def train_and_evaluate(
     acc: dict[str, list[float]] = {}
     skipped = 0
     t0, last_logged = time.perf_counter(), start
+    input_s = 0.0  # waited for the input pipeline since t0
 
     def consume(step: int, metrics: dict) -> None:
         """Host side of step ``step`` (1-based, i.e. state.step after it)."""
-        nonlocal skipped, t0, last_logged
+        nonlocal skipped, t0, last_logged, input_s
         m = {k: float(v) for k, v in jax.device_get(metrics).items()}
         if m.pop("finite") < 1.0:
             msg = (f"non-finite loss/gradient at step {step} (loss={m['loss']}, "
@@ -402,18 +403,22 @@ def train_and_evaluate(
             dt = time.perf_counter() - t0
             ips = global_batch * (step - last_logged) / max(dt, 1e-9)
             vals = {f"train/{k}": float(np.mean(v)) for k, v in acc.items()}
-            vals.update({"train/images_per_s": ips, "train/skipped_steps": float(skipped)})
+            vals.update({"train/images_per_s": ips, "train/skipped_steps": float(skipped),
+                         # > 0.1: the input pipeline holds training back (data.num_threads)
+                         "train/input_wait_frac": min(input_s / max(dt, 1e-9), 1.0)})
             writer.scalars(step, vals)
             if pbar is not None:
                 pbar.set_postfix(loss=f"{vals['train/loss']:.4f}", img_s=f"{ips:.1f}")
             acc.clear()
-            t0, last_logged = time.perf_counter(), step
+            t0, last_logged, input_s = time.perf_counter(), step, 0.0
 
     pending = None
     stopped_early = False
     try:
         for i in range(start, n_steps):
+            t_in = time.perf_counter()
             batch = shd.host_to_global(next(data_iter), batch_sh)
+            input_s += time.perf_counter() - t_in
             state, metrics = train_step(state, batch, base_rng)
             if pending is not None:
                 consume(*pending)
