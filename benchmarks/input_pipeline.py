@@ -1,11 +1,11 @@
 """Input-pipeline throughput (batches/s at 480x480) on the synthetic data vs. the train-step rate.
 
-``python -m benchmarks.input_pipeline [--batch 16] [--steps 30] [--workers 0 2]
+``python -m benchmarks.input_pipeline [--batch 16] [--steps 30] [--workers 0 2] [--threads 2]
 [--source-size 640] [--train-step] [--tag T]`` writes
 ``benchmarks/results/input_pipeline-<machine>[-T].json``. It generates synthetic refer-layout
 data (JPEGs of `--source-size` pixels a side, about COCO's 640x480) and times the training
 iterator (`make_train_iterator`: JPEG decode, mask, resize to `--image-size`, tokenize, batch)
-with each number of grain worker processes. The train-step rate comes from the real jitted
+with each number of grain worker processes and of read threads in each. The train-step rate comes from the real jitted
 VIPA train step (``--train-step``; paper config by default), so that the two can be compared:
 an input pipeline slower than the step leaves the accelerator waiting.
 """
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--steps", type=int, default=30, help="timed batches per worker count")
+    p.add_argument("--steps", type=int, default=30, help="timed batches per measurement")
     p.add_argument("--image-size", type=int, default=480, help="the model's input size")
     p.add_argument("--source-size", type=int, default=640,
                    help="the stored JPEGs' side (COCO's images are about 640x480)")
