@@ -6,8 +6,9 @@
 data (JPEGs of `--source-size` pixels a side, about COCO's 640x480) and times the training
 iterator (`make_train_iterator`: JPEG decode, mask, resize to `--image-size`, tokenize, batch)
 with each number of grain worker processes and of read threads in each. The train-step rate
-comes from the real jitted VIPA train step (``--train-step``; paper config by default), so that the two can be compared:
-an input pipeline slower than the step leaves the accelerator waiting.
+comes from the real jitted VIPA train step (``--train-step``; paper config by default), so
+that the two can be compared: an input pipeline slower than the step leaves the accelerator
+waiting.
 """
 
 from __future__ import annotations
