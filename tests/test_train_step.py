@@ -220,12 +220,12 @@ def test_loop_skips_nan_when_configured(tmp_path):
 
 def test_loop_logs_the_time_spent_waiting_for_input(tmp_path, monkeypatch):
     """`train/input_wait_frac`: the part of the wall time the loop waited for the next batch
-    (reading it and putting it on the devices): nearly all of it when that takes 50 ms per
-    batch against a step of milliseconds. (Without the delay the stand-in's sub-millisecond
+    (reading it and putting it on the devices): most of it when that takes 300 ms per batch
+    against a step of milliseconds (0.77 at 50 ms in a loaded CI run, 0.97 unloaded). (Without the delay the stand-in's sub-millisecond
     step still leaves most of the loop's time to the input, so the two are not compared.)"""
     host_to_global = loop.shd.host_to_global
     fracs = []
-    for delay in (0.05, 0.0):
+    for delay in (0.3, 0.0):
         def slow(*args, delay=delay):
             time.sleep(delay)
             return host_to_global(*args)
@@ -240,7 +240,7 @@ def test_loop_logs_the_time_spent_waiting_for_input(tmp_path, monkeypatch):
         assert all(0.0 <= r["train/input_wait_frac"] <= 1.0 for r in rows)
         fracs.append(rows[-1]["train/input_wait_frac"])
     print("input_wait_frac with and without the delay:", fracs)
-    assert fracs[0] > 0.8, fracs
+    assert fracs[0] > 0.7, fracs
 
 
 def test_loop_compiles_the_step_with_train_xla_options(tmp_path):
