@@ -221,8 +221,9 @@ def test_loop_skips_nan_when_configured(tmp_path):
 def test_loop_logs_the_time_spent_waiting_for_input(tmp_path, monkeypatch):
     """`train/input_wait_frac`: the part of the wall time the loop waited for the next batch
     (reading it and putting it on the devices): most of it when that takes 300 ms per batch
-    against a step of milliseconds (0.77 at 50 ms in a loaded CI run, 0.97 unloaded). (Without the delay the stand-in's sub-millisecond
-    step still leaves most of the loop's time to the input, so the two are not compared.)"""
+    against a step of milliseconds (0.77 at 50 ms in a loaded CI run, 0.97 unloaded). Without
+    the delay the stand-in's sub-millisecond step leaves 0.2-0.7 of the loop's time to the
+    input, so the two are not compared."""
     host_to_global = loop.shd.host_to_global
     fracs = []
     for delay in (0.3, 0.0):
