@@ -41,6 +41,7 @@ def main(argv: list[str]) -> None:
     import jax
 
     from vipa_jax.backend import DEFAULT_COMPILATION_CACHE_DIR, enable_compilation_cache
+    from vipa_jax.data import pipeline
     from vipa_jax.evaluate import evaluate_splits, results_markdown
     from vipa_jax.export import load_any
 
@@ -65,9 +66,7 @@ def main(argv: list[str]) -> None:
         loaded.model, loaded.variables, loaded.tokenizer, config.data, splits,
         batch_size=batch, image_size=config.model.image_size, protocol=protocol,
         out_dir=_OUT.value, mesh=mesh, per_sample_csv=_PER_SAMPLE.value,
-        checkpoint=loaded.path, step=loaded.step,
-        num_workers=int(config.data.get("num_workers", 0)),
-        num_threads=int(config.data.get("num_threads", 2)))
+        checkpoint=loaded.path, step=loaded.step, **pipeline.loader_options(config.data))
     if jax.process_index() == 0:  # every process holds the same all-reduced results
         print(results_markdown(results, loaded.path, loaded.step))
 

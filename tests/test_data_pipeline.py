@@ -224,3 +224,6 @@ def test_train_data_takes_workers_and_threads_from_the_config(monkeypatch, refer
     cfg.train.batch_size = 2
     loop.build_train_data(cfg, 0, 1, 2)
     assert seen["num_workers"] == 3 and seen["num_threads"] == 5
+    # a config from before these fields (an older checkpoint's) gets the iterators' defaults
+    old = ml_collections.ConfigDict({"root": "x"})
+    assert pipeline.loader_options(old) == {"num_workers": 0, "num_threads": 2}

@@ -387,9 +387,8 @@ def make_train_evaluator(config: Any) -> Callable[[Any], dict[str, float]]:
             results[split] = evaluate(
                 model, variables, datasets[split], tokenizer,
                 batch_size=int(config.eval.batch_size), image_size=config.model.image_size,
-                protocol=protocol, num_workers=int(config.data.get("num_workers", 0)),
-                num_threads=int(config.data.get("num_threads", 2)), progress=False,
-                evaluator=ev)
+                protocol=protocol, progress=False, evaluator=ev,
+                **pipeline.loader_options(config.data))
         return train_metrics(results)
 
     return fn

@@ -328,6 +328,14 @@ def load_dataset(data_config: Any, split: str) -> RefDataset:
     )
 
 
+def loader_options(data_config: Any) -> dict[str, int]:
+    """``num_workers`` / ``num_threads`` of ``config.data`` (grain worker processes, read threads
+    in each) as keyword arguments of `make_train_iterator`, `make_eval_batches` and the
+    evaluator; an older config without them gets the iterators' defaults."""
+    return {"num_workers": int(_get(data_config, "num_workers", 0)),
+            "num_threads": int(_get(data_config, "num_threads", 2))}
+
+
 def _get(cfg: Any, key: str, default: Any) -> Any:
     """``cfg.key`` if the config has it, else ``default``."""
     return cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
@@ -335,6 +343,7 @@ def _get(cfg: Any, key: str, default: Any) -> Any:
 
 __all__ = [
     "EvalOrder", "IMAGENET_MEAN", "IMAGENET_STD", "LoadExample", "TrainOrder", "load_dataset",
+    "loader_options",
     "make_eval_batches", "make_train_iterator", "num_eval_batches", "preprocess_image",
     "resize_mask",
 ]

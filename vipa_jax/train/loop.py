@@ -88,8 +88,7 @@ def build_train_data(config: Any, process_index: int, process_count: int,
     it = pipeline.make_train_iterator(
         ds, tok, global_batch_size=config.train.batch_size, image_size=config.model.image_size,
         seed=config.seed, shard_index=process_index, shard_count=process_count,
-        num_workers=config.data.get("num_workers", 0),
-        num_threads=config.data.get("num_threads", 2))
+        **pipeline.loader_options(config.data))
     return it, max(len(ds.objects) // config.train.batch_size, 1)
 
 
