@@ -52,6 +52,7 @@ import importlib.util
 import os
 import re
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from benchmarks import common
@@ -227,17 +228,24 @@ def _sliced_reads(insts: list[tuple[Any, ...]]) -> dict[int, int]:
             for name, used in users.items() if used and all(op == "slice" for op, _ in used)}
 
 
+def _summed(kernels: list[dict[str, Any]], key: Callable[[dict[str, Any]], Any],
+            ) -> tuple[collections.Counter[Any], collections.Counter[Any]]:
+    """A `kernel_list` summed by `key(kernel)` over the launches of one step: (kernel
+    launches, I/O bytes)."""
+    counts: collections.Counter[Any] = collections.Counter()
+    io: collections.Counter[Any] = collections.Counter()
+    for k in kernels:
+        counts[key(k)] += k["launches"]
+        io[key(k)] += k["io_bytes"] * k["launches"]
+    return counts, io
+
+
 def by_kind(
     kernels: list[dict[str, Any]],
 ) -> tuple[collections.Counter[str], collections.Counter[str]]:
     """A `kernel_list` summed by kind over the launches of one step: (kernel launches, I/O
     bytes)."""
-    counts: collections.Counter[str] = collections.Counter()
-    io: collections.Counter[str] = collections.Counter()
-    for k in kernels:
-        counts[k["kind"]] += k["launches"]
-        io[k["kind"]] += k["io_bytes"] * k["launches"]
-    return counts, io
+    return _summed(kernels, lambda k: k["kind"])
 
 
 SCOPE_DEPTH = 3  # named scopes kept by `source_scope`: 'encoder/backbone.run_stage/layers_2'
@@ -263,12 +271,7 @@ def source_scope(op_name: str, depth: int = SCOPE_DEPTH) -> tuple[str, str]:
 def by_scope(kernels: list[dict[str, Any]], depth: int = SCOPE_DEPTH) -> list[dict[str, Any]]:
     """A `kernel_list` summed by (`source_scope`) pass and scope over one step's launches,
     most launches first: where the program's kernels, and so its compile time, come from."""
-    counts: collections.Counter[tuple[str, str]] = collections.Counter()
-    io: collections.Counter[tuple[str, str]] = collections.Counter()
-    for k in kernels:
-        key = source_scope(k["op_name"], depth)
-        counts[key] += k["launches"]
-        io[key] += k["io_bytes"] * k["launches"]
+    counts, io = _summed(kernels, lambda k: source_scope(k["op_name"], depth))
     return [{"pass": d, "scope": sc, "kernels": n, "io_bytes": io[(d, sc)]}
             for (d, sc), n in counts.most_common()]
 
