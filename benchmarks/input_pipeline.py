@@ -208,18 +208,16 @@ def train_step_rate(batch: int, image_size: int, config: str = "refcoco", steps:
     return steps / (time.perf_counter() - t0)
 
 
-def measure(root: str, batch: int, steps: int, workers: int, image_size: int,
+def measure(ds: Any, tokenizer: Any, batch: int, steps: int, workers: int, image_size: int,
             threads: int = 2) -> float:
-    """Batches/s of the training iterator over the refer-layout dataset at `root` with
-    `workers` processes of `threads` read threads each (`make_train_iterator`), after 3
-    warm-up batches (which also start the workers)."""
+    """Batches/s of the training iterator over `ds` with `workers` processes of `threads` read
+    threads each (`make_train_iterator`), after 3 warm-up batches (which also start the
+    workers)."""
     from vipa_jax.data.pipeline import make_train_iterator
-    from vipa_jax.data.refer import ReferDataset
 
-    ds = ReferDataset(root, "synthetic", "unc", "train")
-    it = make_train_iterator(ds, _tokenizer(ds, root), global_batch_size=batch,
-                             image_size=image_size, seed=0, shard_index=0, shard_count=1,
-                             num_workers=workers, num_threads=threads)
+    it = make_train_iterator(ds, tokenizer, global_batch_size=batch, image_size=image_size,
+                             seed=0, shard_index=0, shard_count=1, num_workers=workers,
+                             num_threads=threads)
     for _ in range(3):
         next(it)
     t0 = time.perf_counter()
@@ -252,6 +250,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     a = p.parse_args(argv)
     flags.FLAGS.mark_as_parsed()
     from vipa_jax.data import synthetic
+    from vipa_jax.data.refer import ReferDataset
 
     started = common.machine_info(devices=False)  # the commit measured, not a later one
     rows, results = [], []
@@ -260,9 +259,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         synthetic.generate(root, num_images=a.images, image_size=a.source_size, seed=0)
         print(f"{a.images} synthetic {a.source_size}x{a.source_size} JPEGs in "
               f"{time.perf_counter() - t0:.1f} s", flush=True)
+        ds = ReferDataset(root, synthetic.DATASET_NAME, synthetic.SPLIT_BY, "train")
+        tokenizer = _tokenizer(ds, root)
         for w in a.workers:
             for t in a.threads:
-                rate = measure(root, a.batch, a.steps, w, a.image_size, t)
+                rate = measure(ds, tokenizer, a.batch, a.steps, w, a.image_size, t)
                 results.append({"workers": w, "threads": t, "batches_per_s": rate,
                                 "images_per_s": rate * a.batch})
                 rows.append([w, t, rate, rate * a.batch])
