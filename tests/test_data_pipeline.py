@@ -227,3 +227,6 @@ def test_train_data_takes_workers_and_threads_from_the_config(monkeypatch, refer
     # a config from before these fields (an older checkpoint's) gets the iterators' defaults
     old = ml_collections.ConfigDict({"root": "x"})
     assert pipeline.loader_options(old) == {"num_workers": 0, "num_threads": 2}
+    cfg.data.num_threads = -1
+    with pytest.raises(ValueError, match=r"config\.data\.num_threads must be >= 0, got -1"):
+        loop.build_train_data(cfg, 0, 1, 2)

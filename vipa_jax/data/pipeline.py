@@ -331,9 +331,14 @@ def load_dataset(data_config: Any, split: str) -> RefDataset:
 def loader_options(data_config: Any) -> dict[str, int]:
     """``num_workers`` / ``num_threads`` of ``config.data`` (grain worker processes, read threads
     in each) as keyword arguments of `make_train_iterator`, `make_eval_batches` and the
-    evaluator; an older config without them gets the iterators' defaults."""
-    return {"num_workers": int(_get(data_config, "num_workers", 0)),
+    evaluator; an older config without them gets the iterators' defaults. 0 threads reads in
+    the calling thread; a negative count is a ValueError naming the field."""
+    opts = {"num_workers": int(_get(data_config, "num_workers", 0)),
             "num_threads": int(_get(data_config, "num_threads", 2))}
+    for name, n in opts.items():
+        if n < 0:
+            raise ValueError(f"config.data.{name} must be >= 0, got {n}")
+    return opts
 
 
 def _get(cfg: Any, key: str, default: Any) -> Any:
