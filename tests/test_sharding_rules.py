@@ -98,3 +98,34 @@ def test_state_shardings_on_real_mesh_and_param_axes() -> None:
         shd.parse_axis_rules(["embed"])
     with pytest.raises(ValueError, match="bad regex"):
         shd.parse_param_axes(["(=embed"])
+
+
+def test_stacked_block_params_keep_their_names() -> None:
+    """model.swin.stacked_params: a `block_pairs` leaf is ('layers', then one block's axes);
+    FSDP shards one block dimension and never the stacked one; the optimizer gives the stacked
+    leaves the labels of the blocks they hold."""
+    from vipa_jax.train import optim
+
+    c = get_config("test")
+    c.model.swin.update(dict(depths=(1, 1, 4, 1), scan_blocks=True, stacked_params=True))
+    model = loop.build_model(c)
+    params = jax.eval_shape(lambda: step_lib.init_variables(
+        model, jax.random.PRNGKey(0), loop.sample_batch(c)))["params"]
+    pairs = "encoder/backbone/layers_2/block_pairs/blocks_1"
+    flat = {path_str(k): v for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+    assert flat[f"{pairs}/attn/query/kernel"].shape == (2, 64, 64)
+    axes = {p: shd.logical_axes(p, v.ndim) for p, v in flat.items()}
+    assert axes[f"{pairs}/attn/query/kernel"] == ("layers", "embed", "heads")
+    assert axes[f"{pairs}/mlp/fc2/kernel"] == ("layers", "mlp", "embed")
+    assert axes[f"{pairs}/relative_position_bias_table"] == ("layers", "table", "heads")
+    assert axes[f"{pairs}/norm1/scale"] == ("layers", "norm")
+    assert all(len(a) == flat[p].ndim for p, a in axes.items())
+    specs = _specs(params, 4, 1, shd.FSDP_RULES)
+    assert specs[f"{pairs}/attn/query/kernel"] == P(None, "data")
+    assert specs[f"{pairs}/mlp/fc2/kernel"] == P(None, "data")
+    labels = {optim.path_str(k): v for k, v in jax.tree_util.tree_flatten_with_path(
+        optim.param_labels(params, c.optim))[0]}
+    assert labels[f"{pairs}/attn/query/kernel"] == "decay"
+    assert labels[f"{pairs}/attn/query/bias"] == "no_decay"
+    assert labels[f"{pairs}/norm2/scale"] == "no_decay"
+    assert labels[f"{pairs}/relative_position_bias_table"] == "no_decay"

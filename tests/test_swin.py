@@ -14,10 +14,13 @@ import pytest
 from vipa_jax.models.swin import (
     SWIN_CONFIGS,
     SwinTransformer,
+    has_block_pairs,
     relative_position_index,
     shift_attention_mask,
+    stack_block_pairs,
+    unstack_block_pairs,
 )
-from vipa_jax.weights.swin import load_swin_params
+from vipa_jax.weights.swin import load_swin_params, save_swin_params
 
 TOL = 1e-4
 STAGE_NORMS = [f"norm_{i}/{p}" for i in range(4) for p in ("bias", "scale")]
@@ -395,21 +398,26 @@ def test_macs_plus_skipped_padding_equal_pytorch_swin() -> None:
 
 def _assert_same_features_and_grads(model: SwinTransformer, ref: SwinTransformer,
                                     variables: Any, images: jax.Array, *, feature_tol: float,
-                                    min_grad_scale: float) -> list[jax.Array]:
+                                    min_grad_scale: float, layout: Any = None) -> list[jax.Array]:
     """`model`'s features equal `ref`'s (to `feature_tol`) and so do the gradients of Σ f·sin f
-    (to 1e-5 of the largest, which must exceed `min_grad_scale`); -> `model`'s features."""
+    (to 1e-5 of the largest, which must exceed `min_grad_scale`); -> `model`'s features.
+    `layout` maps `ref`'s variables (and gradients) to `model`'s tree (default: the same)."""
+    layout = layout or (lambda tree: tree)
 
-    def features_and_grads(m: SwinTransformer) -> Any:
+    def features_and_grads(m: SwinTransformer, v: Any) -> Any:
         def loss(v: Any) -> Any:
             feats = m.apply(v, images)
             return sum(jnp.sum(f * jnp.sin(f)) for f in feats), feats
 
-        (_, feats), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables)
+        (_, feats), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(v)
         return feats, grads
 
-    (out, g), (want, g_ref) = features_and_grads(model), features_and_grads(ref)
+    (out, g), (want, g_ref) = (features_and_grads(model, layout(variables)),
+                               features_and_grads(ref, variables))
     for a, b in zip(out, want, strict=True):
         np.testing.assert_allclose(a, b, atol=feature_tol, rtol=feature_tol)
+    g_ref = layout(g_ref)
+    assert jax.tree.structure(g) == jax.tree.structure(g_ref)
     scale = max(float(jnp.abs(leaf).max()) for leaf in jax.tree.leaves(g_ref))
     assert scale > min_grad_scale
     for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref), strict=True):
@@ -532,6 +540,99 @@ def test_scan_blocks_same_params_outputs_and_grads(remat: bool) -> None:
     no_drop = SwinTransformer(**cfg, scan_blocks=True)  # drop_path_rate 0: no 'dropout' rng
     np.testing.assert_allclose(no_drop.apply(variables, images, deterministic=False)[1], out[1],
                                atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_stacked_params_same_outputs_and_grads(remat: bool) -> None:
+    """stacked_params=True stores the scanned pairs' parameters as `block_pairs` (5 blocks: 2
+    pairs stacked, block 4 apart): its init has the tree `stack_block_pairs` makes of the
+    unrolled one, and on the same (stacked) weights it gives the unrolled stage's features and
+    (stacked) gradients; one scan, and no stacking of parameters at call time."""
+    cfg = dict(embed_dim=8, depths=(2, 5), num_heads=(1, 2), window_size=4, remat=remat)
+    images = jnp.asarray(_images(2, 38, 50))
+    plain = SwinTransformer(**cfg, drop_path_rate=0.3)
+    stacked = SwinTransformer(**cfg, drop_path_rate=0.3, scan_blocks=True, stacked_params=True)
+    variables = plain.init(jax.random.key(0), images)
+    own = stacked.init(jax.random.key(0), images)
+    assert jax.tree.structure(own) == jax.tree.structure(stack_block_pairs(variables))
+    pairs = own["params"]["layers_1"]["block_pairs"]
+    assert sorted(own["params"]["layers_1"]) == ["block_pairs", "blocks_4"]
+    assert pairs["blocks_1"]["attn"]["query"]["kernel"].shape == (2, 16, 16)
+    assert pairs["blocks_0"]["relative_position_bias_table"].shape == (2, 49, 2)
+    # the two pairs and their two blocks start from different random weights
+    q = pairs["blocks_0"]["attn"]["query"]["kernel"]
+    assert float(jnp.abs(q[0] - q[1]).max()) > 1e-3
+    assert float(jnp.abs(q[0] - pairs["blocks_1"]["attn"]["query"]["kernel"][0]).max()) > 1e-3
+    jaxpr = str(jax.make_jaxpr(lambda v: stacked.apply(v, images))(own))
+    assert jaxpr.count("scan[") == 1
+    # scan_blocks alone stacks each of the pairs' leaves at call time: one stack per leaf
+    scan = SwinTransformer(**cfg, scan_blocks=True)
+    scan_jaxpr = str(jax.make_jaxpr(lambda v: scan.apply(v, images))(variables))
+    assert scan_jaxpr.count(" stack[") == len(jax.tree.leaves(pairs)) > 0
+    assert jaxpr.count(" stack[") == 0
+
+    out = _assert_same_features_and_grads(stacked, plain, variables, images, feature_tol=1e-5,
+                                          min_grad_scale=0.1, layout=stack_block_pairs)
+    train = jax.jit(stacked.apply, static_argnames="deterministic")
+    t1, t2 = (train(stack_block_pairs(variables), images, deterministic=False,
+                    rngs={"dropout": jax.random.key(k)}) for k in (1, 2))
+    assert float(jnp.abs(t1[1] - t2[1]).max()) > 1e-3  # random per rng
+    assert float(jnp.abs(t1[1] - out[1]).max()) > 1e-3  # drop-path is on
+
+
+def test_stack_block_pairs_round_trip() -> None:
+    """`unstack_block_pairs` inverts `stack_block_pairs` (arrays and abstract leaves, inside a
+    bigger tree); stages under 4 blocks are left as they are; stacked_params alone is an
+    error naming scan_blocks."""
+    model = SwinTransformer(embed_dim=8, depths=(3, 6), num_heads=(1, 2), window_size=4)
+    images = jnp.asarray(_images(1, 32, 32))
+    tree = {"encoder": {"backbone": model.init(jax.random.key(0), images)["params"]}}
+    stacked = stack_block_pairs(tree)
+    stages = stacked["encoder"]["backbone"]
+    assert sorted(k for k in stages["layers_0"] if k.startswith("block")) == [
+        "blocks_0", "blocks_1", "blocks_2"]
+    assert sorted(k for k in stages["layers_1"] if k.startswith("block")) == ["block_pairs"]
+    kernel = stages["layers_1"]["block_pairs"]["blocks_1"]["mlp"]["fc1"]["kernel"]
+    np.testing.assert_array_equal(
+        kernel[2], tree["encoder"]["backbone"]["layers_1"]["blocks_5"]["mlp"]["fc1"]["kernel"])
+    assert has_block_pairs(stacked) and not has_block_pairs(tree)
+    assert stack_block_pairs(stacked) == stacked  # already stacked: unchanged
+    back = unstack_block_pairs(stacked)
+    assert jax.tree.structure(back) == jax.tree.structure(tree)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(tree), strict=True):
+        np.testing.assert_array_equal(a, b)
+    abstract = unstack_block_pairs(jax.eval_shape(lambda: stacked))
+    assert jax.tree.map(lambda x: x.shape, abstract) == jax.tree.map(jnp.shape, tree)
+    with pytest.raises(ValueError, match="scan_blocks=True"):
+        SwinTransformer(embed_dim=8, depths=(4,), num_heads=(1,), window_size=4,
+                        stacked_params=True).init(jax.random.key(0), images)
+
+
+def test_loader_fills_stacked_params_from_hf(tmp_path: Any) -> None:
+    """An HF checkpoint loads into a stacked_params model (blocks stacked into `block_pairs`),
+    which then matches HF SwinBackbone; `save_swin_params` of the stacked tree writes the blocks
+    one by one, and that file loads into the unrolled model as the same weights."""
+    import torch
+
+    cfg = dict(SMALL, depths=(2, 4, 2, 2), window_size=4)
+    hf = _hf_backbone(cfg)
+    model = SwinTransformer(**cfg, scan_blocks=True, stacked_params=True)
+    params, report = load_swin_params(hf.state_dict(), model)
+    assert report.missing == [] and has_block_pairs(params)
+    images = _images(2, 40, 56)
+    with torch.no_grad():
+        ref = hf(_nchw(images)).feature_maps
+    with jax.default_matmul_precision("float32"):
+        ours = jax.jit(model.apply)({"params": params}, images)
+    diffs = _max_diffs(ours, ref)
+    assert max(diffs) <= TOL, f"max abs diff per stage {diffs} > {TOL}"
+
+    path = save_swin_params(params, tmp_path / "stacked.safetensors")
+    plain, _ = load_swin_params(path, SwinTransformer(**cfg))
+    assert not has_block_pairs(plain)
+    for a, b in zip(jax.tree.leaves(stack_block_pairs(plain)), jax.tree.leaves(params),
+                    strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_bias_gradient_kept_apart_on_gpu_only() -> None:

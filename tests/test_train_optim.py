@@ -226,3 +226,36 @@ def test_global_norm_grouped_equals_per_leaf():
         assert count_reductions("auto") == 4
     with pytest.raises(ValueError, match="grad_norm must be one of"):
         optim.global_norm(tree, "fused")
+
+
+def test_stacked_block_params_get_the_blocks_updates():
+    """AdamW with its decay labels and a per-module lr on a Swin stage stored stacked
+    (`swin.stack_block_pairs`) gives each block the update it gets unrolled (2 steps)."""
+    from vipa_jax.models.swin import SwinTransformer, stack_block_pairs
+
+    model = SwinTransformer(embed_dim=8, depths=(5,), num_heads=(2,), window_size=4)
+    params = {"backbone": model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"]}
+    rng = np.random.default_rng(0)
+    grads = [jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), p.dtype), params)
+             for _ in range(2)]
+    cfg = get_base_config().optim
+    cfg.lr, cfg.weight_decay = 0.1, 0.5
+    cfg.lr_multipliers = ("norm=0.25",)
+
+    def updates(tree, grad_trees):
+        tx, _ = optim.make_optimizer(cfg, tree, total_steps=10)
+        state, out = tx.init(tree), []
+        for g in grad_trees:
+            u, state = tx.update(g, state, tree)
+            out.append(u)
+        return out
+
+    plain = updates(params, grads)
+    stacked = updates(stack_block_pairs(params), [stack_block_pairs(g) for g in grads])
+    labels = optim.param_labels(stack_block_pairs(params), cfg)
+    assert labels["backbone"]["layers_0"]["block_pairs"]["blocks_1"]["norm1"]["scale"] == "no_decay"
+    for u_plain, u_stacked in zip(plain, stacked, strict=True):
+        want = stack_block_pairs(u_plain)
+        assert jax.tree.structure(want) == jax.tree.structure(u_stacked)
+        for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(u_stacked), strict=True):
+            np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-9)

@@ -58,6 +58,10 @@ def get_base_config() -> ml_collections.ConfigDict:
             # run each stage's (unshifted, shifted) block pairs as one lax.scan (stage 3 of
             # Swin-B: 9 pairs); the same parameters and function, a faster compile
             scan_blocks=False,
+            # with scan_blocks: store those pairs' parameters stacked (layers_i/block_pairs,
+            # leading axis = pair) instead of stacking them every step; a smaller program and
+            # optimizer, another param tree (swin.stack_block_pairs converts)
+            stacked_params=False,
         )
     )
     c.model.bert = ml_collections.ConfigDict(

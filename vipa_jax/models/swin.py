@@ -33,11 +33,17 @@ Parameter tree (`params` collection; i = stage, j = block):
     downsample_{i}/norm/{scale, bias}                   LayerNorm(4C), i < num_stages - 1
     downsample_{i}/reduction/kernel (4C, 2C)            no bias
     norm_{i}/{scale, bias}                              per-stage output norms
+
+With `scan_blocks` and `stacked_params` a stage of at least 4 blocks stores blocks 0 .. 2p − 1
+(p = depth // 2 pairs) as `layers_{i}/block_pairs/blocks_{0,1}/...`, every leaf with a leading
+(p,) axis: `block_pairs/blocks_0` leaf k is block 2k's, `block_pairs/blocks_1` leaf k block
+2k + 1's (`stack_block_pairs` / `unstack_block_pairs` convert between the two layouts).
 """
 
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -75,7 +81,7 @@ SWIN_CONFIGS: dict[str, dict[str, Any]] = {
 _CONFIG_KEYS = frozenset(
     {"embed_dim", "depths", "num_heads", "window_size", "mlp_ratio", "drop_path_rate",
      "patch_size", "always_partition", "layer_norm_eps", "remat", "dtype", "ape", "ape_init",
-     "attention_impl", "attention_softmax", "qkv_projection", "scan_blocks"}
+     "attention_impl", "attention_softmax", "qkv_projection", "scan_blocks", "stacked_params"}
 )
 
 _SHIFT_MASK_VALUE = -100.0  # the official / HF additive value for cross-region pairs
@@ -320,6 +326,79 @@ class SwinBlock(nn.Module):
                                 store=target_backend() == "cpu", what=f" for window {window}")
 
 
+BLOCK_PAIRS = "block_pairs"  # a stage's stacked block-pair parameters (`stacked_params`)
+_BLOCK_KEY = re.compile(r"blocks_(\d+)$")
+_STAGE_KEY = re.compile(r"layers_\d+$")
+
+
+def scanned_pairs(depth: int) -> int:
+    """How many (unshifted, shifted) block pairs `scan_blocks` scans in a stage of `depth`
+    blocks: all of them from 4 blocks on, none below."""
+    return depth // 2 if depth >= 4 else 0
+
+
+def _stack_pairs(stage: Mapping[str, Any], pairs: int) -> dict[str, Any]:
+    """A stage's `blocks_{j}` subtrees (j < 2·pairs) -> the `block_pairs` tree."""
+    return {f"blocks_{i}": jax.tree.map(lambda *p: jnp.stack(p), *[
+        stage[f"blocks_{2 * k + i}"] for k in range(pairs)]) for i in range(2)}
+
+
+def _take(leaf: Any, k: int) -> Any:
+    """Row k of a stacked leaf (an array or a `jax.ShapeDtypeStruct`)."""
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype)
+    return leaf[k]
+
+
+def _map_stages(tree: Any, fn: Any) -> Any:
+    """`tree` with `fn` applied to every dict under a `layers_{i}` key, at any depth (the Swin
+    params inside VIPA's, an optimizer state's moments, ...); other nodes are kept."""
+    if not isinstance(tree, Mapping):
+        return tree
+    return {k: fn(v) if _STAGE_KEY.match(str(k)) and isinstance(v, Mapping)
+            else _map_stages(v, fn) for k, v in tree.items()}
+
+
+def stack_block_pairs(tree: Any) -> Any:
+    """Unrolled layout -> `stacked_params` layout: in every Swin stage of `tree` with at least 4
+    `blocks_{j}`, blocks 0 .. 2p − 1 move into `block_pairs` (leaves stacked on a new axis 0)."""
+    def stage(node: Mapping[str, Any]) -> dict[str, Any]:
+        depth = sum(bool(_BLOCK_KEY.match(str(k))) for k in node)
+        pairs = scanned_pairs(depth)
+        if not pairs or BLOCK_PAIRS in node:
+            return dict(node)
+        out = {k: v for k, v in node.items()
+               if not (_BLOCK_KEY.match(str(k)) and int(k.split("_")[1]) < 2 * pairs)}
+        out[BLOCK_PAIRS] = _stack_pairs(node, pairs)
+        return out
+
+    return _map_stages(tree, stage)
+
+
+def unstack_block_pairs(tree: Any) -> Any:
+    """`stacked_params` layout -> unrolled layout (the inverse of `stack_block_pairs`): each
+    `block_pairs` becomes `blocks_{2k}` and `blocks_{2k + 1}`. Abstract leaves are allowed."""
+    def stage(node: Mapping[str, Any]) -> dict[str, Any]:
+        out = {k: v for k, v in node.items() if k != BLOCK_PAIRS}
+        if BLOCK_PAIRS in node:
+            stacked = node[BLOCK_PAIRS]
+            pairs = jax.tree.leaves(stacked)[0].shape[0]
+            for k in range(pairs):
+                for i in range(2):
+                    out[f"blocks_{2 * k + i}"] = jax.tree.map(
+                        lambda leaf, k=k: _take(leaf, k), stacked[f"blocks_{i}"])
+        return out
+
+    return _map_stages(tree, stage)
+
+
+def has_block_pairs(tree: Any) -> bool:
+    """Whether `tree` holds a stage in the `stacked_params` layout."""
+    found = []
+    _map_stages(tree, lambda node: found.append(BLOCK_PAIRS in node) or node)
+    return any(found)
+
+
 class SwinStage(nn.Module):
     """The blocks of one Swin stage (no downsampling): (B, H, W, C) -> (B, H, W, C).
 
@@ -329,6 +408,12 @@ class SwinStage(nn.Module):
     depth / 2: the paper model's bfloat16 train step, compiled for an H200 without a GPU, 173 →
     152 s with stage 3's 9 pairs scanned, for 998 more kernel launches per step
     (benchmarks/README.md). Drop-path draws other random numbers than unrolled.
+
+    `stacked_params` (with `scan_blocks`): the pairs' parameters are stored stacked
+    (`block_pairs`, see the module docstring) instead of being stacked at every call, so the
+    step neither copies them into stacks nor splits their gradients, and the optimizer updates
+    one leaf per parameter of a pair instead of one per block. The same function; the tree
+    differs (`stack_block_pairs` converts), and so does the random init.
     """
 
     depth: int
@@ -344,6 +429,7 @@ class SwinStage(nn.Module):
     attention_softmax: str = "deferred"
     qkv_projection: str = "auto"
     scan_blocks: bool = False  # scan the block pairs of a stage with at least two pairs
+    stacked_params: bool = False  # ... their parameters stored stacked (`block_pairs`)
 
     @property
     def rates(self) -> tuple[float, ...]:
@@ -376,20 +462,36 @@ class SwinStage(nn.Module):
     @nn.compact
     def __call__(self, x: Array, deterministic: bool = True) -> Array:
         self.rates  # noqa: B018 - checks drop_path_rates before anything runs
-        scan = self.scan_blocks and self.depth >= 4 and not self.is_initializing()
-        pairs = self.depth // 2 if scan else 0  # init runs unrolled: it makes `blocks_{j}`
-        if pairs:
-            x = self.scan_block_pairs(x, pairs, deterministic)
+        if self.stacked_params and not self.scan_blocks:
+            raise ValueError("swin.stacked_params=True needs swin.scan_blocks=True")
+        pairs = scanned_pairs(self.depth) if self.scan_blocks else 0
+        if pairs and self.stacked_params:
+            stacked = self.param(BLOCK_PAIRS, self.init_block_pairs, x, pairs)
+            x = self.scan_block_pairs(x, stacked, deterministic)
+        elif pairs and not self.is_initializing():  # init runs unrolled: it makes `blocks_{j}`
+            params = self.variables["params"]
+            x = self.scan_block_pairs(x, _stack_pairs(params, pairs), deterministic)
+        else:
+            pairs = 0
         for j in range(2 * pairs, self.depth):
             x = self.block(j)(x, deterministic)
         return x
 
-    def scan_block_pairs(self, x: Array, pairs: int, deterministic: bool) -> Array:
-        """Blocks 0 .. 2·pairs − 1 as a `lax.scan` over the pairs (blocks 2i, 2i + 1), their
-        `blocks_{j}` parameters stacked: (B, H, W, C) -> (B, H, W, C)."""
-        params = self.variables["params"]
-        stacked = jax.tree.map(lambda *p: jnp.stack(p), *[  # leaves (pairs, ...)
-            (params[f"blocks_{2 * i}"], params[f"blocks_{2 * i + 1}"]) for i in range(pairs)])
+    def init_block_pairs(self, rng: Array, x: Array, pairs: int) -> dict[str, Any]:
+        """A fresh `block_pairs` tree: each pair's two blocks initialized on `x[:1]`."""
+        blocks = (self.block(0, bound=False), self.block(1, bound=False))
+
+        def one(key: Array) -> dict[str, Any]:
+            keys = jax.random.split(key, len(blocks))
+            return {f"blocks_{i}": blk.init({"params": k}, x[:1], True)["params"]
+                    for i, (blk, k) in enumerate(zip(blocks, keys, strict=True))}
+
+        return jax.vmap(one)(jax.random.split(rng, pairs))  # leaves (pairs, ...)
+
+    def scan_block_pairs(self, x: Array, stacked: dict[str, Any], deterministic: bool) -> Array:
+        """Blocks 0 .. 2·pairs − 1 as a `lax.scan` over the pairs (blocks 2i, 2i + 1), given
+        their parameters stacked (`block_pairs` layout): (B, H, W, C) -> (B, H, W, C)."""
+        pairs = jax.tree.leaves(stacked)[0].shape[0]
         rates = self.rates[:2 * pairs]
         pair_rates = jnp.asarray(rates, jnp.float32).reshape(pairs, 2)
         keys = (jax.random.split(self.make_rng("dropout"), (pairs, 2))
@@ -400,8 +502,8 @@ class SwinStage(nn.Module):
             p, r, k = xs
             for i, blk in enumerate(blocks):
                 rngs = {"dropout": k[i]} if k is not None else {}
-                h = blk.apply({"params": p[i]}, h, deterministic, r[i] if k is not None else None,
-                              rngs=rngs)
+                h = blk.apply({"params": p[f"blocks_{i}"]}, h, deterministic,
+                              r[i] if k is not None else None, rngs=rngs)
             return h, None
 
         x, _ = jax.lax.scan(pair, x, (stacked, pair_rates, keys))
@@ -455,6 +557,8 @@ class SwinTransformer(nn.Module):
     # Stages with at least 4 blocks run their block pairs as one lax.scan (SwinStage): the same
     # parameters and function, a smaller program to compile.
     scan_blocks: bool = False
+    # ... and their parameters stored stacked (`block_pairs`): a smaller step and optimizer
+    stacked_params: bool = False
 
     @classmethod
     def from_config(
@@ -536,6 +640,7 @@ class SwinTransformer(nn.Module):
                 attention_softmax=self.attention_softmax,
                 qkv_projection=self.qkv_projection,
                 scan_blocks=self.scan_blocks,
+                stacked_params=self.stacked_params,
             )
             for i in range(self.num_stages)
         ]

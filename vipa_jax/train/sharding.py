@@ -121,6 +121,9 @@ PARAM_LOGICAL_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r"(^|/)relative_position_bias_table$", ("table", "heads")),
     (r"(^|/)absolute_pos_embed/table$", (None, None, None, "embed")),
 )
+# The stacked axis of scanned blocks' parameters, found by its path component.
+LAYERS = "layers"
+_STACKED = re.compile(r"(?:^|/)(block_pairs/)")
 # ... and by rank for every other leaf (biases and norms are 'norm': never sharded by default).
 RANK_LOGICAL_AXES: dict[int, tuple[str | None, ...]] = {
     0: (), 1: ("norm",), 2: ("embed", "hidden"), 4: (None, None, "conv_in", "conv_out"),
@@ -168,7 +171,13 @@ def parse_param_axes(entries: Iterable[str]) -> list[tuple[str, tuple[str | None
 def logical_axes(path: str, ndim: int,
                  extra: Sequence[tuple[str, tuple[str | None, ...]]] = ()
                  ) -> tuple[str | None, ...]:
-    """Logical axis names of the leaf at `path` ('/'-joined) with `ndim` dimensions."""
+    """Logical axis names of the leaf at `path` ('/'-joined) with `ndim` dimensions. A leaf of
+    stacked blocks (`.../block_pairs/...`, `model.swin.stacked_params`) is ('layers', then the
+    axes of one block's leaf); no default rule shards 'layers'."""
+    stacked = _STACKED.search(path)
+    if stacked and ndim:
+        one = path[:stacked.start(1)] + path[stacked.end(1):]
+        return (LAYERS, *logical_axes(one, ndim - 1, extra))
     for pattern, axes in (*extra, *PARAM_LOGICAL_AXES):
         if re.search(pattern, path) and len(axes) == ndim:
             return axes

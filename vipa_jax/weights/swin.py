@@ -32,7 +32,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from vipa_jax.models.layers import resize_bilinear_align_corners
-from vipa_jax.models.swin import SwinTransformer
+from vipa_jax.models.swin import (
+    SwinTransformer,
+    has_block_pairs,
+    stack_block_pairs,
+    unstack_block_pairs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -280,13 +285,14 @@ def convert_vipa_jax(sd: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray
 
 def save_swin_params(params: Params, path: str | os.PathLike) -> str:
     """Write a Swin param tree as safetensors keyed by '/'-joined paths (atomic), loadable by
-    :func:`load_swin_params` / ``train.init_swin``."""
+    :func:`load_swin_params` / ``train.init_swin``; stacked blocks are written one by one."""
     from safetensors.numpy import save_file
 
     path = os.fspath(path)
     if not path.endswith(".safetensors"):
         raise ValueError(f"{path}: Swin params are saved as .safetensors")
-    flat = {k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in _flatten(params).items()}
+    flat = {k: np.ascontiguousarray(np.asarray(v, np.float32))
+            for k, v in _flatten(unstack_block_pairs(params)).items()}  # blocks one by one
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     save_file(flat, tmp, metadata={"format": "vipa_jax-swin"})
@@ -381,7 +387,8 @@ def load_swin_params(
     output norms get the LayerNorm init (ones/zeros) and any other missing parameter a fresh
     init from `rng`. With `strict`, only the per-stage output norms and the `ape` table may be
     missing; any other missing parameter raises. Shapes are checked against
-    `jax.eval_shape` of the model's init.
+    `jax.eval_shape` of the model's init. A model (or `params`) with `stacked_params` gets the
+    checkpoint's blocks stacked into its `block_pairs`.
     """
     sd = read_state_dict(source)
     fmt = detect_format(list(sd))
@@ -389,12 +396,15 @@ def load_swin_params(
     if model is None:  # the target tree is `params` itself (e.g. a subtree of a bigger model)
         if params is None:
             raise ValueError("load_swin_params needs a model or a params tree")
-        target = _flatten(jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), params))
+        shapes = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), params)
     else:
-        target = _flatten(param_shapes(model))
+        shapes = param_shapes(model)
+    # checkpoints hold blocks one by one: match them to the unrolled tree, stack at the end
+    stacked = has_block_pairs(shapes)
+    target = _flatten(unstack_block_pairs(shapes))
     if params is not None:
-        given = _flatten(params)
+        given = _flatten(unstack_block_pairs(params))
         if sorted(given) != sorted(target) or any(
             tuple(given[p].shape) != tuple(target[p].shape) for p in target
         ):
@@ -429,7 +439,7 @@ def load_swin_params(
     elif all(_NORM_RE.match(p) for p in missing):
         fallback = {p: _layernorm_init(p, target[p]) for p in missing}
     else:
-        fallback = _flatten(init_params(model, rng))
+        fallback = _flatten(unstack_block_pairs(init_params(model, rng)))
     flat = {
         tuple(path.split("/")): (
             jnp.asarray(converted[path], dtype=target[path].dtype) if path in converted
@@ -438,6 +448,8 @@ def load_swin_params(
         for path in target
     }
     new_params = flax.traverse_util.unflatten_dict(flat)
+    if stacked:
+        new_params = stack_block_pairs(new_params)
     report = LoadReport(loaded=sorted(converted), missing=missing, skipped=sorted(skipped),
                         source_format=fmt)
     return new_params, report
