@@ -127,3 +127,24 @@ def test_sigkill_and_sigterm_resume_train_py(tmp_path):
     assert max(steps) > 4 and 12 not in steps  # a preemption checkpoint was written
     _run(tmp_path / "term")
     _assert_same_params(_final_params(tmp_path / "term"), ref)
+
+
+def test_resume_with_another_param_tree_names_the_difference(tmp_path):
+    """A checkpoint whose params differ from the config's tree is refused before orbax's
+    restore, naming the paths on each side and, for Swin's stacked layout, the switch."""
+    from vipa_jax.models.swin import stack_block_pairs
+
+    block = {"attn": {"kernel": np.ones((3, 3), np.float32)}, "norm1": {"scale": np.ones(3)}}
+    plain = {"backbone": {"layers_0": {f"blocks_{j}": block for j in range(4)}}}
+    ck = Checkpointer(tmp_path / "ck", keep=2, async_save=False)
+    ck.save(1, {"params": stack_block_pairs(plain), "step": np.zeros((), np.int32)})
+    ck.wait()
+    loop.check_saved_params(ck, 1, stack_block_pairs(plain))  # the same tree: no error
+    with pytest.raises(ValueError, match=r"stacked_params=True .*unstack_block_pairs") as e:
+        loop.check_saved_params(ck, 1, plain)
+    assert "4 only in the checkpoint" in str(e.value) and "8 only in the config" in str(e.value)
+    assert "backbone/layers_0/block_pairs/blocks_0/attn/kernel" in str(e.value)
+    other = {"backbone": {"layers_0": {"block_pairs": {"blocks_0": block}}}}
+    with pytest.raises(ValueError, match="only in the config") as e:
+        loop.check_saved_params(ck, 1, other)
+    assert "stacked_params" not in str(e.value)  # both stacked: no hint about the switch

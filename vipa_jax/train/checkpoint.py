@@ -61,6 +61,11 @@ class Checkpointer:
         return self.manager.save(int(step), args=ocp.args.Composite(**items),
                                  metrics=to_jsonable(metrics) if metrics else None, force=force)
 
+    def saved_tree(self, step: int) -> Any:
+        """The tree of the ``state`` item saved at ``step``, with orbax's metadata as leaves
+        (nothing read but the metadata)."""
+        return ocp.PyTreeCheckpointHandler().metadata(self.directory / str(step) / "state").tree
+
     def restore(self, abstract_state: Any, data_iter: Any = None,
                 step: int | None = None) -> tuple[Any, dict]:
         """Restore (state, meta) at ``step`` (default latest); restores ``data_iter`` in place.

@@ -281,6 +281,32 @@ class NonFiniteError(FloatingPointError):
 
 
 # --- the loop ------------------------------------------------------------------------------
+def check_saved_params(ckpt: Checkpointer, step: int, abstract_params: Any) -> None:
+    """A ValueError naming the parameters that differ when the checkpoint at ``step`` holds
+    another parameter tree than the config builds (and the switch, when it is Swin's
+    `stacked_params` layout), instead of orbax's dump of both trees."""
+    from flax.traverse_util import flatten_dict
+
+    from vipa_jax.models.swin import has_block_pairs
+
+    saved = ckpt.saved_tree(step).get("params", {})
+    have, want = ({"/".join(k) for k in flatten_dict(dict(t))} for t in (saved, abstract_params))
+    if have == want:
+        return
+
+    only_saved, only_config = sorted(have - want), sorted(want - have)
+    msg = (f"{ckpt.directory / str(step)}: the checkpoint's params do not match the model the "
+           f"config builds: {len(only_saved)} only in the checkpoint {only_saved[:4]}, "
+           f"{len(only_config)} only in the config {only_config[:4]}")
+    stacked = has_block_pairs(saved)
+    if stacked != has_block_pairs(abstract_params):
+        msg += (f". The checkpoint stores Swin's block pairs {'' if stacked else 'un'}stacked: "
+                f"resume with model.swin.stacked_params={stacked} (and scan_blocks=True), or "
+                "convert its params with vipa_jax.models.swin."
+                f"{'unstack' if stacked else 'stack'}_block_pairs")
+    raise ValueError(msg)
+
+
 def train_and_evaluate(
     config: Any,
     workdir: str | os.PathLike,
@@ -333,6 +359,7 @@ def train_and_evaluate(
                         best_metric=ck.get("best_metric", "val_mIoU"),
                         async_save=ck.get("async_save", True))
     if ckpt.latest_step() is not None:
+        check_saved_params(ckpt, ckpt.latest_step(), abstract_params)
         abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                 abstract_state, state_sh)
         state, _ = ckpt.restore(abstract, data_iter)
