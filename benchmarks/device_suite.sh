@@ -35,7 +35,8 @@
 #   attention_impl=cudnn": cuDNN's fused window attention, which a deviceless compile gives
 #   30% less kernel I/O and 7 GiB less memory; "before:model.swin.qkv_projection=separate,
 #   train.grad_norm=per_leaf" is the program the 2026-12-04 profile measured), beside the
-#   base config, whose program is memory+train's row of that batch;
+#   base config, whose program is memory+train's row of that batch; AB_ROW=64:on runs them at
+#   batch 64 with remat, AB_NO_BASE=1 without the base;
 # - `input`: the training input pipeline's batches/s (`benchmarks.input_pipeline`: generated
 #   640-px JPEGs decoded, resized to 480 and batched by 16) with each of INPUT_WORKERS grain
 #   worker processes (default "0 8") and INPUT_THREADS read threads (default "2 8 16"), to set
@@ -89,10 +90,15 @@ else
   read -r -a MEM_TARGETS <<<"${MEMORY_TARGETS:-16:off 64:on}"
   PROFILE_TRAIN=()  # the memory row's batch-16 step without remat (compiled again: the
                     # profile turns XLA's command buffers off, which changes the cache key)
-  AB_ROW=16:off  # train-ab's base: the memory row's batch-16 step (the same program)
+  # train-ab's base: the memory row's batch-16 step (the same program); AB_ROW=64:on times the
+  # variants at batch 64 with remat (the MFU row) instead
+  AB_ROW=${AB_ROW:-16:off}
 fi
 AB_ARGS=(--batch "${AB_ROW%%:*}")
 [[ $AB_ROW == *:on ]] && AB_ARGS+=(--remat)
+# AB_NO_BASE=1: only the AB_VARIANTS, no base program (its compile, 172-274 s on the H200,
+# would take most of a call)
+[[ ${AB_NO_BASE:-0} == 1 ]] && AB_ARGS+=(--no-base)
 # One persistent XLA compilation cache for the steps: a program compiled by an earlier step,
 # `precompile` or an earlier call of this script in the same lease is loaded, not compiled.
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/vipa_jax-xla-cache}
@@ -171,7 +177,8 @@ precompile() {
       memory-remat) [[ " $* " == *" memory+train "* ]] || launch memory-remat memory-remat ;;
       attention | profile | profile-train | train-float32) launch "$name" "$name" ;;
       train-ab)  # the base is memory+train's batch-16 row where that step runs too
-        [[ " $* " == *" memory+train "* && " ${MEM_TARGETS[*]} " == *" $AB_ROW "* ]] ||
+        [[ ${AB_NO_BASE:-0} == 1 ||
+           " $* " == *" memory+train "* && " ${MEM_TARGETS[*]} " == *" $AB_ROW "* ]] ||
           launch ab-base train-ab
         for v in $AB_VARIANTS; do
           launch "ab-${v%%:*}" train-ab --no-base --variant "$v"

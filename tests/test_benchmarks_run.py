@@ -421,7 +421,8 @@ def test_device_suite_gpu_command_lines(tmp_path: Path) -> None:
     prints what it was given: MEMORY_TARGETS reaches `--memory-targets` (memory-remat: the last
     row), train-float32 gets cuBLAS GEMMs unless F32_XLA_FLAGS says otherwise, every step gets
     the autotune cache (both of XLA's flags for it), train-ab's base is the batch-16 step
-    without remat, and COMPILE_PHASES=1 wraps a step in `benchmarks.compile_phases`."""
+    without remat (AB_ROW and AB_NO_BASE change that), and COMPILE_PHASES=1 wraps a step in
+    `benchmarks.compile_phases`."""
     stub = tmp_path / "python"
     stub.write_text('#!/bin/sh\necho "XLA_FLAGS=[$XLA_FLAGS]"; echo "ARGS=[$*]"\n')
     stub.chmod(0o755)
@@ -447,7 +448,9 @@ def test_device_suite_gpu_command_lines(tmp_path: Path) -> None:
     assert "triton" not in suite("train-float32", F32_XLA_FLAGS="")["XLA_FLAGS"]
     ab = suite("train-ab")["ARGS"]
     assert "-m benchmarks.train_ab --device gpu --dtype bfloat16 --batch 16 --out" in ab
-    assert "--remat" not in ab
+    assert "--remat" not in ab and "--no-base" not in ab
+    ab = suite("train-ab", AB_ROW="64:on", AB_NO_BASE="1")["ARGS"]  # the MFU row, variants only
+    assert "--dtype bfloat16 --batch 64 --remat --no-base --out" in ab
     inp = suite("input", INPUT_WORKERS="0 6")["ARGS"]  # no compile: never under compile_phases
     assert inp == (f"[-m benchmarks.input_pipeline --steps 30 --workers 0 6 --threads 2 8 16 "
                    f"--out {tmp_path}]")
