@@ -15,8 +15,10 @@ donated and each call fed the state the last one returned; the decoder convoluti
 are timed in alternating blocks (`common.time_calls`, ``--rounds`` blocks each). Reported per
 variant: compile time (a persistent-cache load says so), step median / p90, images/s, the
 speedup over ``base``, FLOP utilization (the step's own HLO FLOP count over the device's peak for
-the dtype, `run.peak_flops`: MFU without remat, HFU with it; GPU only) and the loss of the first
-step (the same state and batch for all: a variant that changes the math shows here).
+the dtype, `run.peak_flops`: MFU without remat, HFU with it; GPU only), with remat also the MFU
+(`mfu`: the FLOPs of the same step traced without remat, `input_pipeline.train_step_flops`)
+and the loss of the first step (the same state and batch for all: a variant that changes the
+math shows here).
 With ``$VIPA_BENCH_COMPILE_ONLY`` set, every variant is compiled into JAX's persistent
 compilation cache and nothing runs (`device_suite.sh`'s `precompile`).
 """
@@ -78,7 +80,7 @@ def run(
     import jax
     import numpy as np
 
-    from benchmarks.input_pipeline import compile_train_step
+    from benchmarks.input_pipeline import compile_train_step, train_step_flops
     from benchmarks.run import load_config, peak_flops
 
     gpu = jax.default_backend() == "gpu"
@@ -123,19 +125,25 @@ def run(
                  step_min_ms=t["min_s"] * 1e3, n=t["n"], images_per_s=batch / t["median_s"],
                  achieved_tflops=e["hlo_flops_per_step"] / t["median_s"] / 1e12)
         e["flop_utilization"] = e["achieved_tflops"] * 1e12 / peak if peak else None
+        if remat:  # MFU counts the model's FLOPs: the same step traced without remat
+            e["model_flops_per_step"] = train_step_flops(cfgs[name], batch)
+            e["mfu"] = e["model_flops_per_step"] / t["median_s"] / peak if peak else None
         if base is not None:
             e["speedup_vs_first"] = base["median_s"] / t["median_s"]
         if "first_loss" in entries[names[0]]:
             e["first_loss_diff_vs_first"] = e["first_loss"] - entries[names[0]]["first_loss"]
+    def percent(value: float | None) -> float | None:
+        return None if value is None else 100 * value
+
     rows = [[n, ",".join(f"{k}={v}" for k, v in e["overrides"].items()) or "-",
              e.get("compile_s"), e.get("step_median_ms"), e.get("step_p90_ms"),
              e.get("images_per_s"), e.get("speedup_vs_first"),
-             None if e.get("flop_utilization") is None else 100 * e["flop_utilization"],
-             e.get("first_loss"), e.get("error", "compiled only" if e.get("compiled_only")
-                                         else "")[:60]]
+             percent(e.get("flop_utilization")), percent(e.get("mfu")), e.get("first_loss"),
+             e.get("error", "compiled only" if e.get("compiled_only") else "")[:60]]
             for n, e in entries.items()]
     common.print_table(rows, ["variant", "overrides", "compile s", "median ms", "p90 ms",
-                              "img/s", f"x {names[0]}", "util %", "first loss", "note"])
+                              "img/s", f"x {names[0]}", "util %", "MFU %", "first loss",
+                              "note"])
     result: dict[str, Any] = {
         "quick": quick, "config": "synthetic:test" if quick else config, "batch": batch,
         "dtype": dtype, "remat": remat, "iters": iters, "rounds": rounds,

@@ -570,7 +570,8 @@ def test_train_ab_quick(tmp_path: Path, quick_run: tuple[dict, Path], jax_cache:
     """`benchmarks.train_ab` on the quick memory row's step (bfloat16, batch 2, remat): the base
     and a variant that is the same program on a CPU (`finite_guard` auto = cond) both load it
     from the cache the quick run filled (the cache key `device_suite.sh`'s precompile relies
-    on), take the same first step and are timed side by side."""
+    on), take the same first step and are timed side by side; a remat row counts its model
+    FLOPs for the MFU."""
     env = quick_env(JAX_COMPILATION_CACHE_DIR=jax_cache)
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.train_ab", "--quick", "--device", "cpu", "--dtype",
@@ -586,6 +587,11 @@ def test_train_ab_quick(tmp_path: Path, quick_run: tuple[dict, Path], jax_cache:
         assert e["compile_cache_hit"] is True, e
         assert e["step_median_ms"] > 0 and e["n"] == 2 and e["images_per_s"] > 0
         assert e["flop_utilization"] is None  # no peak FLOP/s on a CPU
+        assert e["mfu"] is None  # no peak either; its FLOPs are counted all the same:
+        # the model's (the step traced without remat: 147 M) under the compiled step's (211 M:
+        # the recomputation, and XLA:CPU's cost analysis counts elementwise ops too)
+        assert 0 < e["model_flops_per_step"] < 0.9 * e["hlo_flops_per_step"]
+    assert cond["model_flops_per_step"] == base["model_flops_per_step"]
     assert cond["first_loss"] == base["first_loss"] and cond["speedup_vs_first"] > 0
 
 
