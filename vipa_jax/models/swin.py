@@ -484,9 +484,14 @@ class SwinStage(nn.Module):
             x = self.block(j)(x, deterministic)
         return x
 
+    def pair_blocks(self) -> tuple[nn.Module, nn.Module]:
+        """The (unshifted, shifted) blocks of a pair, unbound: what `scan_block_pairs` applies
+        to each pair's parameters and `init_block_pairs` initializes them with."""
+        return self.block(0, bound=False), self.block(1, bound=False)
+
     def init_block_pairs(self, rng: Array, x: Array, pairs: int) -> dict[str, Any]:
         """A fresh `block_pairs` tree: each pair's two blocks initialized on `x[:1]`."""
-        blocks = (self.block(0, bound=False), self.block(1, bound=False))
+        blocks = self.pair_blocks()
 
         def one(key: Array) -> dict[str, Any]:
             keys = jax.random.split(key, len(blocks))
@@ -503,7 +508,7 @@ class SwinStage(nn.Module):
         pair_rates = jnp.asarray(rates, jnp.float32).reshape(pairs, 2)
         keys = (jax.random.split(self.make_rng("dropout"), (pairs, 2))
                 if not deterministic and any(rates) else None)
-        blocks = (self.block(0, bound=False), self.block(1, bound=False))
+        blocks = self.pair_blocks()
 
         def pair(h: Array, xs: tuple[Any, Array, Array | None]) -> tuple[Array, None]:
             p, r, k = xs
