@@ -230,8 +230,10 @@ def test_global_norm_grouped_equals_per_leaf():
 
 def test_stacked_block_params_get_the_blocks_updates():
     """AdamW with its decay labels and a per-module lr on a Swin stage stored stacked
-    (`swin.stack_block_pairs`) gives each block the update it gets unrolled (2 steps)."""
-    from vipa_jax.models.swin import SwinTransformer, stack_block_pairs
+    (`swin.stack_block_pairs`) gives each block the update it gets unrolled (2 steps); and
+    `swin.relayout_block_pairs` moves the whole optimizer state (moments inside optax's
+    partition, with its masked leaves) between the layouts, as resuming in the other one does."""
+    from vipa_jax.models.swin import SwinTransformer, relayout_block_pairs, stack_block_pairs
 
     model = SwinTransformer(embed_dim=8, depths=(5,), num_heads=(2,), window_size=4)
     params = {"backbone": model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"]}
@@ -248,10 +250,11 @@ def test_stacked_block_params_get_the_blocks_updates():
         for g in grad_trees:
             u, state = tx.update(g, state, tree)
             out.append(u)
-        return out
+        return out, state
 
-    plain = updates(params, grads)
-    stacked = updates(stack_block_pairs(params), [stack_block_pairs(g) for g in grads])
+    plain, plain_state = updates(params, grads)
+    stacked, stacked_state = updates(stack_block_pairs(params),
+                                     [stack_block_pairs(g) for g in grads])
     labels = optim.param_labels(stack_block_pairs(params), cfg)
     assert labels["backbone"]["layers_0"]["block_pairs"]["blocks_1"]["norm1"]["scale"] == "no_decay"
     for u_plain, u_stacked in zip(plain, stacked, strict=True):
@@ -259,3 +262,14 @@ def test_stacked_block_params_get_the_blocks_updates():
         assert jax.tree.structure(want) == jax.tree.structure(u_stacked)
         for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(u_stacked), strict=True):
             np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-9)
+
+    for src, dst in ((plain_state, stacked_state), (stacked_state, plain_state)):
+        moved = jax.jit(relayout_block_pairs)(src, dst)
+        assert jax.tree.structure(moved) == jax.tree.structure(dst)
+        for a, b in zip(jax.tree.leaves(moved), jax.tree.leaves(dst), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-12)
+    assert max(float(np.abs(x).max()) for x in jax.tree.leaves(stacked_state)) > 1e-3
+    broken = jax.tree.map(lambda x: x, params)  # new containers
+    del broken["backbone"]["layers_0"]["blocks_3"]["mlp"]
+    with pytest.raises(KeyError, match="backbone/layers_0/blocks_3/mlp/fc1/bias"):
+        relayout_block_pairs(broken, stack_block_pairs(params))

@@ -1,5 +1,6 @@
 """Checkpoint retention, crash/kill/preempt-and-resume reproduce the uninterrupted run."""
 
+import shutil
 import signal
 import subprocess
 import sys
@@ -131,7 +132,8 @@ def test_sigkill_and_sigterm_resume_train_py(tmp_path):
 
 def test_resume_with_another_param_tree_names_the_difference(tmp_path):
     """A checkpoint whose params differ from the config's tree is refused before orbax's
-    restore, naming the paths on each side and, for Swin's stacked layout, the switch."""
+    restore, naming the paths on each side, unless the only difference is Swin's layout
+    (`stacked_params`), which resuming converts."""
     from vipa_jax.models.swin import stack_block_pairs
 
     block = {"attn": {"kernel": np.ones((3, 3), np.float32)}, "norm1": {"scale": np.ones(3)}}
@@ -139,12 +141,49 @@ def test_resume_with_another_param_tree_names_the_difference(tmp_path):
     ck = Checkpointer(tmp_path / "ck", keep=2, async_save=False)
     ck.save(1, {"params": stack_block_pairs(plain), "step": np.zeros((), np.int32)})
     ck.wait()
-    loop.check_saved_params(ck, 1, stack_block_pairs(plain))  # the same tree: no error
-    with pytest.raises(ValueError, match=r"stacked_params=True .*unstack_block_pairs") as e:
-        loop.check_saved_params(ck, 1, plain)
-    assert "4 only in the checkpoint" in str(e.value) and "8 only in the config" in str(e.value)
+    assert loop.check_saved_params(ck, 1, stack_block_pairs(plain)) is False  # the same tree
+    assert loop.check_saved_params(ck, 1, plain) is True  # the other layout: converted
+    extra = {"backbone": dict(plain["backbone"], head={"kernel": np.ones(2)})}
+    with pytest.raises(ValueError, match="only in the config") as e:
+        loop.check_saved_params(ck, 1, extra)  # another layout and another parameter
+    assert "4 only in the checkpoint" in str(e.value) and "9 only in the config" in str(e.value)
     assert "backbone/layers_0/block_pairs/blocks_0/attn/kernel" in str(e.value)
     other = {"backbone": {"layers_0": {"block_pairs": {"blocks_0": block}}}}
-    with pytest.raises(ValueError, match="only in the config") as e:
+    with pytest.raises(ValueError, match="only in the config"):
         loop.check_saved_params(ck, 1, other)
-    assert "stacked_params" not in str(e.value)  # both stacked: no hint about the switch
+
+
+@pytest.mark.slow
+def test_resume_in_the_other_swin_layout(tmp_path, caplog):
+    """A run saved with Swin's blocks unrolled resumes with `model.swin.stacked_params=True`
+    (and back): params and AdamW moments are converted, and the run goes on as the unrolled one
+    did (a tiny VIPA with a 4-block stage on the stand-in data; checkpoint 4 removed, so the
+    resumed run redoes steps 3-4 from checkpoint 2)."""
+    from configs.synthetic import get_config
+    from vipa_jax.models.swin import has_block_pairs, stack_block_pairs
+
+    def cfg(stacked, steps=4):
+        c = _standin.loop_config(total_steps=steps, every_steps=2)
+        syn = get_config("test").model
+        syn.swin.update(dict(depths=(1, 1, 4, 1), scan_blocks=stacked, stacked_params=stacked))
+        syn.bert.vocab_size = c.model.vocab
+        c.model = syn
+        c.train.log_every = 1
+        return c
+
+    ref = loop.train_and_evaluate(cfg(False), tmp_path / "run")
+    assert not has_block_pairs(ref.params)
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "4")
+    with caplog.at_level("WARNING", logger=loop.__name__):
+        resumed = loop.train_and_evaluate(cfg(True), tmp_path / "run")
+    assert "block pairs unstacked; converted them" in caplog.text
+    assert int(resumed.step) == 4 and has_block_pairs(resumed.params)
+    for a, b in zip(jax.tree.leaves(stack_block_pairs(ref.params)),
+                    jax.tree.leaves(resumed.params), strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+    at2 = _final_params(tmp_path / "run", step=2)
+    moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), ref.params, at2)
+    assert max(jax.tree.leaves(moved["encoder"]["backbone"]["layers_2"])) > 1e-4
+    # and back: the stacked checkpoint 4 resumes into the unrolled layout
+    again = loop.train_and_evaluate(cfg(False, steps=6), tmp_path / "run")
+    assert int(again.step) == 6 and not has_block_pairs(again.params)

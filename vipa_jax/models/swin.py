@@ -404,6 +404,50 @@ def has_block_pairs(tree: Any) -> bool:
     return any(found)
 
 
+def _key_token(key: Any) -> str:
+    """One step of a pytree key path as a string (a dict key, attribute name or index)."""
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def relayout_block_pairs(tree: Any, template: Any) -> Any:
+    """`tree`'s leaves arranged as `template`, which holds the same state with Swin's block
+    pairs in the other layout (stacked ↔ unrolled): any pytree, e.g. a whole train state, whose
+    optimizer moments mirror the params. A template leaf under `layers_i/block_pairs/blocks_r/…`
+    stacks `tree`'s `layers_i/blocks_{2k+r}/…` (k < its leading size), one under
+    `layers_i/blocks_j/…` that `tree` lacks takes row j // 2 of `layers_i/block_pairs/
+    blocks_{j % 2}/…`, and every other leaf is taken by its path. Traceable (jit it with the
+    target shardings); a leaf it cannot find is a KeyError naming its path."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    src = {tuple(_key_token(k) for k in path): leaf for path, leaf in flat}
+
+    def get(key: tuple[str, ...]) -> Any:
+        if key not in src:
+            raise KeyError(f"relayout_block_pairs: no leaf {'/'.join(key)} in the source tree")
+        return src[key]
+
+    def fill(path: Any, like: Any) -> Any:
+        key = tuple(_key_token(k) for k in path)
+        if key in src:
+            return src[key]
+        for i in range(len(key) - 2):
+            if not _STAGE_KEY.match(key[i]):
+                continue
+            stage, rest = key[:i + 1], key[i + 2:]
+            if key[i + 1] == BLOCK_PAIRS and (m := _BLOCK_KEY.match(key[i + 2])):
+                r = int(m[1])
+                return jnp.stack([get((*stage, f"blocks_{2 * k + r}", *key[i + 3:]))
+                                  for k in range(like.shape[0])])
+            if m := _BLOCK_KEY.match(key[i + 1]):
+                j = int(m[1])
+                return get((*stage, BLOCK_PAIRS, f"blocks_{j % 2}", *rest))[j // 2]
+        return get(key)
+
+    return jax.tree_util.tree_map_with_path(fill, template)
+
+
 class SwinStage(nn.Module):
     """The blocks of one Swin stage (no downsampling): (B, H, W, C) -> (B, H, W, C).
 

@@ -20,6 +20,7 @@ import logging
 import os
 import signal
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -281,30 +282,66 @@ class NonFiniteError(FloatingPointError):
 
 
 # --- the loop ------------------------------------------------------------------------------
-def check_saved_params(ckpt: Checkpointer, step: int, abstract_params: Any) -> None:
-    """A ValueError naming the parameters that differ when the checkpoint at ``step`` holds
-    another parameter tree than the config builds (and the switch, when it is Swin's
-    `stacked_params` layout), instead of orbax's dump of both trees."""
+def check_saved_params(ckpt: Checkpointer, step: int, abstract_params: Any) -> bool:
+    """Whether the checkpoint at ``step`` holds the config's parameter tree with Swin's block
+    pairs in the other layout (`stacked_params`), which resuming converts
+    (`restore_other_layout`); False when it holds the config's tree. Any other difference is a
+    ValueError naming the parameters on each side, instead of orbax's dump of both trees."""
     from flax.traverse_util import flatten_dict
 
-    from vipa_jax.models.swin import has_block_pairs
+    from vipa_jax.models.swin import has_block_pairs, stack_block_pairs, unstack_block_pairs
+
+    def paths(tree: Any) -> set[str]:
+        return {"/".join(k) for k in flatten_dict(dict(tree))}
 
     saved = ckpt.saved_tree(step).get("params", {})
-    have, want = ({"/".join(k) for k in flatten_dict(dict(t))} for t in (saved, abstract_params))
+    have, want = paths(saved), paths(abstract_params)
     if have == want:
-        return
+        return False
+    stacked = has_block_pairs(saved)
+    if stacked != has_block_pairs(abstract_params):
+        convert = stack_block_pairs if stacked else unstack_block_pairs
+        if paths(jax.eval_shape(convert, abstract_params)) == have:
+            return True
 
     only_saved, only_config = sorted(have - want), sorted(want - have)
     msg = (f"{ckpt.directory / str(step)}: the checkpoint's params do not match the model the "
            f"config builds: {len(only_saved)} only in the checkpoint {only_saved[:4]}, "
            f"{len(only_config)} only in the config {only_config[:4]}")
-    stacked = has_block_pairs(saved)
-    if stacked != has_block_pairs(abstract_params):
-        msg += (f". The checkpoint stores Swin's block pairs {'' if stacked else 'un'}stacked: "
-                f"resume with model.swin.stacked_params={stacked} (and scan_blocks=True), or "
-                "convert its params with vipa_jax.models.swin."
-                f"{'unstack' if stacked else 'stack'}_block_pairs")
     raise ValueError(msg)
+
+
+def restore_other_layout(ckpt: Checkpointer, step: int, abstract_state: Any, optim_cfg: Any,
+                         total_steps: int, shardings_of: Callable[[Any], Any],
+                         data_iter: Any = None) -> Any:
+    """The train state saved at ``step`` with Swin's block pairs in the other layout than
+    ``abstract_state``'s (`check_saved_params` said so), converted to it: params and the
+    optimizer's moments alike (`swin.relayout_block_pairs`), on the devices, with
+    ``shardings_of(abstract_state)``; ``data_iter`` is restored in place."""
+    from vipa_jax.models import swin
+
+    stacked = swin.has_block_pairs(abstract_state.params)
+    convert = swin.unstack_block_pairs if stacked else swin.stack_block_pairs
+    saved_params = jax.eval_shape(convert, abstract_state.params)
+    tx, _ = optim_lib.make_optimizer(optim_cfg, saved_params, total_steps)
+    saved = abstract_state.replace(params=saved_params,
+                                   opt_state=jax.eval_shape(tx.init, saved_params))
+    restored, _ = ckpt.restore(_with_shardings(saved, shardings_of(saved)), data_iter, step=step)
+    relayout = functools.partial(swin.relayout_block_pairs, template=abstract_state)
+    with warnings.catch_warnings():  # the moved blocks' buffers have other shapes: not reused
+        warnings.filterwarnings("ignore", "Some donated buffers were not usable")
+        state = jax.jit(relayout, out_shardings=shardings_of(abstract_state),
+                        donate_argnums=0)(restored)
+    log.warning("%s stores Swin's block pairs %sstacked; converted them (params and optimizer "
+                "state) for model.swin.stacked_params=%s, the layout of the next checkpoints",
+                ckpt.directory / str(step), "" if not stacked else "un", stacked)
+    return state
+
+
+def _with_shardings(abstract: Any, shardings: Any) -> Any:
+    """``abstract``'s ShapeDtypeStructs with ``shardings`` (a restore target)."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract, shardings)
 
 
 def train_and_evaluate(
@@ -348,21 +385,24 @@ def train_and_evaluate(
     create = functools.partial(step_lib.create_train_state, model, tx)
     abstract_state = jax.eval_shape(lambda: create(init_rng, sample))
     sc = config.sharding
-    state_sh = shd.state_shardings(
-        abstract_state, mesh, bool(sc.fsdp),
-        int(sc.get("fsdp_min_size", shd.DEFAULT_FSDP_MIN_SIZE)),
+    shardings_of = functools.partial(
+        shd.state_shardings, mesh=mesh, fsdp=bool(sc.fsdp),
+        fsdp_min_size=int(sc.get("fsdp_min_size", shd.DEFAULT_FSDP_MIN_SIZE)),
         rules=tuple(sc.get("logical_axis_rules", ())), param_axes=tuple(sc.get("param_axes", ())))
+    state_sh = shardings_of(abstract_state)
     rep, batch_sh = shd.replicated(mesh), shd.batch_sharding(mesh)
 
     ck = config.ckpt
     ckpt = Checkpointer(workdir / "checkpoints", keep=ck.keep, keep_best=ck.get("keep_best", True),
                         best_metric=ck.get("best_metric", "val_mIoU"),
                         async_save=ck.get("async_save", True))
-    if ckpt.latest_step() is not None:
-        check_saved_params(ckpt, ckpt.latest_step(), abstract_params)
-        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                abstract_state, state_sh)
-        state, _ = ckpt.restore(abstract, data_iter)
+    if (latest := ckpt.latest_step()) is not None:
+        if check_saved_params(ckpt, latest, abstract_params):
+            state = restore_other_layout(ckpt, latest, abstract_state, config.optim, n_steps,
+                                         shardings_of, data_iter)
+        else:
+            state, _ = ckpt.restore(_with_shardings(abstract_state, state_sh), data_iter,
+                                    step=latest)
         log.info("resumed from %s at step %d", ckpt.directory, int(state.step))
     else:
         state = jax.jit(lambda: create(init_rng, sample), out_shardings=state_sh)()
