@@ -375,7 +375,7 @@ def compile_variant(cfg: Any, batch: int, device: Any, bandwidth: float | None =
 
     from benchmarks.input_pipeline import train_step_setup
     from vipa_jax.backend import compiling_for
-    from vipa_jax.train.step import step_compiler_options
+    from vipa_jax.train.step import SplitTrainStep, step_compiler_options
 
     sharding = SingleDeviceSharding(device)
 
@@ -383,9 +383,13 @@ def compile_variant(cfg: Any, batch: int, device: Any, bandwidth: float | None =
         return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                             tree)
 
+    split = bool(cfg.train.get("split_update", False))
     with compiling_for("gpu"):
-        step, state, data = train_step_setup(cfg, batch)
+        step, state, data = train_step_setup(cfg, batch, split=split)
         key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=sharding)
+        if split:  # `train.split_update`: two programs, compiled at once as train.py does
+            step = SplitTrainStep(step, jax.tree.map(lambda _: sharding, state), sharding,
+                                  sharding, compiler_options=step_compiler_options(cfg))
         compiled, info = common.compile_jax(step, abstract(state), abstract(data), key,
                                             donate_argnums=(0,),
                                             compiler_options=step_compiler_options(cfg))
@@ -393,7 +397,8 @@ def compile_variant(cfg: Any, batch: int, device: Any, bandwidth: float | None =
     if hlo_path:
         with open(hlo_path, "w") as f:
             f.write(hlo)
-    kernels = kernel_list(hlo)  # parsed once: the sums and the top list come from it
+    kernels = [k for part in getattr(compiled, "parts", (compiled,))  # each program's own
+               for k in kernel_list(part.as_text())]  # parsed once: the sums and the top list
     counts, io = by_kind(kernels)
     memory = common.memory_of(compiled)
     io_bytes = sum(io.values())
@@ -404,6 +409,7 @@ def compile_variant(cfg: Any, batch: int, device: Any, bandwidth: float | None =
 
     return {
         "compile_s": info["compile_s"], "lower_s": info["lower_s"],
+        "program_compile_s": info.get("program_compile_s"),
         "hlo_flops": info["hlo_flops"], "hlo_flops_source": info["hlo_flops_source"],
         "kernels": sum(counts.values()), "kernels_distinct": len(kernels),
         "kernel_groups": group_counts(counts),

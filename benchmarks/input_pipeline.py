@@ -88,8 +88,8 @@ def forward_setup(
         (data["image"], data["input_ids"], data["attention_mask"])))
 
 
-def train_step_setup(cfg: Any, batch: int, abstract: bool = False,
-                     ) -> tuple[Callable[..., Any], Any, dict[str, Any]]:
+def train_step_setup(cfg: Any, batch: int, abstract: bool = False, split: bool = False,
+                     ) -> tuple[Any, Any, dict[str, Any]]:
     """The real VIPA train step for a full config -> (un-jitted step fn, fresh state, batch).
 
     The state is built from random parameters (`benchmarks.model.random_variables`, no jitted
@@ -97,6 +97,7 @@ def train_step_setup(cfg: Any, batch: int, abstract: bool = False,
     `cfg.train.finite_guard` says and sums its gradient norm as `cfg.train.grad_norm` says.
     Jit it with `donate_argnums=(0,)`, call it as `step(state, batch, key)`. `abstract`: the
     state and batch are `jax.ShapeDtypeStruct`s (nothing allocated: to trace or count the step).
+    `split`: the step's two halves (`step.StepParts`, for `step.SplitTrainStep`) instead.
     """
     import jax
 
@@ -124,9 +125,10 @@ def train_step_setup(cfg: Any, batch: int, abstract: bool = False,
     trainable = optim.trainable_mask(abstract_vars["params"], cfg.optim)
     loss = lambda out, b: vipa_loss(out, b, cfg.loss)  # noqa: E731
     train = cfg.get("train", {})
-    return (step.make_train_step(model, loss, tx, sched, trainable,
+    parts = step.make_step_parts(model, loss, tx, sched, trainable,
                                  finite_guard=train.get("finite_guard", "auto"),
-                                 grad_norm=train.get("grad_norm", "auto")), state, data)
+                                 grad_norm=train.get("grad_norm", "auto"))
+    return (parts if split else step.compose_step(parts)), state, data
 
 
 def train_step_flops(cfg: Any, batch: int) -> float:
@@ -153,16 +155,23 @@ def compile_train_step(cfg: Any, batch: int) -> tuple[Callable[[], Any], Any, di
     import jax
 
     from benchmarks import common
-    from vipa_jax.train.step import step_compiler_options
+    from vipa_jax.train.step import SplitTrainStep, step_compiler_options
 
-    step_fn, state, data = train_step_setup(cfg, batch)
+    split = bool(cfg.get("train", {}).get("split_update", False))
+    step_fn, state, data = train_step_setup(cfg, batch, split=split)
     data, key = jax.device_put(data), jax.random.key(1)  # no host transfer in the timings
-    compiled, info = common.compile_jax(step_fn, state, data, key, donate_argnums=(0,),
-                                        compiler_options=step_compiler_options(cfg))
+    if split:  # two programs, compiled at once; `compiled` reads as one (`common.Programs`)
+        step_fn = SplitTrainStep(step_fn, compiler_options=step_compiler_options(cfg))
+        compiled, info = common.compile_jax(step_fn, state, data, key)
+        run = step_fn
+    else:
+        compiled, info = common.compile_jax(step_fn, state, data, key, donate_argnums=(0,),
+                                            compiler_options=step_compiler_options(cfg))
+        run = compiled
     carry = {"state": state}
 
     def call() -> Any:
-        carry["state"], metrics = compiled(carry["state"], data, key)
+        carry["state"], metrics = run(carry["state"], data, key)
         return metrics
 
     return call, compiled, info

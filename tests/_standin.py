@@ -221,9 +221,11 @@ def loop_config(total_steps: int, every_steps: int, **data: Any) -> ml_collectio
 
 def run_steps(mesh: Any, fsdp: bool, steps: int, batch: int = 8, grad_accum: int = 1,
               use_bn: bool = True, noise: bool = True, tx: Any = None,
-              rules: tuple[str, ...] = ()) -> tuple[list, Any]:
+              rules: tuple[str, ...] = (), split: bool = False,
+              nan_at: int = -1) -> tuple[list, Any]:
     """Train the stand-in for ``steps`` on fixed batches on ``mesh``; (losses, final state).
-    ``rules``: logical-axis rules (config.sharding.logical_axis_rules)."""
+    ``rules``: logical-axis rules (config.sharding.logical_axis_rules); ``split``: as two
+    programs (`step.SplitTrainStep`); ``nan_at``: the step whose batch has a NaN image."""
     import functools
 
     from vipa_jax.train import optim, step
@@ -243,16 +245,18 @@ def run_steps(mesh: Any, fsdp: bool, steps: int, batch: int = 8, grad_accum: int
     st_sh = shd.state_shardings(abstract, mesh, fsdp, fsdp_min_size=0, rules=rules)
     state = jax.jit(lambda: create(jax.random.PRNGKey(0), sample), out_shardings=st_sh)()
     bsh, rep = shd.batch_sharding(mesh), shd.replicated(mesh)
-    fn = step.jit_train_step(
-        step.make_train_step(model, loss_fn, tx, sched, optim.trainable_mask(abstract_params,
-                                                                              cfg.optim),
-                             grad_accum_steps=grad_accum, micro_batch_sharding=bsh),
-        st_sh, bsh, rep)
+    parts = step.make_step_parts(model, loss_fn, tx, sched,
+                                 optim.trainable_mask(abstract_params, cfg.optim),
+                                 grad_accum_steps=grad_accum, micro_batch_sharding=bsh)
+    fn = (step.SplitTrainStep(parts, st_sh, bsh, rep) if split
+          else step.jit_train_step(step.compose_step(parts), st_sh, bsh, rep))
     rng = jax.device_put(jax.random.PRNGKey(1), rep)
     losses = []
     for s in range(steps):
         b = make_batch(batch, seed=1, offset=s * batch)
         b["valid"][::3] = False
+        if s == nan_at:
+            b["image"][:] = np.nan
         state, m = fn(state, {k: jax.device_put(v, bsh) for k, v in b.items()}, rng)
         losses.append(float(m["loss"]))
     return losses, state

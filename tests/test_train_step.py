@@ -31,9 +31,10 @@ TP = ("embed=data", "conv_out=data", "table=data", "conv_in=model", "heads=model
       "hidden=model")  # FSDP over data + tensor parallelism over model
 for name, shape, fsdp, devs, rules in [
         ("single", (1, 1), False, jax.devices()[:1], ()), ("fsdp", (n, 1), True, None, ()),
-        ("tp", (n // 2, 2), False, None, TP), ("dp", (n, 1), False, None, ()),
-        ("fsdp_2d", (n // 2, 2), True, None, ())][:NUM_CASES]:
-    losses, state = _standin.run_steps(shd.make_mesh(shape, devs), fsdp, steps=3, rules=rules)
+        ("tp", (n // 2, 2), False, None, TP), ("fsdp_split", (n, 1), True, None, ()),
+        ("dp", (n, 1), False, None, ()), ("fsdp_2d", (n // 2, 2), True, None, ())][:NUM_CASES]:
+    losses, state = _standin.run_steps(shd.make_mesh(shape, devs), fsdp, steps=3, rules=rules,
+                                       split=name.endswith("_split"))
     mask = jax.tree.leaves(optim.trainable_mask(state.params, _standin.get_config().optim))
     specs = [any(a is not None for a in x.sharding.spec) for x in jax.tree.leaves(state.params)]
     sharded = sum(specs)
@@ -77,21 +78,51 @@ def _check_sharded(r: dict, names: tuple[str, ...], n: int) -> None:
     assert r["fsdp"]["mu_sharded"] == 2 * r["fsdp"]["trainable_sharded"] > 0
     if "tp" in r:  # decoder_conv (conv_in), head (conv_in), dense (hidden), table (heads)
         assert r["tp"]["on_model"] == 4, r["tp"]
+    if "fsdp_split" in r:  # train.split_update: the same step as two programs
+        split, fused = r["fsdp_split"], r["fsdp"]
+        np.testing.assert_allclose(split["losses"], fused["losses"], rtol=1e-6)
+        np.testing.assert_allclose(split["w"], fused["w"], rtol=1e-6, atol=1e-8)
+        assert {k: split[k] for k in ("sharded", "mu_sharded")} == {
+            k: fused[k] for k in ("sharded", "mu_sharded")}
 
 
 def test_sharded_matches_single_device_2dev():
     """FSDP and tensor-parallel logical-axis rules on 2 simulated devices give the 1-device loss
-    curve (rel <= 1e-4)."""
-    r = run_with_devices(SHARDED_SCRIPT.replace("NUM_CASES", "3"), n=2)
-    _check_sharded(r, ("fsdp", "tp"), 2)
+    curve (rel <= 1e-4); FSDP with the step split in two programs gives FSDP's (rel 1e-6)."""
+    r = run_with_devices(SHARDED_SCRIPT.replace("NUM_CASES", "4"), n=2)
+    _check_sharded(r, ("fsdp", "tp", "fsdp_split"), 2)
 
 
 @pytest.mark.slow
 def test_sharded_matches_single_device_8dev():
     """DP, FSDP, FSDP + tensor parallel and FSDP on a 4x2 mesh over 8 simulated devices == 1
     device (rel <= 1e-4)."""
-    r = run_with_devices(SHARDED_SCRIPT.replace("NUM_CASES", "5"), n=8)
-    _check_sharded(r, ("dp", "fsdp", "tp", "fsdp_2d"), 8)
+    r = run_with_devices(SHARDED_SCRIPT.replace("NUM_CASES", "6"), n=8)
+    _check_sharded(r, ("dp", "fsdp", "tp", "fsdp_split", "fsdp_2d"), 8)
+
+
+def test_split_update_is_the_same_step(monkeypatch):
+    """train.split_update (`step.SplitTrainStep`): gradients and update as two programs, both
+    compiled on the first call, give the one program's losses and state, with gradient
+    accumulation, BatchNorm and the finite guard skipping a NaN step."""
+    from vipa_jax.train.step import SplitTrainStep
+
+    compiled = []
+    compile_once = SplitTrainStep.compile
+    monkeypatch.setattr(SplitTrainStep, "compile",
+                        lambda self, *a: compiled.append(compile_once(self, *a)) or compiled[-1])
+    mesh = _one_device_mesh()
+    kw = dict(steps=4, batch=8, grad_accum=2, nan_at=1)
+    l_one, s_one = _standin.run_steps(mesh, False, **kw)
+    assert compiled == []
+    l_two, s_two = _standin.run_steps(mesh, False, split=True, **kw)
+    assert len(compiled) == 1 and len(compiled[0]) == 2  # two programs, compiled once
+    assert np.isnan(l_one[1]) and np.isnan(l_two[1]) and l_one[3] < l_one[0]
+    np.testing.assert_allclose(l_two, l_one, rtol=1e-6)
+    assert int(s_two.step) == int(s_one.step) == 4
+    for a, b in zip(jax.tree.leaves(s_one), jax.tree.leaves(s_two), strict=True):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-8)
+    assert np.asarray(s_two.batch_stats["decoder_bn"]["mean"]).any()  # BN stats moved
 
 
 def _one_device_mesh():

@@ -169,6 +169,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     # "--xla_gpu_enable_triton_gemm=false" (cuBLAS for every GEMM); "" = XLA's defaults
     # (`backend.parse_xla_options`; part of the step's compilation-cache key).
     c.train.xla_options = ""
+    # The step as two programs, gradients and optimizer update, compiled at the same time
+    # (`train.step.SplitTrainStep`): a shorter compile for one more launch per step.
+    c.train.split_update = False
     c.train.init_swin = ""  # official .pth or HF folder/safetensors; "" = random
     c.train.init_bert = ""  # HF folder (safetensors or flax_model.msgpack); "minilm"; "" = random
     c.train.swin_params_path = "encoder/backbone"  # where init_swin lands in the param tree

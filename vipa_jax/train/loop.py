@@ -420,13 +420,16 @@ def train_and_evaluate(
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
     trainable = optim_lib.trainable_mask(abstract_params, config.optim)
-    train_step = step_lib.jit_train_step(
-        step_lib.make_train_step(model, loss_fn, tx, schedule, trainable,
-                                 grad_accum_steps=config.optim.get("grad_accum_steps", 1),
-                                 micro_batch_sharding=batch_sh,
-                                 finite_guard=config.train.get("finite_guard", "auto"),
-                                 grad_norm=config.train.get("grad_norm", "auto")),
-        state_sh, batch_sh, rep, compiler_options=xla_options)
+    parts = step_lib.make_step_parts(
+        model, loss_fn, tx, schedule, trainable,
+        grad_accum_steps=config.optim.get("grad_accum_steps", 1), micro_batch_sharding=batch_sh,
+        finite_guard=config.train.get("finite_guard", "auto"),
+        grad_norm=config.train.get("grad_norm", "auto"))
+    if config.train.get("split_update", False):
+        train_step = step_lib.SplitTrainStep(parts, state_sh, batch_sh, rep, xla_options)
+    else:
+        train_step = step_lib.jit_train_step(step_lib.compose_step(parts), state_sh, batch_sh,
+                                             rep, compiler_options=xla_options)
     base_rng = jax.make_array_from_process_local_data(rep, np.asarray(base_rng))
 
     # --- loop ----------------------------------------------------------------------------

@@ -22,7 +22,7 @@ Non-finite loss or gradient norm: params, batch_stats and optimizer state are ke
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax
 import jax
@@ -100,6 +100,116 @@ def _split_micro(batch: Batch, k: int) -> Batch:
     return jax.tree.map(one, batch)
 
 
+class Grads(NamedTuple):
+    """What `StepParts.grads` hands to `StepParts.apply` (float32 loss, the params' dtypes)."""
+
+    loss: jax.Array
+    aux: dict[str, jax.Array]
+    grads: Any
+    batch_stats: Any
+
+
+class StepParts(NamedTuple):
+    """The train step's two halves (`make_step_parts`): ``grads(state, batch, rng) -> Grads``
+    (forward, backward and the accumulation over micro-batches) and ``apply(state, grads) ->
+    (state, metrics)`` (the gradient norm, the finite guard and the optimizer's update)."""
+
+    grads: Callable[[TrainState, Batch, jax.Array], Grads]
+    apply: Callable[[TrainState, Grads], tuple[TrainState, dict[str, jax.Array]]]
+
+
+def make_step_parts(
+    model: Any,
+    loss_fn: LossFn,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    trainable: Any,
+    grad_accum_steps: int = 1,
+    micro_batch_sharding: Any = None,
+    finite_guard: str = "auto",
+    grad_norm: str = "auto",
+) -> StepParts:
+    """The train step in two pure halves (`make_train_step` composes them; `SplitTrainStep`
+    compiles them as two programs). Arguments as `make_train_step`'s."""
+    k = int(grad_accum_steps)
+    if k < 1:
+        raise ValueError(f"grad_accum_steps must be >= 1, got {k}")
+    if finite_guard not in ("auto", "cond", "select"):
+        raise ValueError(
+            f"finite_guard must be 'auto', 'cond' or 'select', got {finite_guard!r}")
+    if finite_guard == "auto":
+        finite_guard = "cond" if target_backend() == "cpu" else "select"
+    grad_norm = resolve_grad_norm(grad_norm)  # chosen here, like the guard, not when traced
+
+    def micro_grads(params: Any, batch_stats: Any, mb: Batch, rng: jax.Array):
+        def lf(p):
+            out, new_bs = forward(model, p, batch_stats, mb, rng, train=True)
+            loss, parts = loss_fn(out, mb)
+            aux = {**{f"loss/{n}": v for n, v in parts.items()},
+                   "tau": jnp.asarray(out.get("tau", jnp.nan), jnp.float32).mean()}
+            return loss.astype(jnp.float32), (aux, new_bs)
+
+        (loss, (aux, new_bs)), grads = jax.value_and_grad(lf, has_aux=True)(params)
+        grads = jax.tree.map(lambda g, t: g if t else jnp.zeros_like(g), grads, trainable)
+        return loss, aux, grads, new_bs
+
+    def grads_step(state: TrainState, batch: Batch, rng: jax.Array) -> Grads:
+        step_rng = jax.random.fold_in(rng, state.step)
+        if k == 1:
+            return Grads(*micro_grads(state.params, state.batch_stats, batch, step_rng))
+        micro = _split_micro(batch, k)
+        if "valid" in batch:
+            v = micro["valid"].astype(jnp.float32).sum(axis=1)
+            weights = v / jnp.maximum(v.sum(), 1.0)
+        else:
+            weights = jnp.full((k,), 1.0 / k, jnp.float32)
+
+        def body(carry, xs):
+            g_acc, bs, loss_acc, aux_acc = carry
+            mb, w, i = xs
+            if micro_batch_sharding is not None:
+                mb = jax.lax.with_sharding_constraint(mb, micro_batch_sharding)
+            loss, aux, g, bs = micro_grads(state.params, bs, mb,
+                                           jax.random.fold_in(step_rng, i))
+            g_acc = jax.tree.map(lambda a, b: a + w * b.astype(jnp.float32), g_acc, g)
+            aux_acc = jax.tree.map(lambda a, b: a + w * b, aux_acc, aux)
+            return (g_acc, bs, loss_acc + w * loss, aux_acc), None
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+        mb0 = jax.tree.map(lambda x: x[0], micro)
+        aux_shape = jax.eval_shape(
+            lambda: micro_grads(state.params, state.batch_stats, mb0, step_rng)[1])
+        aux0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shape)
+        init = (zeros, state.batch_stats, jnp.zeros((), jnp.float32), aux0)
+        (grads, new_bs, loss, aux), _ = jax.lax.scan(
+            body, init, (micro, weights, jnp.arange(k)))
+        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
+        return Grads(loss, aux, grads, new_bs)
+
+    def apply_step(state: TrainState, g: Grads) -> tuple[TrainState, dict[str, jax.Array]]:
+        norm = global_norm(g.grads, grad_norm)
+        finite = jnp.isfinite(g.loss) & jnp.isfinite(norm)
+
+        def update(s: TrainState) -> TrainState:
+            updates, new_opt = tx.update(g.grads, s.opt_state, s.params)
+            return s.replace(step=s.step + 1, params=optax.apply_updates(s.params, updates),
+                             batch_stats=g.batch_stats, opt_state=new_opt)
+
+        def skip(s: TrainState) -> TrainState:
+            return s.replace(step=s.step + 1)
+
+        if finite_guard == "cond":
+            new_state = jax.lax.cond(finite, update, skip, state)
+        else:
+            new_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o),
+                                     update(state), skip(state))
+        metrics = {"loss": g.loss, "grad_norm": norm, "lr": schedule(state.step),
+                   "finite": finite.astype(jnp.float32), **g.aux}
+        return new_state, metrics
+
+    return StepParts(grads_step, apply_step)
+
+
 def make_train_step(
     model: Any,
     loss_fn: LossFn,
@@ -128,80 +238,16 @@ def make_train_step(
     ``grad_norm``: how the gradient norm (logged, and the guard's test) is summed,
     `optim.global_norm`'s `impl`.
     """
-    k = int(grad_accum_steps)
-    if k < 1:
-        raise ValueError(f"grad_accum_steps must be >= 1, got {k}")
-    if finite_guard not in ("auto", "cond", "select"):
-        raise ValueError(
-            f"finite_guard must be 'auto', 'cond' or 'select', got {finite_guard!r}")
-    if finite_guard == "auto":
-        finite_guard = "cond" if target_backend() == "cpu" else "select"
-    grad_norm = resolve_grad_norm(grad_norm)  # chosen here, like the guard, not when traced
+    return compose_step(make_step_parts(model, loss_fn, tx, schedule, trainable,
+                                        grad_accum_steps, micro_batch_sharding, finite_guard,
+                                        grad_norm))
 
-    def micro_grads(params: Any, batch_stats: Any, mb: Batch, rng: jax.Array):
-        def lf(p):
-            out, new_bs = forward(model, p, batch_stats, mb, rng, train=True)
-            loss, parts = loss_fn(out, mb)
-            aux = {**{f"loss/{n}": v for n, v in parts.items()},
-                   "tau": jnp.asarray(out.get("tau", jnp.nan), jnp.float32).mean()}
-            return loss.astype(jnp.float32), (aux, new_bs)
 
-        (loss, (aux, new_bs)), grads = jax.value_and_grad(lf, has_aux=True)(params)
-        grads = jax.tree.map(lambda g, t: g if t else jnp.zeros_like(g), grads, trainable)
-        return loss, aux, grads, new_bs
-
+def compose_step(parts: StepParts,
+                 ) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, dict]]:
+    """The one-program train step of `parts`: ``apply(state, grads(state, batch, rng))``."""
     def train_step(state: TrainState, batch: Batch, rng: jax.Array):
-        step_rng = jax.random.fold_in(rng, state.step)
-        if k == 1:
-            loss, aux, grads, new_bs = micro_grads(state.params, state.batch_stats, batch, step_rng)
-        else:
-            micro = _split_micro(batch, k)
-            if "valid" in batch:
-                v = micro["valid"].astype(jnp.float32).sum(axis=1)
-                weights = v / jnp.maximum(v.sum(), 1.0)
-            else:
-                weights = jnp.full((k,), 1.0 / k, jnp.float32)
-
-            def body(carry, xs):
-                g_acc, bs, loss_acc, aux_acc = carry
-                mb, w, i = xs
-                if micro_batch_sharding is not None:
-                    mb = jax.lax.with_sharding_constraint(mb, micro_batch_sharding)
-                loss, aux, g, bs = micro_grads(state.params, bs, mb,
-                                               jax.random.fold_in(step_rng, i))
-                g_acc = jax.tree.map(lambda a, b: a + w * b.astype(jnp.float32), g_acc, g)
-                aux_acc = jax.tree.map(lambda a, b: a + w * b, aux_acc, aux)
-                return (g_acc, bs, loss_acc + w * loss, aux_acc), None
-
-            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-            mb0 = jax.tree.map(lambda x: x[0], micro)
-            aux_shape = jax.eval_shape(
-                lambda: micro_grads(state.params, state.batch_stats, mb0, step_rng)[1])
-            aux0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shape)
-            init = (zeros, state.batch_stats, jnp.zeros((), jnp.float32), aux0)
-            (grads, new_bs, loss, aux), _ = jax.lax.scan(
-                body, init, (micro, weights, jnp.arange(k)))
-            grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
-
-        norm = global_norm(grads, grad_norm)
-        finite = jnp.isfinite(loss) & jnp.isfinite(norm)
-
-        def update(s: TrainState) -> TrainState:
-            updates, new_opt = tx.update(grads, s.opt_state, s.params)
-            return s.replace(step=s.step + 1, params=optax.apply_updates(s.params, updates),
-                             batch_stats=new_bs, opt_state=new_opt)
-
-        def skip(s: TrainState) -> TrainState:
-            return s.replace(step=s.step + 1)
-
-        if finite_guard == "cond":
-            new_state = jax.lax.cond(finite, update, skip, state)
-        else:
-            new_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o),
-                                     update(state), skip(state))
-        metrics = {"loss": loss, "grad_norm": norm, "lr": schedule(state.step),
-                   "finite": finite.astype(jnp.float32), **aux}
-        return new_state, metrics
+        return parts.apply(state, parts.grads(state, batch, rng))
 
     return train_step
 
@@ -220,6 +266,71 @@ def jit_train_step(step_fn: Callable, state_sharding: Any, batch_sharding: Any,
     return jax.jit(step_fn, in_shardings=(state_sharding, batch_sharding, rng_sharding),
                    out_shardings=(state_sharding, rng_sharding), donate_argnums=(0,),
                    compiler_options=compiler_options or None)
+
+
+class SplitTrainStep:
+    """The train step as two jitted programs, `StepParts.grads` and `StepParts.apply` (the
+    gradient norm, finite guard and optimizer update), compiled at the same time on two
+    threads (on the first call, or by `compile`): ``train.split_update``. The same function
+    and shardings as `jit_train_step`'s one program, with the state donated to the update, at the cost of one more launch per step and no fusion across the two.
+    XLA's compile time grows faster than the program (benchmarks/README.md, "Compile time"),
+    so the halves compile in less than the whole even one after the other: the paper model's
+    bfloat16 step for an H200 without a GPU (cuDNN attention, cuBLAS GEMMs, stacked Swin
+    blocks, batch 16, 2 cores) 68 + 14 s against 90 s, and in 81 s of wall time at once.
+    Call it as the jitted step: ``state, metrics = step(state, batch, rng)``."""
+
+    def __init__(self, parts: StepParts, state_sharding: Any = None, batch_sharding: Any = None,
+                 rng_sharding: Any = None, compiler_options: dict[str, Any] | None = None,
+                 ) -> None:
+        """`parts` jitted with these shardings (all None: JAX's defaults, one device), the
+        state donated to the update, `compiler_options` for both programs."""
+        self.parts = parts
+        opts = {"compiler_options": compiler_options or None}
+        grads_kw: dict[str, Any] = dict(opts)
+        apply_kw: dict[str, Any] = dict(opts, donate_argnums=(0,))
+        if state_sharding is not None:
+            grads_sh = Grads(loss=rng_sharding, aux=rng_sharding, grads=state_sharding.params,
+                             batch_stats=state_sharding.batch_stats)
+            grads_kw.update(in_shardings=(state_sharding, batch_sharding, rng_sharding),
+                            out_shardings=grads_sh)
+            apply_kw.update(in_shardings=(state_sharding, grads_sh),
+                            out_shardings=(state_sharding, rng_sharding))
+        self.grads_fn = jax.jit(parts.grads, **grads_kw)
+        self.apply_fn = jax.jit(parts.apply, **apply_kw)
+        self.compiled: tuple[Any, Any] | None = None
+        self.compile_s: dict[str, float] = {}
+
+    def lower(self, state: Any, batch: Any, rng: Any) -> tuple[Any, Any]:
+        """Both programs lowered for these (concrete or abstract) arguments."""
+        grads = jax.eval_shape(self.grads_fn, state, batch, rng)
+        return self.grads_fn.lower(state, batch, rng), self.apply_fn.lower(state, grads)
+
+    def compile(self, state: Any, batch: Any, rng: Any) -> tuple[Any, Any]:
+        """Lower both programs and compile them (`compile_lowered`) -> (grads, apply)."""
+        return self.compile_lowered(self.lower(state, batch, rng))
+
+    def compile_lowered(self, lowered: tuple[Any, Any]) -> tuple[Any, Any]:
+        """Compile the two lowered programs on two threads (XLA releases the GIL), keep them
+        for the calls, and their compile times in `compile_s` -> (grads, apply) compiled."""
+        import time
+        from concurrent.futures import ThreadPoolExecutor
+
+        def one(name_low: tuple[str, Any]) -> Any:
+            t0 = time.perf_counter()
+            out = name_low[1].compile()
+            self.compile_s[name_low[0]] = time.perf_counter() - t0
+            return out
+
+        with ThreadPoolExecutor(2, thread_name_prefix="compile") as pool:
+            self.compiled = tuple(pool.map(one, zip(("grads", "apply"), lowered, strict=True)))
+        return self.compiled
+
+    def __call__(self, state: TrainState, batch: Batch, rng: jax.Array,
+                 ) -> tuple[TrainState, dict[str, jax.Array]]:
+        if self.compiled is None:
+            self.compile(state, batch, rng)
+        grads_exe, apply_exe = self.compiled
+        return apply_exe(state, grads_exe(state, batch, rng))
 
 
 def make_predict_fn(model: Any) -> Callable[[TrainState, Batch], dict[str, jax.Array]]:
