@@ -153,7 +153,8 @@ def make_step_parts(
         grads = jax.tree.map(lambda g, t: g if t else jnp.zeros_like(g), grads, trainable)
         return loss, aux, grads, new_bs
 
-    def grads_step(state: TrainState, batch: Batch, rng: jax.Array) -> Grads:
+    # named so that the split step's programs are jit_train_step_grads / _apply (XLA's logs)
+    def train_step_grads(state: TrainState, batch: Batch, rng: jax.Array) -> Grads:
         step_rng = jax.random.fold_in(rng, state.step)
         if k == 1:
             return Grads(*micro_grads(state.params, state.batch_stats, batch, step_rng))
@@ -186,7 +187,8 @@ def make_step_parts(
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
         return Grads(loss, aux, grads, new_bs)
 
-    def apply_step(state: TrainState, g: Grads) -> tuple[TrainState, dict[str, jax.Array]]:
+    def train_step_apply(state: TrainState, g: Grads,
+                         ) -> tuple[TrainState, dict[str, jax.Array]]:
         norm = global_norm(g.grads, grad_norm)
         finite = jnp.isfinite(g.loss) & jnp.isfinite(norm)
 
@@ -207,7 +209,7 @@ def make_step_parts(
                    "finite": finite.astype(jnp.float32), **g.aux}
         return new_state, metrics
 
-    return StepParts(grads_step, apply_step)
+    return StepParts(train_step_grads, train_step_apply)
 
 
 def make_train_step(
