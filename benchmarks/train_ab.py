@@ -112,6 +112,7 @@ def run(
             print(f"  {name}: failed to compile: {e['error'][:200]}", flush=True)
             continue
         e.update(compile_s=info["lower_s"] + info["compile_s"], compile_cache_hit=info["cache_hit"],
+                 program_compile_s=info.get("program_compile_s"),
                  hlo_flops_per_step=info["hlo_flops"], hlo_flops_source=info["hlo_flops_source"],
                  xla_memory=common.memory_of(compiled))
         e["first_loss"] = float(np.asarray(call()["loss"]))  # the same state for all

@@ -576,7 +576,7 @@ def test_train_ab_quick(tmp_path: Path, quick_run: tuple[dict, Path], jax_cache:
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.train_ab", "--quick", "--device", "cpu", "--dtype",
          "bfloat16", "--batch", "2", "--remat", "--variant", "cond:train.finite_guard=cond",
-         "--out", str(tmp_path)],
+         "--variant", "split:train.split_update=True", "--out", str(tmp_path)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (path,) = tmp_path.glob("train_ab-*-cpu-*-bfloat16-b2-remat.json")
@@ -593,6 +593,13 @@ def test_train_ab_quick(tmp_path: Path, quick_run: tuple[dict, Path], jax_cache:
         assert 0 < e["model_flops_per_step"] < 0.9 * e["hlo_flops_per_step"]
     assert cond["model_flops_per_step"] == base["model_flops_per_step"]
     assert cond["first_loss"] == base["first_loss"] and cond["speedup_vs_first"] > 0
+    # `train.split_update`: two programs (not the cached one), the same step and FLOPs
+    split = res["variants"]["split"]
+    assert split["compile_cache_hit"] is False and split["step_median_ms"] > 0
+    assert set(split["program_compile_s"]) == {"grads", "apply"}
+    assert split["first_loss"] == pytest.approx(base["first_loss"], rel=1e-5)
+    assert split["model_flops_per_step"] == base["model_flops_per_step"]
+    assert split["hlo_flops_per_step"] == pytest.approx(base["hlo_flops_per_step"], rel=0.05)
 
 
 def test_lowp_gemm_quick(tmp_path: Path) -> None:

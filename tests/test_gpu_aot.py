@@ -241,6 +241,7 @@ def test_deviceless_gpu_compile_quick(tmp_path: Path) -> None:
          "--variant", "separate:model.swin.qkv_projection=separate",
          "--variant", "fused:model.swin.qkv_projection=fused",
          "--variant", "cublas:train.xla_options=--xla_gpu_enable_triton_gemm=false",
+         "--variant", "split:train.split_update=True",
          "--dump-hlo", str(tmp_path)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -269,6 +270,15 @@ def test_deviceless_gpu_compile_quick(tmp_path: Path) -> None:
     triton = {n: sum(c for k, c in v[n]["kernels_by_kind"].items() if k.startswith("gemm_fusion"))
               for n in ("base", "cublas")}
     assert triton["base"] > 10 and triton["cublas"] == 0, triton
+    # `train.split_update`: the gradients' and the update's programs, compiled at once, counted
+    # together: the same GEMMs, a few more launches, about the same kernel I/O
+    split, base = v["split"], v["base"]
+    assert "error" not in split and set(split["program_compile_s"]) == {"grads", "apply"}
+    assert split["compile_s"] >= max(split["program_compile_s"].values()) > 0
+    assert split["kernel_groups"]["gemm"] == base["kernel_groups"]["gemm"]
+    assert base["kernels"] <= split["kernels"] < 1.2 * base["kernels"]
+    assert split["io_bytes"] == pytest.approx(base["io_bytes"], rel=0.05)
+    assert 0 < split["memory_gib"] <= base["memory_gib"] * 1.05
 
 
 def test_results_markdown_lists_the_newest_gpu_aot_run(tmp_path: Path) -> None:

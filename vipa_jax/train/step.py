@@ -274,12 +274,14 @@ class SplitTrainStep:
     """The train step as two jitted programs, `StepParts.grads` and `StepParts.apply` (the
     gradient norm, finite guard and optimizer update), compiled at the same time on two
     threads (on the first call, or by `compile`): ``train.split_update``. The same function
-    and shardings as `jit_train_step`'s one program, with the state donated to the update, at the cost of one more launch per step and no fusion across the two.
-    XLA's compile time grows faster than the program (benchmarks/README.md, "Compile time"),
-    so the halves compile in less than the whole even one after the other: the paper model's
-    bfloat16 step for an H200 without a GPU (cuDNN attention, cuBLAS GEMMs, stacked Swin
-    blocks, batch 16, 2 cores) 68 + 14 s against 90 s, and in 81 s of wall time at once.
-    Call it as the jitted step: ``state, metrics = step(state, batch, rng)``."""
+    and shardings as `jit_train_step`'s one program, with the state donated to the update;
+    one more launch per step, and no fusion across the two. XLA's compile time grows faster
+    than the program, so the halves compile sooner even one after the other, and at once the
+    step takes its gradients' compile: the paper model's bfloat16 step for an H200 without a
+    GPU (cuDNN attention, cuBLAS GEMMs, stacked Swin blocks, batch 16, 2 cores) in 69 s
+    (gradients 69, update 20) against 86 s, for 0.8% more kernel I/O and 266 more launches
+    (benchmarks/README.md, "Compile time"). Call it as the jitted step:
+    ``state, metrics = step(state, batch, rng)``."""
 
     def __init__(self, parts: StepParts, state_sharding: Any = None, batch_sharding: Any = None,
                  rng_sharding: Any = None, compiler_options: dict[str, Any] | None = None,
