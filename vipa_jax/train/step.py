@@ -129,8 +129,25 @@ def make_step_parts(
     finite_guard: str = "auto",
     grad_norm: str = "auto",
 ) -> StepParts:
-    """The train step in two pure halves (`make_train_step` composes them; `SplitTrainStep`
-    compiles them as two programs). Arguments as `make_train_step`'s."""
+    """The train step in two pure halves (`make_train_step` / `compose_step` make them one
+    program; `SplitTrainStep` compiles them as two). ``trainable``: pytree of python bools
+    (False = frozen, grads zeroed).
+
+    ``micro_batch_sharding`` (e.g. the batch NamedSharding) constrains each micro-batch.
+
+    A non-finite loss or gradient norm skips the update (the step still counts), either way
+    ``finite_guard`` says: 'cond' (one `lax.cond` over the whole state), 'select' (a
+    `jnp.where` per state leaf) or 'auto' ('cond' on a CPU default backend, else 'select').
+    XLA:CPU runs every per-leaf select as its own op: on the demo model (~1400 state leaves) the
+    optimizer with the selects took 75 ms per step alone, 29 ms with the cond. On a GPU a
+    conditional makes the host wait for its predicate (the end of the backward) before it can
+    enqueue the optimizer, while XLA:GPU fuses each leaf's select into its AdamW update kernel
+    (H200, paper model, batch 16: 869 such kernels, 2.84 ms of a 122.9 ms step, the whole
+    optimizer update).
+
+    ``grad_norm``: how the gradient norm (logged, and the guard's test) is summed,
+    `optim.global_norm`'s `impl`.
+    """
     k = int(grad_accum_steps)
     if k < 1:
         raise ValueError(f"grad_accum_steps must be >= 1, got {k}")
@@ -212,37 +229,11 @@ def make_step_parts(
     return StepParts(train_step_grads, train_step_apply)
 
 
-def make_train_step(
-    model: Any,
-    loss_fn: LossFn,
-    tx: optax.GradientTransformation,
-    schedule: optax.Schedule,
-    trainable: Any,
-    grad_accum_steps: int = 1,
-    micro_batch_sharding: Any = None,
-    finite_guard: str = "auto",
-    grad_norm: str = "auto",
-) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
-    """Build the pure step. ``trainable``: pytree of python bools (False = frozen, grads zeroed).
-
-    ``micro_batch_sharding`` (e.g. the batch NamedSharding) constrains each micro-batch.
-
-    A non-finite loss or gradient norm skips the update (the step still counts), either way
-    ``finite_guard`` says: 'cond' (one `lax.cond` over the whole state), 'select' (a
-    `jnp.where` per state leaf) or 'auto' ('cond' on a CPU default backend, else 'select').
-    XLA:CPU runs every per-leaf select as its own op: on the demo model (~1400 state leaves) the
-    optimizer with the selects took 75 ms per step alone, 29 ms with the cond. On a GPU a
-    conditional makes the host wait for its predicate (the end of the backward) before it can
-    enqueue the optimizer, while XLA:GPU fuses each leaf's select into its AdamW update kernel
-    (H200, paper model, batch 16: 869 such kernels, 2.84 ms of a 122.9 ms step, the whole
-    optimizer update).
-
-    ``grad_norm``: how the gradient norm (logged, and the guard's test) is summed,
-    `optim.global_norm`'s `impl`.
-    """
-    return compose_step(make_step_parts(model, loss_fn, tx, schedule, trainable,
-                                        grad_accum_steps, micro_batch_sharding, finite_guard,
-                                        grad_norm))
+def make_train_step(*args: Any, **kwargs: Any,
+                    ) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, dict]]:
+    """The pure one-program step, ``compose_step(make_step_parts(...))``, with the same
+    arguments: ``train_step(state, batch, rng) -> (state, metrics)``."""
+    return compose_step(make_step_parts(*args, **kwargs))
 
 
 def compose_step(parts: StepParts,
