@@ -17,6 +17,10 @@ sequentially per micro-batch (so BN models are not bit-identical to one big batc
 
 Non-finite loss or gradient norm: params, batch_stats and optimizer state are kept unchanged
 (the step counter still advances) and ``metrics['finite']`` is 0; the loop then stops or skips.
+
+The step is built from two halves (`make_step_parts`: gradients; norm, guard and update):
+`make_train_step` / `compose_step` jit them as one program, `SplitTrainStep`
+(``train.split_update``) as two programs compiled at the same time.
 """
 
 from __future__ import annotations
