@@ -404,14 +404,6 @@ def has_block_pairs(tree: Any) -> bool:
     return any(found)
 
 
-def _key_token(key: Any) -> str:
-    """One step of a pytree key path as a string (a dict key, attribute name or index)."""
-    for attr in ("key", "name", "idx"):
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
-
-
 def relayout_block_pairs(tree: Any, template: Any) -> Any:
     """`tree`'s leaves arranged as `template`, which holds the same state with Swin's block
     pairs in the other layout (stacked ↔ unrolled): any pytree, e.g. a whole train state, whose
@@ -420,8 +412,10 @@ def relayout_block_pairs(tree: Any, template: Any) -> Any:
     `layers_i/blocks_j/…` that `tree` lacks takes row j // 2 of `layers_i/block_pairs/
     blocks_{j % 2}/…`, and every other leaf is taken by its path. Traceable (jit it with the
     target shardings); a leaf it cannot find is a KeyError naming its path."""
-    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    src = {tuple(_key_token(k) for k in path): leaf for path, leaf in flat}
+    def names(path: Any) -> tuple[str, ...]:  # dict keys, attribute names, indices
+        return tuple(jax.tree_util.keystr((k,), simple=True) for k in path)
+
+    src = {names(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
     def get(key: tuple[str, ...]) -> Any:
         if key not in src:
@@ -429,7 +423,7 @@ def relayout_block_pairs(tree: Any, template: Any) -> Any:
         return src[key]
 
     def fill(path: Any, like: Any) -> Any:
-        key = tuple(_key_token(k) for k in path)
+        key = names(path)
         if key in src:
             return src[key]
         for i in range(len(key) - 2):
