@@ -375,12 +375,11 @@ class Programs:
         return total
 
     def memory_analysis(self) -> Any:
-        def size(m: Any) -> int:
-            return sum(int(getattr(m, f"{k}_size_in_bytes", 0)) for k in
-                       ("argument", "output", "temp")) - int(getattr(m, "alias_size_in_bytes", 0))
-
-        analyses = [p.memory_analysis() for p in self.parts]
-        return None if None in analyses else max(analyses, key=size)
+        sizes = [memory_of(p) for p in self.parts]  # `memory_of`'s estimate decides
+        if None in sizes:
+            return None
+        largest = max(range(len(sizes)), key=lambda i: sizes[i]["estimate_bytes"])
+        return self.parts[largest].memory_analysis()
 
     def as_text(self) -> str:
         return "\n".join(p.as_text() for p in self.parts)
