@@ -271,13 +271,15 @@ def test_deviceless_gpu_compile_quick(tmp_path: Path) -> None:
               for n in ("base", "cublas")}
     assert triton["base"] > 10 and triton["cublas"] == 0, triton
     # `train.split_update`: the gradients' and the update's programs, compiled at once, counted
-    # together: the same GEMMs, a few more launches, about the same kernel I/O
+    # together: the same GEMMs, a few more launches, and more kernel I/O, not less (the
+    # gradients are written by one program and read by the other: 60.0 -> 64.9 MB for this
+    # tiny model, +0.8% for the paper model)
     split, base = v["split"], v["base"]
     assert "error" not in split and set(split["program_compile_s"]) == {"grads", "apply"}
     assert split["compile_s"] >= max(split["program_compile_s"].values()) > 0
     assert split["kernel_groups"]["gemm"] == base["kernel_groups"]["gemm"]
     assert base["kernels"] <= split["kernels"] < 1.2 * base["kernels"]
-    assert split["io_bytes"] == pytest.approx(base["io_bytes"], rel=0.05)
+    assert base["io_bytes"] < split["io_bytes"] < 1.1 * base["io_bytes"]
     assert 0 < split["memory_gib"] <= base["memory_gib"] * 1.05
 
 
